@@ -1,0 +1,29 @@
+"""crossget: CrossGET token merging for Hugging Face vision-language transformers.
+
+    import crossget
+    crossget.patch(model, r=16)            # or flops=0.58, method="tome"
+    crossget.unpatch(model)
+"""
+
+from .io import load_cross_tokens, save_cross_tokens
+from .loss import cross_token_alignment, cross_token_loss
+from .merge import Merge, bipartite_soft_matching, complete_graph_soft_matching
+from .patch import config, is_patched, patch, states, tokens_per_layer, unpatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Merge",
+    "bipartite_soft_matching",
+    "complete_graph_soft_matching",
+    "config",
+    "cross_token_alignment",
+    "cross_token_loss",
+    "is_patched",
+    "load_cross_tokens",
+    "patch",
+    "save_cross_tokens",
+    "states",
+    "tokens_per_layer",
+    "unpatch",
+]

@@ -1,0 +1,73 @@
+"""Saving and loading trained cross tokens with the patch settings (safetensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .patch import config, is_patched, patch, states
+
+FORMAT = "crossget.cross_tokens.v1"
+
+
+def save_cross_tokens(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write every tower's cross tokens ``[layers, C]`` and the patch settings to ``path``."""
+    if not is_patched(model):
+        raise ValueError("save_cross_tokens needs a model patched with method='crossget'")
+    tensors = {
+        kind: st.cross_tokens.detach().cpu().contiguous()
+        for kind, st in states(model).items()
+        if st.cross_tokens is not None
+    }
+    if not tensors:
+        raise ValueError("the model has no cross tokens (patch it with method='crossget')")
+    meta = {"format": FORMAT, "config": json.dumps(config(model))}
+    save_file(tensors, os.fspath(path), metadata=meta)
+
+
+def load_cross_tokens(model: nn.Module, path: str | os.PathLike, repatch: bool = True) -> nn.Module:
+    """Load cross tokens saved by :func:`save_cross_tokens` into ``model``.
+
+    With ``repatch`` (default) the model is first patched with the saved settings
+    (method, schedules, ...); otherwise it must already be patched with cross tokens.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a cross-token file, or shapes that do not fit the model.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no cross-token file at {path}")
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a crossget cross-token file (format {meta.get('format')!r})")
+    saved = json.loads(meta["config"])
+    if repatch:
+        patch(
+            model,
+            r={k: saved["r"][k] for k in saved["towers"]},
+            method=saved["method"],
+            towers=saved["towers"],
+            prop_attn=saved["prop_attn"],
+            metric=saved["metric"],
+        )
+        model.__dict__["_crossget_config"]["flops"] = saved.get("flops")
+        model.__dict__["_crossget_config"]["flops_estimate"] = saved.get("flops_estimate")
+    tensors = load_file(path)
+    st = states(model)
+    for kind, value in tensors.items():
+        theta = st[kind].cross_tokens if kind in st else None
+        if theta is None:
+            raise ValueError(f"{path} has cross tokens for the {kind} tower, which is not patched with crossget")
+        if theta.shape != value.shape:
+            raise ValueError(f"{path}: {kind} cross tokens are {tuple(value.shape)}, the model needs {tuple(theta.shape)}")
+        with torch.no_grad():
+            theta.copy_(value)
+    return model

@@ -1,0 +1,297 @@
+"""Token matching and merging: pure, batched torch functions (no model code here).
+
+Two matchers share one return convention, a :class:`Merge` that applies the chosen
+groups to any ``[B, N, D]`` tensor:
+
+- :func:`complete_graph_soft_matching`: CrossGET's matching (SPEC §4) with the
+  importance-weighted ensemble (SPEC §5);
+- :func:`bipartite_soft_matching`: ToMe's alternating A/B matching (SPEC §8), the baseline.
+
+Shapes: ``B`` batch, ``N`` tokens in, ``N - r`` tokens out, ``C``/``D`` channels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Merge",
+    "bipartite_soft_matching",
+    "complete_graph_soft_matching",
+    "attention_bias",
+    "sources_from_token_map",
+]
+
+
+@dataclass
+class Merge:
+    """The groups one layer forms, applicable to any per-token tensor.
+
+    Attributes:
+        keep: ``[B, N - r]`` indices of the surviving tokens (destinations and untouched
+            tokens), ascending, so surviving tokens keep their original order.
+        src: ``[B, r]`` indices of the tokens merged away.
+        dst: ``[B, r]`` output slot (index into ``keep``) that each source joins.
+        weight: ``[B, N, 1]`` ensemble weight of every input token (``exp(importance)``),
+            or None for a plain size-weighted average.
+    """
+
+    keep: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+    weight: torch.Tensor | None = None
+
+    @property
+    def r(self) -> int:
+        return self.src.shape[1]
+
+    def __call__(
+        self, x: torch.Tensor, size: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ensemble ``x`` ``[B, N, D]`` with token sizes ``size`` ``[B, N, 1]`` (ones if None).
+
+        Each group ``G`` becomes ``sum s_i w_i x_i / sum s_i w_i`` and has size ``sum s_i``
+        (SPEC §5). Returns ``(x [B, N - r, D], size [B, N - r, 1])``.
+        """
+        if x.dim() != 3 or x.shape[:2] != (self.keep.shape[0], self.keep.shape[1] + self.r):
+            raise ValueError(
+                f"merge expects [B={self.keep.shape[0]}, N={self.keep.shape[1] + self.r}, D], "
+                f"got {tuple(x.shape)}"
+            )
+        if size is None:
+            size = x.new_ones(x.shape[0], x.shape[1], 1)
+        # Half-precision sums of many tokens lose digits: average in float32.
+        work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        w = size.to(work)
+        if self.weight is not None:
+            w = w * self.weight.to(work)
+        num = self.sum(x.to(work) * w)
+        den = self.sum(w)
+        return (num / den).to(x.dtype), self.sum(size)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` ``[B, N, D]`` over each group: ``[B, N - r, D]``."""
+        out = gather_tokens(t, self.keep)
+        if self.r:
+            out = out.scatter_add(1, _expand(self.dst, t), gather_tokens(t, self.src))
+        return out
+
+    def amax(self, t: torch.Tensor) -> torch.Tensor:
+        """Maximum of ``t`` ``[B, N]`` over each group (e.g. positions for causality)."""
+        out = t.gather(1, self.keep)
+        if self.r:
+            out = out.scatter_reduce(1, self.dst, t.gather(1, self.src), reduce="amax")
+        return out
+
+    def keep_only(self, t: torch.Tensor) -> torch.Tensor:
+        """Value of the surviving token of each group (for flags that match within groups)."""
+        return t.gather(1, self.keep) if t.dim() == 2 else gather_tokens(t, self.keep)
+
+    def slots(self) -> torch.Tensor:
+        """``[B, N]`` output index of every input token (its group's slot)."""
+        b, n_out = self.keep.shape
+        slot = self.keep.new_empty(b, n_out + self.r)
+        slot.scatter_(1, self.keep, torch.arange(n_out, device=slot.device).expand(b, -1))
+        if self.r:
+            slot.scatter_(1, self.src, self.dst)
+        return slot
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j]]`` for ``x`` ``[B, N, D]`` and ``index`` ``[B, M]``: ``[B, M, D]``."""
+    return x.gather(1, _expand(index, x))
+
+
+def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return index.unsqueeze(-1).expand(-1, -1, like.shape[-1])
+
+
+def _normalise(metric: torch.Tensor) -> torch.Tensor:
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _protected_mask(
+    protected: torch.Tensor | None, b: int, n: int, device: torch.device
+) -> torch.Tensor:
+    if protected is None:
+        return torch.zeros(b, n, dtype=torch.bool, device=device)
+    protected = protected.to(device=device, dtype=torch.bool)
+    if protected.dim() == 1:
+        protected = protected.unsqueeze(0)
+    if protected.shape[-1] != n or protected.shape[0] not in (1, b):
+        raise ValueError(f"protected must be [N={n}] or [B={b}, N={n}], got {tuple(protected.shape)}")
+    return protected.expand(b, n)
+
+
+def _check_inputs(metric: torch.Tensor, r: int, groups: torch.Tensor | None) -> None:
+    if metric.dim() != 3:
+        raise ValueError(f"metric must be [B, N, C], got {tuple(metric.shape)}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"r must be a non-negative int, got {r!r}")
+    if groups is not None and groups.shape != metric.shape[:2]:
+        raise ValueError(f"groups must be [B, N]={tuple(metric.shape[:2])}, got {tuple(groups.shape)}")
+
+
+def _clamp_r(r: int, n_free: torch.Tensor, n_finite: torch.Tensor | None) -> int:
+    """SPEC §4: ``r <= floor((N - P) / 2)``, for the row with the most protected tokens.
+
+    With groups (padding) a row may also run out of tokens that have a partner in
+    their own group; r then shrinks for the whole batch so that no token ever joins a
+    group it must not join.
+    """
+    r = min(r, int(n_free.min()) // 2)
+    if n_finite is not None:
+        r = min(r, int(n_finite.min()))
+    return max(r, 0)
+
+
+def complete_graph_soft_matching(
+    metric: torch.Tensor,
+    r: int,
+    importance: torch.Tensor | None = None,
+    protected: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+) -> Merge:
+    """CrossGET complete-graph soft matching (SPEC §4) with the cross-guided ensemble (§5).
+
+    Args:
+        metric: ``[B, N, C]`` matching features (the layer's keys); cosine similarity is used.
+        r: tokens to remove, clamped to ``floor((N - P) / 2)``.
+        importance: ``[B, N]`` cross-guided importance ``I_i`` or None (``I = 0``).
+        protected: bool ``[N]`` or ``[B, N]``; never a source nor a destination.
+        groups: optional int ``[B, N]``; tokens only merge within their group (padding
+            vs real text tokens).
+
+    Returns:
+        A :class:`Merge` whose ensemble weights are ``exp(importance)``.
+    """
+    _check_inputs(metric, r, groups)
+    b, n, _ = metric.shape
+    protected = _protected_mask(protected, b, n, metric.device)
+    with torch.no_grad():
+        k = _normalise(metric.float())
+        sim = k @ k.transpose(1, 2)  # [B, N, N]
+        blocked = protected.unsqueeze(1) | protected.unsqueeze(2)
+        blocked = blocked | torch.eye(n, dtype=torch.bool, device=k.device)
+        if groups is not None:
+            blocked = blocked | (groups.unsqueeze(1) != groups.unsqueeze(2))
+        sim = sim.masked_fill(blocked, -math.inf)
+
+        # Rank tokens by their best edge; keep only edges towards later-ranked tokens,
+        # so sources point "down" the ranking and no chains or cycles can form.
+        order = sim.amax(dim=-1).argsort(dim=-1, descending=True)  # [B, N]
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(n, device=k.device).expand(b, -1)
+        )
+        later = rank.unsqueeze(1) > rank.unsqueeze(2)  # [B, i, j]: rank(j) > rank(i)
+        best_later = sim.masked_fill(~later, -math.inf).amax(dim=-1)  # [B, N]
+
+        score = -best_later
+        if importance is not None:
+            if importance.shape != (b, n):
+                raise ValueError(f"importance must be [B, N]={(b, n)}, got {tuple(importance.shape)}")
+            score = score + importance.float()
+        n_finite = torch.isfinite(score).sum(-1) if groups is not None else None
+        r = _clamp_r(r, (~protected).sum(-1), n_finite)
+
+        candidates = score.argsort(dim=-1)  # ascending: least important, most redundant first
+        src, rest = candidates[:, :r], candidates[:, r:]
+        keep = rest.sort(dim=-1).values  # surviving tokens in their original order
+        # Each source joins its most similar surviving token (plain S: protected
+        # columns are -inf, sources are excluded by gathering only surviving columns).
+        dst = sim.gather(1, _expand(src, sim)).gather(2, keep.unsqueeze(1).expand(-1, r, -1))
+        dst = dst.argmax(dim=-1)  # [B, r] slot in keep
+
+    weight = None if importance is None else importance.exp().unsqueeze(-1)
+    return Merge(keep=keep, src=src, dst=dst, weight=weight)
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor,
+    r: int,
+    protected: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
+) -> Merge:
+    """ToMe bipartite soft matching (Bolya et al., ICLR 2023), the baseline (SPEC §8).
+
+    Tokens alternate into sets A (even) and B (odd); each A token's best B match is
+    scored and the ``r`` best edges merge (size-weighted average). Protected tokens
+    are neither sources nor destinations. Args and return as
+    :func:`complete_graph_soft_matching` (without importance).
+    """
+    _check_inputs(metric, r, groups)
+    b, n, _ = metric.shape
+    protected = _protected_mask(protected, b, n, metric.device)
+    with torch.no_grad():
+        k = _normalise(metric.float())
+        a_idx = torch.arange(0, n, 2, device=k.device)
+        b_idx = torch.arange(1, n, 2, device=k.device)
+        sim = k[:, a_idx] @ k[:, b_idx].transpose(1, 2)  # [B, Na, Nb]
+        blocked = protected[:, a_idx].unsqueeze(2) | protected[:, b_idx].unsqueeze(1)
+        if groups is not None:
+            blocked = blocked | (groups[:, a_idx].unsqueeze(2) != groups[:, b_idx].unsqueeze(1))
+        sim = sim.masked_fill(blocked, -math.inf)
+        node_max, node_idx = sim.max(dim=-1)  # best B partner of each A token
+        n_finite = torch.isfinite(node_max).sum(-1)
+        # At most every unprotected A token can leave.
+        r = min(_clamp_r(r, (~protected).sum(-1), None), int(n_finite.min()))
+
+        edge_order = node_max.argsort(dim=-1, descending=True)
+        src_a = edge_order[:, :r]  # index within A
+        src = a_idx[src_a]
+        dst_tok = b_idx[node_idx.gather(1, src_a)]
+        is_src = torch.zeros(b, n, dtype=torch.bool, device=k.device).scatter_(1, src, True)
+        # stable sort puts the kept tokens first, in ascending order, without a host sync
+        keep = is_src.to(torch.uint8).argsort(dim=-1, stable=True)[:, : n - r]
+        # slot of each destination token within keep = number of kept tokens before it
+        kept_before = (~is_src).cumsum(-1) - 1
+        dst = kept_before.gather(1, dst_tok)
+    return Merge(keep=keep, src=src, dst=dst)
+
+
+def attention_bias(
+    size: torch.Tensor | None,
+    valid: torch.Tensor | None = None,
+    pos: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor | None:
+    """Additive attention mask for merged tokens (SPEC §6).
+
+    Args:
+        size: ``[B, N, 1]`` token sizes; adds ``log(s_j)`` to the logits of key ``j``
+            (proportional attention) or nothing if None.
+        valid: bool ``[B, N]``; keys that are padding are masked.
+        pos: ``[B, N]`` largest original position each token covers; if given, query
+            ``i`` only sees keys with ``pos_j <= pos_i`` (causal text).
+
+    Returns:
+        ``[B, 1, 1, N]`` (no causality) or ``[B, 1, N, N]`` float mask, or None if
+        nothing needs masking.
+    """
+    if size is None and valid is None and pos is None:
+        return None
+    ref = next(t for t in (size, valid, pos) if t is not None)
+    b, n = ref.shape[:2]
+    bias = torch.zeros(b, 1, 1, n, dtype=dtype, device=ref.device)
+    if size is not None:
+        bias = size[..., 0].log().to(dtype)[:, None, None, :]
+    allowed = None
+    if valid is not None:
+        allowed = valid[:, None, None, :]
+    if pos is not None:
+        causal = (pos[:, None, None, :] <= pos[:, None, :, None])
+        allowed = causal if allowed is None else allowed & causal
+    if allowed is None:
+        return bias
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def sources_from_token_map(token_map: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Bool ``[B, n_out, N0]``: which input tokens each output token covers.
+
+    ``token_map`` ``[B, N0]`` holds the output index of every original input token.
+    """
+    return torch.nn.functional.one_hot(token_map, n_out).transpose(1, 2).bool()

@@ -1,0 +1,168 @@
+"""``crossget.patch(model, ...)`` / ``crossget.unpatch(model)`` for every supported family.
+
+Each family module (``clip``, ...) exposes ``SUPPORTED`` (model classes), ``towers(model)``
+(:class:`~crossget.patch.common.Tower` records by kind), ``encoder_cost`` and
+``joint_projection``; everything else is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from ..schedule import RSpec, resolve_r, solve_flops, token_counts
+from ..state import METHODS, METRICS, TowerSettings, TowerState
+from . import clip
+from .common import install, uninstall
+
+FAMILIES: tuple[ModuleType, ...] = (clip,)
+CONFIG_ATTR = "_crossget_config"
+
+
+def _family(model: nn.Module) -> ModuleType:
+    for fam in FAMILIES:
+        if isinstance(model, fam.SUPPORTED):
+            return fam
+    names = ", ".join(cls.__name__ for fam in FAMILIES for cls in fam.SUPPORTED)
+    raise TypeError(f"crossget cannot patch {type(model).__name__}; supported classes: {names}")
+
+
+def _default_towers(found: Mapping[str, Any]) -> tuple[str, ...]:
+    return ("vision",) if "vision" in found else tuple(found)
+
+
+def patch(
+    model: nn.Module,
+    r: RSpec | Mapping[str, RSpec] | None = None,
+    *,
+    flops: float | None = None,
+    method: str = "crossget",
+    towers: Sequence[str] | None = None,
+    prop_attn: bool = True,
+    metric: str | None = None,
+    text_len: int | None = None,
+) -> nn.Module:
+    """Make ``model`` merge tokens while it runs; in place, returns ``model``.
+
+    Args:
+        model: a supported Hugging Face model (e.g. ``CLIPModel``, ``CLIPVisionModel``).
+        r: tokens each layer removes: an int, a per-layer list, or ``{tower: r}``.
+        flops: instead of ``r``, a target fraction in (0, 1] of the unreduced model's
+            FLOPs (all towers that run), solved into a per-layer schedule.
+        method: ``"crossget"`` (complete-graph matching + cross-guided ensemble),
+            ``"tome"`` (bipartite matching, the baseline) or ``"none"`` (patched, no merging).
+        towers: which towers to reduce: ``("vision",)`` (default when there is one),
+            ``("text",)`` or ``("vision", "text")``.
+        prop_attn: add ``log(size)`` to attention logits of merged keys (SPEC §6).
+        metric: ``"keys"`` (heads concatenated; CrossGET's default) or ``"keys_mean"``
+            (ToMe's default).
+        text_len: text length assumed when solving ``flops`` (default: the text
+            tower's maximum, 77 for CLIP).
+
+    With ``method="crossget"`` every tower gets cross tokens (``theta``, zeros: training
+    free); towers not in ``towers`` run them with ``r = 0`` so the cross-token loss
+    can align both modalities. Patching a patched model reconfigures it in place and
+    keeps trained cross tokens.
+
+    Raises:
+        TypeError: unsupported model class.
+        ValueError: bad ``r``, ``flops``, ``method``, ``towers`` or ``metric``.
+    """
+    fam = _family(model)
+    found = fam.towers(model)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    metric = metric or ("keys_mean" if method == "tome" else "keys")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    reduced = tuple(towers) if towers is not None else _default_towers(found)
+    if isinstance(towers, str) or not reduced or any(t not in found for t in reduced):
+        raise ValueError(f"towers must name some of {tuple(found)}, got {towers!r}")
+    if r is not None and flops is not None:
+        raise ValueError("give either r= or flops=, not both")
+    if r is None and flops is None:
+        if method != "none":
+            raise ValueError("give r= (tokens per layer) or flops= (target FLOPs ratio)")
+        r = 0
+
+    if flops is not None:
+        costs = {k: fam.encoder_cost(t.module, k, text_len) for k, t in found.items()}
+        schedules, estimate = solve_flops(flops, costs, reduced)
+    else:
+        estimate = None
+        schedules = {}
+        for k in reduced:
+            r_k = r[k] if isinstance(r, Mapping) else r
+            schedules[k] = resolve_r(r_k, len(found[k].layers), name=f"r for the {k} tower")
+        if isinstance(r, Mapping) and set(r) - set(reduced):
+            raise ValueError(f"r names towers {sorted(set(r) - set(reduced))} that are not reduced: {reduced}")
+
+    # reconfiguring: fresh classes and hooks, trained cross tokens carried over
+    thetas = {kind: uninstall(tower) for kind, tower in found.items()}
+    for kind, tower in found.items():
+        if kind in schedules:
+            sched = schedules[kind]
+        elif method == "crossget":
+            sched = [0] * len(tower.layers)
+        else:
+            continue
+        install(tower, TowerSettings(kind, sched, method, prop_attn, metric), thetas[kind])
+    model.__dict__[CONFIG_ATTR] = {
+        "method": method,
+        "towers": list(reduced),
+        "r": {k: list(v) for k, v in schedules.items()},
+        "flops": flops,
+        "flops_estimate": estimate,
+        "prop_attn": prop_attn,
+        "metric": metric,
+    }
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the stock model (classes, forwards, no hooks, no cross-token parameters)."""
+    fam = _family(model)
+    for tower in fam.towers(model).values():
+        uninstall(tower)
+    model.__dict__.pop(CONFIG_ATTR, None)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return CONFIG_ATTR in model.__dict__
+
+
+def config(model: nn.Module) -> dict:
+    """The settings of the last :func:`patch` (method, per-tower schedules, ...)."""
+    if not is_patched(model):
+        raise ValueError(f"{type(model).__name__} is not patched by crossget")
+    return dict(model.__dict__[CONFIG_ATTR])
+
+
+def states(model: nn.Module) -> dict[str, TowerState]:
+    """Per-tower state of the last forward (sizes, token map, cross tokens)."""
+    return {k: t.state for k, t in _family(model).towers(model).items() if t.state is not None}
+
+
+def tokens_per_layer(model: nn.Module, text_len: int | None = None) -> dict[str, list[int]]:
+    """Tokens after each layer of every patched tower for the current schedule.
+
+    Vision counts are exact; text counts assume an unpadded text of ``text_len``
+    tokens (default: the tower's maximum).
+    """
+    fam = _family(model)
+    out = {}
+    for kind, tower in fam.towers(model).items():
+        if tower.state is None:
+            continue
+        cost = fam.encoder_cost(tower.module, kind, text_len)
+        r = tower.state.settings.r if tower.state.settings.method != "none" else [0] * len(tower.layers)
+        out[kind] = [m for _, m in token_counts(cost.n_tokens, r, cost.protected)]
+    return out
+
+
+def joint_projection(model: nn.Module, kind: str):
+    return _family(model).joint_projection(model, kind)

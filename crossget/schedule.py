@@ -1,0 +1,121 @@
+"""How many tokens each layer removes: validation, token counts and FLOPs targets.
+
+A schedule is one ``r`` per layer. :func:`solve_flops` turns a target compute ratio
+(e.g. 0.58 of the unreduced GFLOPs) into such a schedule with an analytic cost model
+of pre-LN encoder layers; the FLOPs actually reached are then measured with
+:mod:`crossget.flops`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+RSpec = int | Sequence[int]
+
+
+def resolve_r(r: RSpec, num_layers: int, name: str = "r") -> list[int]:
+    """One non-negative ``r`` per layer from an int or a per-layer list.
+
+    Raises:
+        ValueError: negative values, non-integers, or a list of the wrong length.
+    """
+    if isinstance(r, bool):
+        raise ValueError(f"{name} must be an int or a list of ints, got {r!r}")
+    if isinstance(r, int):
+        values = [r] * num_layers
+    elif isinstance(r, Sequence) and not isinstance(r, str):
+        values = list(r)
+        if len(values) != num_layers:
+            raise ValueError(
+                f"{name} has {len(values)} entries but the encoder has {num_layers} layers: {values}"
+            )
+    else:
+        raise ValueError(f"{name} must be an int or a list of ints, got {r!r}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must hold non-negative ints, got {v!r} in {values}")
+    return values
+
+
+def token_counts(n_tokens: int, r: Sequence[int], protected: int = 1) -> list[tuple[int, int]]:
+    """``(tokens in, tokens out)`` of every layer, with SPEC §4's clamp ``r <= (N - P) // 2``."""
+    counts = []
+    n = n_tokens
+    for r_l in r:
+        out = n - min(r_l, max(n - protected, 0) // 2)
+        counts.append((n, out))
+        n = out
+    return counts
+
+
+@dataclass(frozen=True)
+class EncoderCost:
+    """Analytic multiply-add model of a pre-LN Transformer encoder (FLOPs = 2 x MACs).
+
+    Per layer with ``n`` tokens entering attention and ``m`` leaving the merge:
+    QKV+output projections ``8 n C^2``, attention ``4 n^2 C``, MLP ``4 m C I``.
+    """
+
+    hidden: int
+    intermediate: int
+    num_layers: int
+    n_tokens: int
+    protected: int = 1
+    fixed: float = 0.0  # FLOPs outside the layers (patch embedding, heads)
+
+    def flops(self, r: Sequence[int] | None = None) -> float:
+        r = [0] * self.num_layers if r is None else r
+        c, i = self.hidden, self.intermediate
+        total = self.fixed
+        for n, m in token_counts(self.n_tokens, r, self.protected):
+            total += 8 * n * c * c + 4 * n * n * c + 4 * m * c * i
+        return total
+
+
+def solve_flops(
+    target: float,
+    costs: Mapping[str, EncoderCost],
+    reduced: Sequence[str],
+) -> tuple[dict[str, list[int]], float]:
+    """Per-layer schedules for the ``reduced`` encoders reaching ``target`` x the FLOPs.
+
+    ``costs`` holds every encoder that runs (an unreduced text tower still counts in
+    the denominator and the numerator). The schedule is the largest uniform ``r`` that
+    stays above the target, then one more token removed in the earliest layers, one
+    layer at a time, until the estimate reaches the target.
+
+    Returns:
+        ``(schedules, estimated_ratio)``.
+
+    Raises:
+        ValueError: target outside (0, 1], or below what maximal merging reaches.
+    """
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ValueError(f"flops must be a ratio in (0, 1], got {target!r}")
+    base = sum(c.flops() for c in costs.values())
+
+    def ratio(sched: Mapping[str, Sequence[int]]) -> float:
+        return sum(c.flops(sched.get(k)) for k, c in costs.items()) / base
+
+    def uniform(r: int) -> dict[str, list[int]]:
+        return {k: [r] * costs[k].num_layers for k in reduced}
+
+    r_max = max(costs[k].n_tokens for k in reduced)
+    if ratio(uniform(r_max)) > target + 1e-9:
+        raise ValueError(
+            f"flops={target} is out of reach: merging as much as possible leaves "
+            f"{ratio(uniform(r_max)):.3f} of the FLOPs"
+        )
+    r = 0
+    while ratio(uniform(r + 1)) > target:
+        r += 1
+    sched = uniform(r)
+    depth = max(costs[k].num_layers for k in reduced)
+    for layer in range(depth):
+        if ratio(sched) <= target:
+            break
+        for k in reduced:
+            if layer < len(sched[k]):
+                sched[k][layer] += 1
+    return sched, ratio(sched)

@@ -1,0 +1,174 @@
+"""Per-forward state of one reduced encoder, shared by its layers and attentions.
+
+ToMe keeps a ``_tome_info`` dict on the model; here each patched tower has one
+:class:`TowerState`: the settings chosen at :func:`crossget.patch` time and the token
+bookkeeping of the forward in flight (sizes, positions, padding, protected tokens,
+which output token covers each input token, the cross token). Model families only
+call into this object; none of them holds merging logic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .merge import (
+    Merge,
+    attention_bias,
+    bipartite_soft_matching,
+    complete_graph_soft_matching,
+    gather_tokens,
+)
+
+METHODS = ("crossget", "tome", "none")
+METRICS = ("keys", "keys_mean")
+
+
+@dataclass
+class TowerSettings:
+    """What :func:`crossget.patch` chose for one encoder.
+
+    ``r`` has one entry per layer; ``method`` is ``crossget``, ``tome`` or ``none``
+    (patched, never merges); ``metric`` is ``keys`` (heads concatenated) or
+    ``keys_mean`` (ToMe's mean over heads).
+    """
+
+    kind: str  # "vision" or "text"
+    r: list[int]
+    method: str = "crossget"
+    prop_attn: bool = True
+    metric: str = "keys"
+
+    @property
+    def uses_cross_token(self) -> bool:
+        return self.method == "crossget"
+
+
+@dataclass
+class TowerState:
+    """Settings plus the bookkeeping of the current forward. Shapes: ``B`` batch,
+    ``N`` current tokens, ``N0`` tokens at the encoder input, ``C`` width."""
+
+    settings: TowerSettings
+    cross_tokens: nn.Parameter | None = None  # theta, [layers, C]
+    causal: bool = False
+    # inputs of the tower, set by its pre-hook
+    anchor: torch.Tensor | None = None  # [B] index of CLS / EOT
+    input_valid: torch.Tensor | None = None  # [B, N0] bool, text padding
+    # token bookkeeping, reset by start()
+    size: torch.Tensor | None = None  # [B, N, 1]
+    pos: torch.Tensor | None = None  # [B, N] largest original position covered (causal)
+    valid: torch.Tensor | None = None  # [B, N] bool
+    protected: torch.Tensor | None = None  # [B, N] bool
+    token_map: torch.Tensor | None = None  # [B, N0] output index of every input token
+    merged: bool = False
+    cross: torch.Tensor | None = None  # [B, 1, C] cross token output of the last layer
+    cross_outputs: list[torch.Tensor] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # tokens after each layer
+    # handed from the attention to its layer within one layer call
+    keys: torch.Tensor | None = None  # [B, H, N, D]
+    cross_query: torch.Tensor | None = None  # [B, H, 1, D]
+
+    # ----------------------------------------------------------------- forward start/end
+    def start(self, x: torch.Tensor) -> None:
+        """Reset the bookkeeping for encoder input ``x`` ``[B, N0, C]``."""
+        b, n, _ = x.shape
+        dev = x.device
+        anchor = self.anchor if self.anchor is not None else torch.zeros(b, dtype=torch.long, device=dev)
+        self.size = None  # all ones until the first merge
+        self.valid = self.input_valid
+        self.pos = torch.arange(n, device=dev).expand(b, n) if self.causal else None
+        self.protected = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        self.protected[torch.arange(b, device=dev), anchor] = True
+        self.token_map = torch.arange(n, device=dev).expand(b, n)
+        self.merged = False
+        self.cross_outputs = []
+        self.tokens = []
+        self.cross = None
+        if self.settings.uses_cross_token:
+            # SPEC §3: the cross token starts as a copy of CLS (vision) / EOT (text).
+            self.cross = x[torch.arange(b, device=dev), anchor].unsqueeze(1)
+
+    def finish(self, x: torch.Tensor, restore_length: bool) -> torch.Tensor:
+        """End of the encoder: optionally give every input position its token back.
+
+        Text towers pool by original positions (EOT), so they get ``[B, N0, C]`` back,
+        each position holding the state of the token that covers it. Vision towers keep
+        the reduced sequence (CLS first).
+        """
+        self.keys = self.cross_query = None
+        if restore_length and self.merged:
+            return gather_tokens(x, self.token_map)
+        return x
+
+    # --------------------------------------------------------------------- per layer
+    def cross_input(self, layer: int) -> torch.Tensor | None:
+        """Cross token entering ``layer``: ``stopgrad(previous output) + theta_layer``."""
+        if self.cross is None or self.cross_tokens is None:
+            return None
+        return self.cross.detach() + self.cross_tokens[layer].to(self.cross.dtype)
+
+    def cross_done(self, cross: torch.Tensor | None) -> None:
+        if cross is not None:
+            self.cross = cross
+            self.cross_outputs.append(cross[:, 0])
+
+    def attention_mask(
+        self, upstream: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor | None, bool]:
+        """Mask for the main tokens' self-attention and whether upstream's is kept.
+
+        Until something merged, upstream's mask (and its ``is_causal``) is exact. After,
+        the mask is rebuilt from the tracked sizes, padding and positions.
+        """
+        if not self.merged:
+            return upstream, True
+        size = self.size if self.settings.prop_attn else None
+        return attention_bias(size, self.valid, self.pos, dtype), False
+
+    def cross_key_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``[B, 1, 1, N]`` additive bias of the main keys for the cross token's query."""
+        size = self.size if (self.merged and self.settings.prop_attn) else None
+        return attention_bias(size, self.valid, None, dtype)
+
+    def needs_metric(self, layer: int) -> bool:
+        return self.settings.method != "none" and self.settings.r[layer] > 0
+
+    def reduce(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Merge ``x`` ``[B, N, C]`` by this layer's ``r``; returns ``[B, N - r', C]``."""
+        r = self.settings.r[layer] if self.settings.method != "none" else 0
+        if r > 0:
+            with torch.profiler.record_function("crossget.match"):
+                x = self._merge(x, self._match(r))
+        self.keys = self.cross_query = None
+        self.tokens.append(x.shape[1])
+        return x
+
+    def _match(self, r: int) -> Merge:
+        keys = self.keys  # [B, H, N, D]
+        b, _, n, _ = keys.shape
+        flat = keys.transpose(1, 2).reshape(b, n, -1)
+        metric = keys.mean(1) if self.settings.metric == "keys_mean" else flat
+        groups = None if self.valid is None else self.valid.long()
+        if self.settings.method == "tome":
+            return bipartite_soft_matching(metric, r, self.protected, groups)
+        importance = None
+        if self.cross_query is not None:
+            # SPEC §3: I_i = cos(q_cross, k_i), heads concatenated.
+            q = self.cross_query.transpose(1, 2).reshape(b, 1, -1)
+            importance = torch.cosine_similarity(q, flat, dim=-1)  # [B, N]
+        return complete_graph_soft_matching(metric, r, importance, self.protected, groups)
+
+    def _merge(self, x: torch.Tensor, merge: Merge) -> torch.Tensor:
+        x, self.size = merge(x, self.size)
+        # protected and padding flags are equal within a group: the kept token's value holds
+        self.protected = merge.keep_only(self.protected)
+        if self.valid is not None:
+            self.valid = merge.keep_only(self.valid)
+        if self.pos is not None:
+            self.pos = merge.amax(self.pos)  # strict causality: a group is as late as its last token
+        self.token_map = merge.slots().gather(1, self.token_map)
+        self.merged = True
+        return x

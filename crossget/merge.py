@@ -19,9 +19,9 @@ import torch
 
 __all__ = [
     "Merge",
+    "attention_bias",
     "bipartite_soft_matching",
     "complete_graph_soft_matching",
-    "attention_bias",
     "sources_from_token_map",
 ]
 

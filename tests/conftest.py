@@ -1,0 +1,45 @@
+"""Tiny random-weight CLIP models shared by the tests."""
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+BOS, EOS = 48, 49
+
+
+def tiny_clip_config(layers: int = 3, image_size: int = 32, patch: int = 4) -> CLIPConfig:
+    return CLIPConfig(
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+            max_position_embeddings=16, vocab_size=50, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+            image_size=image_size, patch_size=patch,
+        ),
+        projection_dim=16,
+    )
+
+
+def make_clip(impl: str = "sdpa", seed: int = 0, **kw) -> CLIPModel:
+    torch.manual_seed(seed)
+    model = CLIPModel(tiny_clip_config(**kw)).eval()
+    model.set_attn_implementation(impl)
+    return model
+
+
+def make_texts(lengths, total: int = 16, seed: int = 0):
+    """input_ids / attention_mask with BOS, random words, EOS, then padding (EOS ids)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lengths), total), EOS)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, 0] = BOS
+        ids[i, 1 : n - 1] = torch.randint(0, 40, (n - 2,), generator=g)
+        mask[i, :n] = 1
+    return ids, mask
+
+
+@pytest.fixture
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))

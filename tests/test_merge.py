@@ -1,0 +1,181 @@
+"""The matching and ensemble ops against SPEC §4, §5 and §8, written out naively here."""
+
+import math
+
+import pytest
+import torch
+
+from crossget.merge import (
+    Merge,
+    attention_bias,
+    bipartite_soft_matching,
+    complete_graph_soft_matching,
+    sources_from_token_map,
+)
+
+
+def naive_complete_graph(metric, r, importance=None, protected=()):
+    """SPEC §4 for one row, step by step, with Python loops. Returns a set of groups."""
+    n = metric.shape[0]
+    k = metric / metric.norm(dim=-1, keepdim=True)
+    s = (k @ k.T).tolist()
+    for i in range(n):
+        s[i][i] = -math.inf
+        for j in range(n):
+            if i in protected or j in protected:
+                s[i][j] = -math.inf
+    r = min(r, (n - len(protected)) // 2)
+    order = sorted(range(n), key=lambda i: -max(s[i]))
+    rank = {t: p for p, t in enumerate(order)}
+    score = []
+    for i in range(n):
+        later = [s[i][j] for j in range(n) if rank[j] > rank[i]]
+        imp = 0.0 if importance is None else float(importance[i])
+        score.append(imp - max(later, default=-math.inf))
+    sources = sorted(range(n), key=lambda i: score[i])[:r]
+    groups = {j: {j} for j in range(n) if j not in sources}
+    for i in sources:
+        dst = max((j for j in range(n) if j not in sources), key=lambda j: s[i][j])
+        groups[dst].add(i)
+    return {frozenset(g) for g in groups.values()}
+
+
+def groups_of(merge: Merge, row: int) -> set:
+    slots = merge.slots()[row].tolist()
+    out = {}
+    for tok, slot in enumerate(slots):
+        out.setdefault(slot, set()).add(tok)
+    return {frozenset(g) for g in out.values()}
+
+
+@pytest.mark.parametrize("with_importance", [False, True])
+def test_complete_graph_matches_naive_spec(with_importance):
+    torch.manual_seed(0)
+    b, n, c, r = 4, 13, 8, 5
+    metric = torch.randn(b, n, c)
+    importance = torch.randn(b, n) * 0.3 if with_importance else None
+    protected = torch.zeros(b, n, dtype=torch.bool)
+    protected[:, 0] = True
+    protected[1, 7] = True
+    merge = complete_graph_soft_matching(metric, r, importance, protected)
+    for row in range(b):
+        prot = set(protected[row].nonzero().flatten().tolist())
+        imp = None if importance is None else importance[row]
+        # row 1 has two protected tokens; SPEC clamps r by the batch's most protected row
+        expected = naive_complete_graph(metric[row], min(r, (n - 2) // 2), imp, prot)
+        assert groups_of(merge, row) == expected
+
+
+def test_bipartite_matches_tome():
+    torch.manual_seed(1)
+    b, n, c, r = 3, 11, 6, 4
+    metric = torch.randn(b, n, c)
+    protected = torch.zeros(n, dtype=torch.bool)
+    protected[0] = True
+    merge = bipartite_soft_matching(metric, r, protected)
+    for row in range(b):
+        k = metric[row] / metric[row].norm(dim=-1, keepdim=True)
+        a, bb = list(range(0, n, 2)), list(range(1, n, 2))
+        scores = k[a] @ k[bb].T
+        scores[0] = -math.inf  # CLS is A[0]
+        best, partner = scores.max(-1)
+        chosen = best.argsort(descending=True)[:r].tolist()
+        groups = {j: {j} for j in range(n) if j not in {a[i] for i in chosen}}
+        for i in chosen:
+            groups[bb[partner[i]]].add(a[i])
+        assert groups_of(merge, row) == {frozenset(g) for g in groups.values()}
+
+
+@pytest.mark.parametrize("matcher", ["complete", "bipartite"])
+def test_protected_never_merged_and_every_token_in_one_group(matcher):
+    torch.manual_seed(2)
+    b, n = 5, 20
+    metric = torch.randn(b, n, 4)
+    protected = torch.rand(b, n) < 0.2
+    protected[:, 0] = True
+    if matcher == "complete":
+        merge = complete_graph_soft_matching(metric, 8, torch.randn(b, n), protected)
+    else:
+        merge = bipartite_soft_matching(metric, 8, protected)
+    assert merge.r > 0
+    src_prot = protected.gather(1, merge.src)
+    dst_tok = merge.keep.gather(1, merge.dst)
+    assert not src_prot.any() and not protected.gather(1, dst_tok).any()
+    sources = sources_from_token_map(merge.slots(), merge.keep.shape[1])  # [B, N-r, N]
+    assert (sources.sum(1) == 1).all()  # every input token in exactly one output
+    assert (merge.keep.diff(dim=1) > 0).all()  # survivors keep their order
+
+
+def test_groups_never_mix():
+    torch.manual_seed(3)
+    b, n = 4, 16
+    metric = torch.randn(b, n, 4)
+    groups = (torch.arange(n) >= 10).long().expand(b, n)  # 10 real tokens then 6 padding
+    for merge in (
+        complete_graph_soft_matching(metric, 7, None, None, groups),
+        bipartite_soft_matching(metric, 7, None, groups),
+    ):
+        dst_tok = merge.keep.gather(1, merge.dst)
+        assert (groups.gather(1, merge.src) == groups.gather(1, dst_tok)).all()
+
+
+def test_ensemble_weights_follow_spec():
+    # tokens 1 and 2 join token 3; token 0 stays. sizes and importance are unequal.
+    keep = torch.tensor([[0, 3]])
+    src = torch.tensor([[1, 2]])
+    dst = torch.tensor([[1, 1]])
+    importance = torch.tensor([[0.0, 0.5, -0.2, 0.1]])
+    x = torch.tensor([[[1.0, 0.0], [2.0, 4.0], [0.0, -2.0], [3.0, 1.0]]])
+    size = torch.tensor([[[1.0], [2.0], [1.0], [3.0]]])
+    merge = Merge(keep, src, dst, importance.exp().unsqueeze(-1))
+    out, out_size = merge(x, size)
+    w = [s * math.exp(i) for s, i in zip([2.0, 1.0, 3.0], [0.5, -0.2, 0.1])]
+    rows = [[2.0, 4.0], [0.0, -2.0], [3.0, 1.0]]
+    expected = [sum(wi * row[d] for wi, row in zip(w, rows)) / sum(w) for d in range(2)]
+    assert torch.allclose(out[0, 1], torch.tensor(expected))
+    assert torch.equal(out[0, 0], x[0, 0])
+    assert out_size.flatten().tolist() == [1.0, 6.0]
+    # two size-1 tokens: softmax of importance, the paper's weighting
+    pair = Merge(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([[0]]), torch.tensor([[[0.0]], [[0.0]]]).view(1, 2, 1).exp())
+    out, _ = pair(torch.tensor([[[2.0], [4.0]]]))
+    assert out.item() == pytest.approx(3.0)
+    # no importance: ToMe's size-weighted average
+    plain = Merge(keep, src, dst)
+    out, _ = plain(x, size)
+    assert torch.allclose(out[0, 1], (x[0, 1:] * size[0, 1:]).sum(0) / 6.0)
+
+
+def test_r_is_clamped_and_validated():
+    metric = torch.randn(2, 9, 4)
+    protected = torch.zeros(9, dtype=torch.bool)
+    protected[0] = True
+    assert complete_graph_soft_matching(metric, 100, None, protected).r == 4
+    assert bipartite_soft_matching(metric, 100, protected).r == 4
+    assert complete_graph_soft_matching(metric, 0).r == 0
+    with pytest.raises(ValueError, match="-1"):
+        complete_graph_soft_matching(metric, -1)
+    with pytest.raises(ValueError, match="metric"):
+        complete_graph_soft_matching(metric[0], 2)
+    with pytest.raises(ValueError, match="protected"):
+        complete_graph_soft_matching(metric, 2, None, torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="importance"):
+        complete_graph_soft_matching(metric, 2, torch.zeros(2, 8))
+    merge = complete_graph_soft_matching(metric, 2)
+    with pytest.raises(ValueError, match="merge expects"):
+        merge(torch.randn(2, 8, 3))
+
+
+def test_attention_bias():
+    size = torch.tensor([[[1.0], [3.0], [2.0]]])
+    bias = attention_bias(size)
+    assert bias.shape == (1, 1, 1, 3)
+    assert torch.allclose(bias.flatten(), torch.tensor([0.0, math.log(3), math.log(2)]))
+    valid = torch.tensor([[True, True, False]])
+    pos = torch.tensor([[0, 4, 2]])
+    mask = attention_bias(size, valid, pos)
+    assert mask.shape == (1, 1, 3, 3)
+    low = torch.finfo(torch.float32).min
+    # query 0 sees key 0 only; query 1 (pos 4) sees keys 0 and 1; key 2 is padding
+    assert mask[0, 0, 0, 1] == low and mask[0, 0, 1, 1] == pytest.approx(math.log(3))
+    assert (mask[0, 0, :, 2] == low).all()
+    assert attention_bias(None) is None

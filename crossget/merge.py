@@ -61,23 +61,36 @@ class Merge:
                 f"merge expects [B={self.keep.shape[0]}, N={self.keep.shape[1] + self.r}, D], "
                 f"got {tuple(x.shape)}"
             )
-        if size is None:
-            size = x.new_ones(x.shape[0], x.shape[1], 1)
-        # Half-precision sums of many tokens lose digits: average in float32.
-        work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        w = size.to(work)
+        b, n, d = x.shape
+        w = x.new_ones(b, n, 1, dtype=torch.float32) if size is None else size.float()
         if self.weight is not None:
-            w = w * self.weight.to(work)
-        num = self.sum(x.to(work) * w)
-        den = self.sum(w)
-        return (num / den).to(x.dtype), self.sum(size)
+            w = w * self.weight.float()
+        total = self.sum(w)  # [B, N - r, 1] group weights
+        out = gather_tokens(x, self.keep)
+        if self.r:
+            # x_G = x_dst + sum_src (w_src / W_G) (x_src - x_dst): only the r sources and
+            # their destinations are touched, in float32 (half precision loses digits).
+            x_src = gather_tokens(x, self.src).float()
+            x_dst = gather_tokens(out, self.dst).float()
+            coef = gather_tokens(w, self.src) / gather_tokens(total, self.dst)
+            delta = (coef * (x_src - x_dst)).to(x.dtype)
+            out = out.reshape(-1, d).index_add(0, self._flat_dst, delta.reshape(-1, d)).view(b, -1, d)
+        # sizes stay float32: bfloat16 is not exact above 256 tokens
+        new_size = total if self.weight is None else self.sum(w.new_ones(b, n, 1) if size is None else size.float())
+        return out, new_size
+
+    @property
+    def _flat_dst(self) -> torch.Tensor:
+        return _flat(self.dst, self.keep.shape[1])
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` ``[B, N, D]`` over each group: ``[B, N - r, D]``."""
-        out = gather_tokens(t, self.keep)
+        b, n, d = t.shape
+        flat = t.reshape(b * n, d)
+        out = flat.index_select(0, _flat(self.keep, n))
         if self.r:
-            out = out.scatter_add(1, _expand(self.dst, t), gather_tokens(t, self.src))
-        return out
+            out.index_add_(0, self._flat_dst, flat.index_select(0, _flat(self.src, n)))
+        return out.view(b, -1, d)
 
     def amax(self, t: torch.Tensor) -> torch.Tensor:
         """Maximum of ``t`` ``[B, N]`` over each group (e.g. positions for causality)."""
@@ -102,15 +115,31 @@ class Merge:
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b, j]]`` for ``x`` ``[B, N, D]`` and ``index`` ``[B, M]``: ``[B, M, D]``."""
-    return x.gather(1, _expand(index, x))
+    b, n, d = x.shape
+    # a row gather on the flattened batch is several times faster than gather(1, ...) on CPU
+    return x.reshape(b * n, d).index_select(0, _flat(index, n)).view(b, -1, d)
+
+
+def _flat(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Row indices ``[B, M]`` into a ``[B, n, D]`` tensor as indices into ``[B * n, D]``."""
+    offsets = torch.arange(0, index.shape[0] * n, n, device=index.device).unsqueeze(1)
+    return (index + offsets).flatten()
 
 
 def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return index.unsqueeze(-1).expand(-1, -1, like.shape[-1])
 
 
-def _normalise(metric: torch.Tensor) -> torch.Tensor:
-    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[B, Na, Nb]`` cosine similarities of the rows of ``a`` ``[B, Na, C]`` and ``b``.
+
+    Scaling the ``Na x Nb`` products is cheaper than normalising ``C``-wide rows.
+    """
+    a, b = a.float(), b.float()
+    inv_a = a.norm(dim=-1).clamp_min(1e-12).reciprocal()
+    inv_b = inv_a if b is a else b.norm(dim=-1).clamp_min(1e-12).reciprocal()
+    # one symmetric scale, so that cos(i, j) == cos(j, i) bit for bit (ties stay ties)
+    return (a @ b.transpose(1, 2)).mul_(inv_a.unsqueeze(2) * inv_b.unsqueeze(1))
 
 
 def _protected_mask(
@@ -171,33 +200,35 @@ def complete_graph_soft_matching(
     _check_inputs(metric, r, groups)
     b, n, _ = metric.shape
     protected = _protected_mask(protected, b, n, metric.device)
+    if importance is not None and importance.shape != (b, n):
+        raise ValueError(f"importance must be [B, N]={(b, n)}, got {tuple(importance.shape)}")
     with torch.no_grad():
-        k = _normalise(metric.float())
-        sim = k @ k.transpose(1, 2)  # [B, N, N]
-        blocked = protected.unsqueeze(1) | protected.unsqueeze(2)
-        blocked = blocked | torch.eye(n, dtype=torch.bool, device=k.device)
+        metric = metric.float()
+        sim = _cosine(metric, metric)  # [B, N, N]
+        # -inf on the diagonal and on protected rows and columns (in-place adds: bool
+        # masks over [B, N, N] are several times slower on CPU)
+        sim.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+        if protected.any():
+            neg = torch.zeros(b, n, device=metric.device).masked_fill_(protected, -math.inf)
+            sim.add_(neg.unsqueeze(1)).add_(neg.unsqueeze(2))
         if groups is not None:
-            blocked = blocked | (groups.unsqueeze(1) != groups.unsqueeze(2))
-        sim = sim.masked_fill(blocked, -math.inf)
+            sim.masked_fill_(groups.unsqueeze(1) != groups.unsqueeze(2), -math.inf)
 
         # Rank tokens by their best edge; keep only edges towards later-ranked tokens,
         # so sources point "down" the ranking and no chains or cycles can form.
-        order = sim.amax(dim=-1).argsort(dim=-1, descending=True)  # [B, N]
-        rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(n, device=k.device).expand(b, -1)
-        )
+        # Mutual best pairs tie exactly; stable sorts break ties by token index.
+        order = sim.amax(dim=-1).argsort(dim=-1, descending=True, stable=True)  # [B, N]
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=metric.device).expand(b, -1))
         later = rank.unsqueeze(1) > rank.unsqueeze(2)  # [B, i, j]: rank(j) > rank(i)
-        best_later = sim.masked_fill(~later, -math.inf).amax(dim=-1)  # [B, N]
+        best_later = torch.where(later, sim, -math.inf).amax(dim=-1)  # [B, N]
 
         score = -best_later
         if importance is not None:
-            if importance.shape != (b, n):
-                raise ValueError(f"importance must be [B, N]={(b, n)}, got {tuple(importance.shape)}")
             score = score + importance.float()
         n_finite = torch.isfinite(score).sum(-1) if groups is not None else None
         r = _clamp_r(r, (~protected).sum(-1), n_finite)
 
-        candidates = score.argsort(dim=-1)  # ascending: least important, most redundant first
+        candidates = score.argsort(dim=-1, stable=True)  # ascending: least important, most redundant first
         src, rest = candidates[:, :r], candidates[:, r:]
         keep = rest.sort(dim=-1).values  # surviving tokens in their original order
         # Each source joins its most similar surviving token (plain S: protected
@@ -226,10 +257,9 @@ def bipartite_soft_matching(
     b, n, _ = metric.shape
     protected = _protected_mask(protected, b, n, metric.device)
     with torch.no_grad():
-        k = _normalise(metric.float())
-        a_idx = torch.arange(0, n, 2, device=k.device)
-        b_idx = torch.arange(1, n, 2, device=k.device)
-        sim = k[:, a_idx] @ k[:, b_idx].transpose(1, 2)  # [B, Na, Nb]
+        a_idx = torch.arange(0, n, 2, device=metric.device)
+        b_idx = torch.arange(1, n, 2, device=metric.device)
+        sim = _cosine(metric[:, a_idx], metric[:, b_idx])  # [B, Na, Nb]
         blocked = protected[:, a_idx].unsqueeze(2) | protected[:, b_idx].unsqueeze(1)
         if groups is not None:
             blocked = blocked | (groups[:, a_idx].unsqueeze(2) != groups[:, b_idx].unsqueeze(1))
@@ -243,7 +273,7 @@ def bipartite_soft_matching(
         src_a = edge_order[:, :r]  # index within A
         src = a_idx[src_a]
         dst_tok = b_idx[node_idx.gather(1, src_a)]
-        is_src = torch.zeros(b, n, dtype=torch.bool, device=k.device).scatter_(1, src, True)
+        is_src = torch.zeros(b, n, dtype=torch.bool, device=metric.device).scatter_(1, src, True)
         # stable sort puts the kept tokens first, in ascending order, without a host sync
         keep = is_src.to(torch.uint8).argsort(dim=-1, stable=True)[:, : n - r]
         # slot of each destination token within keep = number of kept tokens before it

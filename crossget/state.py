@@ -9,6 +9,7 @@ call into this object; none of them holds merging logic.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,7 @@ class TowerState:
     cross: torch.Tensor | None = None  # [B, 1, C] cross token output of the last layer
     cross_outputs: list[torch.Tensor] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # tokens after each layer
+    match_seconds: list[float] | None = None  # set to [] to time matching + merging
     # handed from the attention to its layer within one layer call
     keys: torch.Tensor | None = None  # [B, H, N, D]
     cross_query: torch.Tensor | None = None  # [B, H, 1, D]
@@ -140,8 +142,15 @@ class TowerState:
         """Merge ``x`` ``[B, N, C]`` by this layer's ``r``; returns ``[B, N - r', C]``."""
         r = self.settings.r[layer] if self.settings.method != "none" else 0
         if r > 0:
+            timed = self.match_seconds is not None
+            if timed:
+                _sync(x)
+                start = time.perf_counter()
             with torch.profiler.record_function("crossget.match"):
                 x = self._merge(x, self._match(r))
+            if timed:
+                _sync(x)
+                self.match_seconds.append(time.perf_counter() - start)
         self.keys = self.cross_query = None
         self.tokens.append(x.shape[1])
         return x
@@ -157,8 +166,8 @@ class TowerState:
         importance = None
         if self.cross_query is not None:
             # SPEC §3: I_i = cos(q_cross, k_i), heads concatenated.
-            q = self.cross_query.transpose(1, 2).reshape(b, 1, -1)
-            importance = torch.cosine_similarity(q, flat, dim=-1)  # [B, N]
+            q = self.cross_query.transpose(1, 2).reshape(b, -1, 1)
+            importance = (flat @ q).squeeze(-1) / (flat.norm(dim=-1) * q.norm(dim=1)).clamp_min(1e-12)
         return complete_graph_soft_matching(metric, r, importance, self.protected, groups)
 
     def _merge(self, x: torch.Tensor, merge: Merge) -> torch.Tensor:
@@ -172,3 +181,8 @@ class TowerState:
         self.token_map = merge.slots().gather(1, self.token_map)
         self.merged = True
         return x
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)

@@ -1,0 +1,509 @@
+"""Benchmark patched models against the stock model: FLOPs, tokens, speed, memory.
+
+    from crossget.bench import load_model, make_inputs, forward_for, run_benchmark
+    model = load_model("clip-vit-b16", "vision")
+    rows = run_benchmark(
+        model, make_inputs(model, "vision", batch=8),
+        [{"method": "tome", "r": 16}, {"method": "crossget", "flops": 0.58}],
+        forward=forward_for(model, "vision"), out_dir="benchmarks/clip-vit-b16-vision",
+    )
+
+Timing is interleaved: every round times every config once (the stock model
+included), in a rotating order, so drifting machine load hits all configs alike;
+speedups are ratios of medians from the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .flops import count_flops
+from .memory import PeakMemory
+from .patch import CONFIG_ATTR, config, is_patched, patch, states, tokens_per_layer, unpatch
+
+__all__ = [
+    "ARCHITECTURES",
+    "SUMMARY_KEYS",
+    "TOWERS",
+    "build_configs",
+    "forward_for",
+    "load_model",
+    "make_inputs",
+    "run_benchmark",
+]
+
+MATCH_LABEL = "crossget.match"  # record_function label around matching + merging (crossget.state)
+FORWARD_LABEL = "crossget.bench.forward"
+TOWERS = ("vision", "text", "both")
+CONFIG_KEYS = ("name", "method", "r", "flops", "towers", "prop_attn", "metric", "text_len")
+SUMMARY_KEYS = (
+    "name",  # label of the config ("baseline" is the stock model)
+    "method",  # "none" (stock model), "tome" or "crossget"
+    "r",  # r as given (int, per-layer list, {tower: r}) or None
+    "flops_target",  # FLOPs ratio asked for, or None
+    "flops_estimate",  # the schedule solver's analytic ratio (flops configs), or None
+    "schedule",  # {tower: per-layer r} as patched; {} for the stock model
+    "tokens_per_layer",  # {tower: tokens after each layer}; {} for the stock model
+    "gflops_per_sample",  # measured, FlopCounterMode (+ CPU SDPA formula)
+    "gflops_ratio",  # vs the stock model
+    "batch_ms",  # median ms per batch forward
+    "samples_per_s",
+    "speedup",  # stock median batch ms / this median batch ms
+    "latency_ms",  # median ms of a batch-1 forward (None if not measured)
+    "latency_speedup",
+    "peak_act_mib",  # peak activation memory of one batch forward
+    "match_share",  # share of the forward's CPU time inside crossget.match regions
+)
+
+
+# --------------------------------------------------------------------------- models
+def _clip_vit_b16_config():
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        vision_config=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            image_size=224, patch_size=16,
+        ),
+        text_config=dict(
+            hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+            max_position_embeddings=77,
+        ),
+        projection_dim=512,
+    )
+
+
+def _clip_tiny_config():
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8,
+        ),
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=16, vocab_size=100, bos_token_id=97, eos_token_id=98, pad_token_id=98,
+        ),
+        projection_dim=16,
+    )
+
+
+# name -> CLIPConfig factory; random weights, nothing downloaded
+ARCHITECTURES: dict[str, Callable[[], Any]] = {
+    "clip-vit-b16": _clip_vit_b16_config,
+    "clip-tiny": _clip_tiny_config,  # for tests and smoke runs
+}
+
+
+def load_model(spec: str, tower: str = "vision", seed: int = 0) -> nn.Module:
+    """A model in eval mode: a named architecture with random weights, or a local directory.
+
+    Named architectures give the smallest model that runs ``tower``: ``CLIPVisionModel``
+    (vision), ``CLIPTextModel`` (text) or ``CLIPModel`` (both). A directory is loaded with
+    ``transformers.AutoModel.from_pretrained``.
+
+    Raises:
+        ValueError: unknown tower, or ``spec`` is neither a known name nor a directory.
+    """
+    if tower not in TOWERS:
+        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+    if spec in ARCHITECTURES:
+        from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
+
+        cfg = ARCHITECTURES[spec]()
+        torch.manual_seed(seed)
+        if tower == "vision":
+            model = CLIPVisionModel(cfg.vision_config)
+        elif tower == "text":
+            model = CLIPTextModel(cfg.text_config)
+        else:
+            model = CLIPModel(cfg)
+    elif os.path.isdir(spec):
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(spec)
+    else:
+        names = ", ".join(ARCHITECTURES)
+        raise ValueError(f"model {spec!r} is neither a named architecture ({names}) nor a local directory")
+    return model.eval()
+
+
+def _sub_config(model: nn.Module, kind: str):
+    cfg = model.config
+    sub = getattr(cfg, f"{kind}_config", None)
+    return sub if sub is not None else cfg
+
+
+def make_inputs(model: nn.Module, tower: str, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs for ``tower``: ``pixel_values`` at the model's image size and/or
+    full-length texts (``input_ids`` ending in the EOT token, ``attention_mask`` all ones)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    g = torch.Generator().manual_seed(seed)
+    inputs = {}
+    if tower in ("vision", "both"):
+        vc = _sub_config(model, "vision")
+        inputs["pixel_values"] = torch.randn(batch, vc.num_channels, vc.image_size, vc.image_size, generator=g)
+    if tower in ("text", "both"):
+        tc = _sub_config(model, "text")
+        n, vocab, eos = tc.max_position_embeddings, tc.vocab_size, tc.eos_token_id
+        # legacy configs (eos_token_id == 2) pool at argmax(input_ids): make EOT the largest id
+        eot = vocab - 1 if eos == 2 else eos
+        ids = torch.randint(0, vocab - 1, (batch, n), generator=g)
+        ids[ids == eot] = 0
+        ids[:, -1] = eot
+        inputs["input_ids"] = ids
+        inputs["attention_mask"] = torch.ones(batch, n, dtype=torch.long)
+    if not inputs:
+        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+    return inputs
+
+
+def forward_for(model: nn.Module, tower: str) -> Callable[[nn.Module, Mapping[str, Any]], Any]:
+    """``forward(model, inputs)`` that runs ``tower``: ``get_image_features`` /
+    ``get_text_features`` of a dual encoder, the whole model for ``both`` or a single tower."""
+    if tower not in TOWERS:
+        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+    method = {"vision": "get_image_features", "text": "get_text_features"}.get(tower)
+    if method is not None and hasattr(model, method):
+        return lambda m, inputs: getattr(m, method)(**inputs)
+    return lambda m, inputs: m(**inputs)
+
+
+# --------------------------------------------------------------------------- configs
+def _describe(cfg: Mapping[str, Any]) -> str:
+    if cfg["method"] == "none":
+        return "baseline"
+    if cfg.get("flops") is not None:
+        return f"{cfg['method']} flops={cfg['flops']:g}"
+    r = cfg.get("r")
+    if isinstance(r, Sequence) and len(set(r)) == 1:
+        r = f"{r[0]}x{len(r)}"
+    return f"{cfg['method']} r={r}"
+
+
+def _normalize(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = set(cfg) - set(CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"unknown benchmark config keys {sorted(unknown)}; allowed: {CONFIG_KEYS}")
+    out = dict(cfg)
+    out.setdefault("method", "crossget")
+    if out["method"] == "none" and (out.get("flops") is not None or out.get("r") not in (None, 0)):
+        raise ValueError(f"method 'none' is the stock (unpatched) model and takes no r or flops: {dict(cfg)}")
+    out.setdefault("name", _describe(out))
+    return out
+
+
+def build_configs(
+    methods: Sequence[str],
+    rs: Sequence[Any] = (),
+    flops: Sequence[float] = (),
+    towers: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """One config per (method, r) and per (method, flops target)."""
+    configs = []
+    for method in methods:
+        for r in rs:
+            configs.append({"method": method, "r": r})
+        for f in flops:
+            configs.append({"method": method, "flops": f})
+    if towers is not None:
+        for c in configs:
+            c["towers"] = tuple(towers)
+    return configs
+
+
+def _apply(model: nn.Module, cfg: Mapping[str, Any]) -> None:
+    if cfg["method"] == "none":
+        unpatch(model)
+    else:
+        patch(model, **{k: v for k, v in cfg.items() if k != "name"})
+
+
+def _snapshot(model: nn.Module):
+    """What it takes to give the caller's model back as it came: settings and cross tokens."""
+    if not is_patched(model):
+        return None
+    thetas = {k: s.cross_tokens.detach().clone() for k, s in states(model).items() if s.cross_tokens is not None}
+    return config(model), thetas
+
+
+def _restore(model: nn.Module, snap) -> None:
+    if snap is None:
+        unpatch(model)
+        return
+    saved, thetas = snap
+    patch(
+        model, r={k: saved["r"][k] for k in saved["towers"]}, method=saved["method"], towers=saved["towers"],
+        prop_attn=saved["prop_attn"], metric=saved["metric"],
+    )
+    model.__dict__[CONFIG_ATTR].update(flops=saved["flops"], flops_estimate=saved["flops_estimate"])
+    with torch.no_grad():
+        for kind, state in states(model).items():
+            if kind in thetas and state.cross_tokens is not None:
+                state.cross_tokens.copy_(thetas[kind])
+
+
+# --------------------------------------------------------------------------- measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(forward, model, inputs, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        forward(model, inputs)
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _peak_activation_mib(forward, model, inputs, device) -> float:
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.inference_mode():
+            forward(model, inputs)
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with torch.inference_mode(), PeakMemory() as mem:
+        forward(model, inputs)
+    return mem.peak_mib
+
+
+def _match_share(forward, model, inputs) -> float:
+    """Share of one forward's CPU time spent in (outermost) ``crossget.match`` regions."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read when the profiler first starts: no USDT lines on stderr
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function(FORWARD_LABEL):
+            forward(model, inputs)
+    total = match = 0.0
+    for ev in prof.events():
+        if ev.name == FORWARD_LABEL:
+            total += ev.cpu_time_total
+        elif ev.name == MATCH_LABEL:
+            parent = ev.cpu_parent
+            while parent is not None and parent.name != MATCH_LABEL:
+                parent = parent.cpu_parent
+            if parent is None:
+                match += ev.cpu_time_total
+    return match / total if total > 0 else 0.0
+
+
+def _environment(model: nn.Module, device: torch.device, threads: int) -> dict[str, Any]:
+    import transformers
+
+    from . import __version__
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "crossget": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "model_class": type(model).__name__,
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+    }
+
+
+def run_benchmark(
+    model: nn.Module | Callable[[], nn.Module],
+    inputs: Mapping[str, Any],
+    configs: Sequence[Mapping[str, Any]],
+    rounds: int = 5,
+    warmup: int = 1,
+    threads: int | None = 2,
+    *,
+    forward: Callable[[nn.Module, Mapping[str, Any]], Any] | None = None,
+    latency: bool = True,
+    out_dir: str | os.PathLike | None = None,
+    meta: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Benchmark ``configs`` against the stock model; returns one summary row per config.
+
+    Args:
+        model: the model, or a function that builds it. It is patched, unpatched and
+            finally given back as it came (its patch settings and cross tokens too).
+        inputs: one batch of keyword inputs (tensors are moved to the model's device);
+            the batch-1 latency uses the first sample of every tensor.
+        configs: dicts with ``method`` ("none" | "tome" | "crossget"), ``r`` (int, per-layer
+            list or ``{tower: r}``) or ``flops`` (target ratio), and optionally ``towers``,
+            ``prop_attn``, ``metric``, ``text_len`` (passed to :func:`crossget.patch`) and
+            ``name``. The stock model (``{"method": "none"}``, name "baseline") is added
+            first unless a config already has method "none".
+        rounds / warmup: timed rounds, and untimed rounds before them. Every round
+            times each config once (batch, then batch 1), interleaved.
+        threads: ``torch.set_num_threads`` for the whole run (None: leave it).
+        forward: ``forward(model, inputs)``, default ``model(**inputs)``; see :func:`forward_for`.
+        latency: also time batch-1 forwards.
+        out_dir: if given, write ``results.json`` (environment, configs, raw timings,
+            summary) and ``results.md`` (a table) there.
+        meta: extra fields for the JSON's ``meta`` (model name, tower, ...).
+        progress: show a tqdm bar over rounds x configs.
+
+    Returns:
+        Summary rows with the keys in :data:`SUMMARY_KEYS`, the stock model first.
+
+    Raises:
+        ValueError / TypeError: a bad config (checked by patching every config once
+        before anything is timed) or an unsupported model.
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    if not isinstance(model, nn.Module):
+        model = model()
+    forward = forward or (lambda m, x: m(**x))
+    configs = [_normalize(c) for c in configs]
+    if not any(c["method"] == "none" for c in configs):
+        configs.insert(0, _normalize({"method": "none"}))
+    configs.sort(key=lambda c: c["method"] != "none")  # stock model first (stable)
+    names = [c["name"] for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"benchmark config names must be unique, got {names}")
+
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    single = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch_size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+    previous_threads = torch.get_num_threads()
+    snap = _snapshot(model)
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+        # untimed measurements, one config at a time (also validates every config)
+        static = []
+        for cfg in configs:
+            _apply(model, cfg)
+            patched = is_patched(model)
+            with torch.inference_mode():
+                gflops = count_flops(forward, model, single) / 1e9
+            static.append({
+                "schedule": config(model)["r"] if patched else {},
+                "flops_estimate": config(model)["flops_estimate"] if patched else None,
+                "tokens_per_layer": tokens_per_layer(model) if patched else {},
+                "gflops_per_sample": gflops,
+                "peak_act_mib": _peak_activation_mib(forward, model, batch, device),
+                "match_share": _match_share(forward, model, batch),
+            })
+
+        raw = {c["name"]: {"batch_ms": [], "latency_ms": []} for c in configs}
+        total = (warmup + rounds) * len(configs)
+        with tqdm(total=total, desc="benchmark", disable=not progress, leave=False) as bar:
+            for rnd in range(warmup + rounds):
+                shift = rnd % len(configs)
+                for cfg in configs[shift:] + configs[:shift]:
+                    _apply(model, cfg)
+                    t_batch = _time_ms(forward, model, batch, device)
+                    t_single = _time_ms(forward, model, single, device) if latency else None
+                    if rnd >= warmup:
+                        raw[cfg["name"]]["batch_ms"].append(t_batch)
+                        if latency:
+                            raw[cfg["name"]]["latency_ms"].append(t_single)
+                    bar.set_postfix_str(cfg["name"])
+                    bar.update()
+    finally:
+        _restore(model, snap)
+        torch.set_num_threads(previous_threads)
+
+    rows = _summarize(configs, static, raw, batch_size)
+    if out_dir is not None:
+        env = {**_environment(model, device, torch.get_num_threads() if threads is None else threads),
+               "batch": batch_size, "rounds": rounds, "warmup": warmup, **(meta or {})}
+        write_results(out_dir, env, configs, raw, rows)
+    return rows
+
+
+def _summarize(configs, static, raw, batch_size) -> list[dict[str, Any]]:
+    base_i = next(i for i, c in enumerate(configs) if c["method"] == "none")
+    med = {n: {k: statistics.median(v) if v else None for k, v in t.items()} for n, t in raw.items()}
+    base = med[configs[base_i]["name"]]
+    base_gflops = static[base_i]["gflops_per_sample"]
+    rows = []
+    for cfg, st in zip(configs, static):
+        m = med[cfg["name"]]
+        lat = m["latency_ms"]
+        row = {
+            "name": cfg["name"],
+            "method": cfg["method"],
+            "r": cfg.get("r"),
+            "flops_target": cfg.get("flops"),
+            "flops_estimate": st["flops_estimate"],
+            "schedule": st["schedule"],
+            "tokens_per_layer": st["tokens_per_layer"],
+            "gflops_per_sample": st["gflops_per_sample"],
+            "gflops_ratio": st["gflops_per_sample"] / base_gflops if base_gflops else None,
+            "batch_ms": m["batch_ms"],
+            "samples_per_s": batch_size / m["batch_ms"] * 1e3,
+            "speedup": base["batch_ms"] / m["batch_ms"],
+            "latency_ms": lat,
+            "latency_speedup": base["latency_ms"] / lat if lat else None,
+            "peak_act_mib": st["peak_act_mib"],
+            "match_share": st["match_share"],
+        }
+        rows.append({k: row[k] for k in SUMMARY_KEYS})
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+def _fmt(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _tokens(row: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v[0]}…{v[-1]}" for k, v in row["tokens_per_layer"].items()) or "stock"
+
+
+def results_markdown(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+    head = (
+        f"# crossget benchmark: {meta.get('model', meta.get('model_class', 'model'))}"
+        f"{' (' + meta['tower'] + ')' if meta.get('tower') else ''}\n\n"
+        f"batch {meta.get('batch')}, {meta.get('threads')} threads, {meta.get('device')}, "
+        f"{meta.get('rounds')} rounds (+{meta.get('warmup')} warm-up), medians; torch {meta.get('torch')}, "
+        f"transformers {meta.get('transformers')}, {meta.get('date')}\n\n"
+        "| config | tokens (after layer 1…last) | GFLOPs/sample | GFLOPs ratio | ms/batch | samples/s "
+        "| speedup | latency ms (bs 1) | latency speedup | peak act. MiB | match share |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = [
+        f"| {r['name']} | {_tokens(r)} | {r['gflops_per_sample']:.4g} | {_fmt(r['gflops_ratio'], '.3f')} "
+        f"| {r['batch_ms']:.1f} | {r['samples_per_s']:.1f} | {r['speedup']:.2f}x "
+        f"| {_fmt(r['latency_ms'], '.1f')} | {_fmt(r['latency_speedup'], '.2f')} "
+        f"| {r['peak_act_mib']:.4g} | {r['match_share']:.1%} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def write_results(out_dir, meta, configs, raw, rows) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``results.md`` to ``out_dir`` (created); returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": dict(meta), "configs": [dict(c) for c in configs], "raw": raw, "summary": list(rows)}
+    json_path, md_path = out / "results.json", out / "results.md"
+    json_path.write_text(json.dumps(doc, indent=2, default=list) + "\n")
+    md_path.write_text(results_markdown(meta, rows))
+    return json_path, md_path

@@ -41,7 +41,9 @@ __all__ = [
     "forward_for",
     "load_model",
     "make_inputs",
+    "results_markdown",
     "run_benchmark",
+    "write_results",
 ]
 
 MATCH_LABEL = "crossget.match"  # record_function label around matching + merging (crossget.state)
@@ -489,10 +491,10 @@ def results_markdown(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = [
-        f"| {r['name']} | {_tokens(r)} | {r['gflops_per_sample']:.4g} | {_fmt(r['gflops_ratio'], '.3f')} "
+        f"| {r['name']} | {_tokens(r)} | {r['gflops_per_sample']:#.4g} | {_fmt(r['gflops_ratio'], '.3f')} "
         f"| {r['batch_ms']:.1f} | {r['samples_per_s']:.1f} | {r['speedup']:.2f}x "
         f"| {_fmt(r['latency_ms'], '.1f')} | {_fmt(r['latency_speedup'], '.2f')} "
-        f"| {r['peak_act_mib']:.4g} | {r['match_share']:.1%} |"
+        f"| {r['peak_act_mib']:#.4g} | {r['match_share']:.1%} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"

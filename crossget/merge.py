@@ -51,22 +51,27 @@ class Merge:
     def __call__(
         self, x: torch.Tensor, size: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ensemble ``x`` ``[B, N, D]`` with token sizes ``size`` ``[B, N, 1]`` (ones if None).
+        """Ensemble ``x`` ``[B, N + E, D]`` with token sizes ``size`` ``[B, N, 1]`` (ones if None).
 
         Each group ``G`` becomes ``sum s_i w_i x_i / sum s_i w_i`` and has size ``sum s_i``
-        (SPEC §5). Returns ``(x [B, N - r, D], size [B, N - r, 1])``.
+        (SPEC §5). ``E`` trailing tokens that took no part in matching (a cross token)
+        pass through unchanged, after the merged ones. Returns
+        ``(x [B, N - r + E, D], size [B, N - r, 1])``.
         """
-        if x.dim() != 3 or x.shape[:2] != (self.keep.shape[0], self.keep.shape[1] + self.r):
-            raise ValueError(
-                f"merge expects [B={self.keep.shape[0]}, N={self.keep.shape[1] + self.r}, D], "
-                f"got {tuple(x.shape)}"
-            )
-        b, n, d = x.shape
-        w = x.new_ones(b, n, 1, dtype=torch.float32) if size is None else size.float()
-        if self.weight is not None:
-            w = w * self.weight.float()
+        n_in = self.keep.shape[1] + self.r
+        if x.dim() != 3 or x.shape[0] != self.keep.shape[0] or x.shape[1] < n_in:
+            raise ValueError(f"merge expects [B={self.keep.shape[0]}, N>={n_in}, D], got {tuple(x.shape)}")
+        keep = self.keep
+        if x.shape[1] > n_in:
+            extra = torch.arange(n_in, x.shape[1], device=keep.device).expand(keep.shape[0], -1)
+            keep = torch.cat([keep, extra], 1)
+        b, n, d = x.shape[0], n_in, x.shape[2]
+        if size is None:
+            w = x.new_ones(b, n, 1, dtype=torch.float32) if self.weight is None else self.weight.float()
+        else:
+            w = size.float() if self.weight is None else size.float() * self.weight.float()
         total = self.sum(w)  # [B, N - r, 1] group weights
-        out = gather_tokens(x, self.keep)
+        out = gather_tokens(x, keep)
         if self.r:
             # x_G = x_dst + sum_src (w_src / W_G) (x_src - x_dst): only the r sources and
             # their destinations are touched, in float32 (half precision loses digits).
@@ -74,14 +79,10 @@ class Merge:
             x_dst = gather_tokens(out, self.dst).float()
             coef = gather_tokens(w, self.src) / gather_tokens(total, self.dst)
             delta = (coef * (x_src - x_dst)).to(x.dtype)
-            out = out.reshape(-1, d).index_add(0, self._flat_dst, delta.reshape(-1, d)).view(b, -1, d)
+            out.view(-1, d).index_add_(0, _flat(self.dst, keep.shape[1]), delta.view(-1, d))
         # sizes stay float32: bfloat16 is not exact above 256 tokens
         new_size = total if self.weight is None else self.sum(w.new_ones(b, n, 1) if size is None else size.float())
         return out, new_size
-
-    @property
-    def _flat_dst(self) -> torch.Tensor:
-        return _flat(self.dst, self.keep.shape[1])
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` ``[B, N, D]`` over each group: ``[B, N - r, D]``."""
@@ -89,7 +90,7 @@ class Merge:
         flat = t.reshape(b * n, d)
         out = flat.index_select(0, _flat(self.keep, n))
         if self.r:
-            out.index_add_(0, self._flat_dst, flat.index_select(0, _flat(self.src, n)))
+            out.index_add_(0, _flat(self.dst, self.keep.shape[1]), flat.index_select(0, _flat(self.src, n)))
         return out.view(b, -1, d)
 
     def amax(self, t: torch.Tensor) -> torch.Tensor:
@@ -287,6 +288,7 @@ def attention_bias(
     valid: torch.Tensor | None = None,
     pos: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    observer: bool = False,
 ) -> torch.Tensor | None:
     """Additive attention mask for merged tokens (SPEC §6).
 
@@ -296,27 +298,44 @@ def attention_bias(
         valid: bool ``[B, N]``; keys that are padding are masked.
         pos: ``[B, N]`` largest original position each token covers; if given, query
             ``i`` only sees keys with ``pos_j <= pos_i`` (causal text).
+        observer: one more token follows the ``N``: it sees every valid key (itself
+            included, with size 1) and no other query sees it (the cross token).
 
     Returns:
-        ``[B, 1, 1, N]`` (no causality) or ``[B, 1, N, N]`` float mask, or None if
-        nothing needs masking.
+        ``[B, 1, 1, N]`` (no causality, no observer) or ``[B, 1, N (+1), N (+1)]`` float
+        mask, or None if nothing needs masking.
     """
-    if size is None and valid is None and pos is None:
+    if size is None and valid is None and pos is None and not observer:
         return None
-    ref = next(t for t in (size, valid, pos) if t is not None)
-    b, n = ref.shape[:2]
-    bias = torch.zeros(b, 1, 1, n, dtype=dtype, device=ref.device)
+    ref = next((t for t in (size, valid, pos) if t is not None), None)
+    b, n = ref.shape[:2] if ref is not None else (None, None)
+    if observer:
+        if ref is None:
+            raise ValueError("attention_bias(observer=True) needs size, valid or pos")
+        size = None if size is None else _append(size, 1)
+        valid = None if valid is None else _append(valid, True)
+        n += 1
+    device = ref.device
+    low = torch.finfo(dtype).min
+    bias = torch.zeros(b, 1, 1, n, dtype=dtype, device=device)
     if size is not None:
         bias = size[..., 0].log().to(dtype)[:, None, None, :]
-    allowed = None
     if valid is not None:
-        allowed = valid[:, None, None, :]
+        bias = bias.masked_fill(~valid[:, None, None, :], low)
     if pos is not None:
-        causal = (pos[:, None, None, :] <= pos[:, None, :, None])
-        allowed = causal if allowed is None else allowed & causal
-    if allowed is None:
-        return bias
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+        if observer:  # the observer's query comes after every position
+            pos = torch.cat([pos, pos.new_full((b, 1), torch.iinfo(pos.dtype).max)], 1)
+        bias = bias.masked_fill(pos[:, None, None, :] > pos[:, None, :, None], low)
+    elif observer:
+        bias = bias.expand(b, 1, n, n).clone()
+    if observer:
+        bias[..., :-1, -1] = low  # no token attends to the observer
+    return bias
+
+
+def _append(t: torch.Tensor, value: float | bool) -> torch.Tensor:
+    """``t`` ``[B, N, ...]`` with one more token of ``value``."""
+    return torch.cat([t, torch.full_like(t[:, :1], value)], 1)
 
 
 def sources_from_token_map(token_map: torch.Tensor, n_out: int) -> torch.Tensor:

@@ -70,8 +70,9 @@ class TowerState:
     tokens: list[int] = field(default_factory=list)  # tokens after each layer
     match_seconds: list[float] | None = None  # set to [] to time matching + merging
     # handed from the attention to its layer within one layer call
-    keys: torch.Tensor | None = None  # [B, H, N, D]
+    keys: torch.Tensor | None = None  # [B, H, N (+1), D]
     cross_query: torch.Tensor | None = None  # [B, H, 1, D]
+    _with_cross: bool = False
 
     # ----------------------------------------------------------------- forward start/end
     def start(self, x: torch.Tensor) -> None:
@@ -106,37 +107,43 @@ class TowerState:
         return x
 
     # --------------------------------------------------------------------- per layer
-    def cross_input(self, layer: int) -> torch.Tensor | None:
-        """Cross token entering ``layer``: ``stopgrad(previous output) + theta_layer``."""
-        if self.cross is None or self.cross_tokens is None:
-            return None
-        return self.cross.detach() + self.cross_tokens[layer].to(self.cross.dtype)
+    # A patched layer runs: begin_layer -> attention (observe) -> reduce -> MLP -> end_layer.
+    def begin_layer(
+        self, x: torch.Tensor, upstream_mask: torch.Tensor | None, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Append the cross token and choose the attention mask.
 
-    def cross_done(self, cross: torch.Tensor | None) -> None:
-        if cross is not None:
-            self.cross = cross
-            self.cross_outputs.append(cross[:, 0])
-
-    def attention_mask(
-        self, upstream: torch.Tensor | None, dtype: torch.dtype
-    ) -> tuple[torch.Tensor | None, bool]:
-        """Mask for the main tokens' self-attention and whether upstream's is kept.
-
-        Until something merged, upstream's mask (and its ``is_causal``) is exact. After,
-        the mask is rebuilt from the tracked sizes, padding and positions.
+        The cross token entering ``layer`` is ``stopgrad(its previous output) + theta_layer``
+        (SPEC §3). It sees every token but no token sees it, so it never changes the
+        other tokens' states. Returns ``(x [B, N (+1), C], mask, upstream_kept)``; until
+        something merged and without a cross token, upstream's mask (and ``is_causal``)
+        is exact and kept.
         """
-        if not self.merged:
-            return upstream, True
-        size = self.size if self.settings.prop_attn else None
-        return attention_bias(size, self.valid, self.pos, dtype), False
-
-    def cross_key_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """``[B, 1, 1, N]`` additive bias of the main keys for the cross token's query."""
+        self._with_cross = self.cross is not None and self.cross_tokens is not None
+        if not self._with_cross:
+            if not self.merged:
+                return x, upstream_mask, True
+            size = self.size if self.settings.prop_attn else None
+            return x, attention_bias(size, self.valid, self.pos, x.dtype), False
+        cross = self.cross.detach() + self.cross_tokens[layer].to(x.dtype)
         size = self.size if (self.merged and self.settings.prop_attn) else None
-        return attention_bias(size, self.valid, None, dtype)
+        if size is None and self.valid is None and self.pos is None:
+            size = x.new_ones(x.shape[0], x.shape[1], 1)  # the mask needs a shape
+        mask = attention_bias(size, self.valid, self.pos, x.dtype, observer=True)
+        return torch.cat([x, cross], 1), mask, False
 
-    def needs_metric(self, layer: int) -> bool:
-        return self.settings.method != "none" and self.settings.r[layer] > 0
+    def observe(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Called by the patched attention with its ``[B, H, N (+1), D]`` queries and keys."""
+        self.keys = key
+        self.cross_query = query[:, :, -1:] if self._with_cross else None
+
+    def end_layer(self, x: torch.Tensor) -> torch.Tensor:
+        """Record and strip the cross token: the layer returns ``[B, N, C]``."""
+        if not self._with_cross:
+            return x
+        self.cross = x[:, -1:]
+        self.cross_outputs.append(self.cross[:, 0])
+        return x[:, :-1]
 
     def reduce(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Merge ``x`` ``[B, N, C]`` by this layer's ``r``; returns ``[B, N - r', C]``."""
@@ -152,11 +159,13 @@ class TowerState:
                 _sync(x)
                 self.match_seconds.append(time.perf_counter() - start)
         self.keys = self.cross_query = None
-        self.tokens.append(x.shape[1])
+        self.tokens.append(x.shape[1] - self._with_cross)
         return x
 
     def _match(self, r: int) -> Merge:
-        keys = self.keys  # [B, H, N, D]
+        keys = self.keys  # [B, H, N (+1), D]
+        if self._with_cross:
+            keys = keys[:, :, :-1]
         b, _, n, _ = keys.shape
         flat = keys.transpose(1, 2).reshape(b, n, -1)
         metric = keys.mean(1) if self.settings.metric == "keys_mean" else flat

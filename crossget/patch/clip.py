@@ -3,9 +3,8 @@
 Patched: ``CLIPModel``, ``CLIPVisionModel(WithProjection)``, ``CLIPTextModel(WithProjection)``
 and any model that holds a ``CLIPVisionModel`` tower (e.g. LLaVA's vision tower).
 Each encoder layer runs ``x + Attn(LN1(x))``, merges, then ``x + MLP(LN2(x))``
-(SPEC §1). The cross token (SPEC §3) rides beside the sequence: it attends to every
-token, but no token attends to it, so with ``r = 0`` the outputs are exactly the
-stock model's, and it never changes an output's shape or meaning.
+(SPEC §1); the token bookkeeping and the cross token live in
+:class:`crossget.state.TowerState`.
 """
 
 from __future__ import annotations
@@ -19,61 +18,24 @@ from ..schedule import EncoderCost
 from .common import Tower
 
 
-def cross_attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_self: torch.Tensor,
-    v_self: torch.Tensor,
-    bias: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """The cross token's attention over the main tokens and itself.
-
-    ``q``, ``k_self``, ``v_self``: ``[B, H, 1, D]``; ``k``, ``v``: ``[B, H, N, D]``;
-    ``bias``: ``[B, 1, 1, N]`` or None. Returns ``[B, 1, H * D]``.
-    """
-    scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, 1, N]
-    if bias is not None:
-        scores = scores + bias
-    self_score = (q * k_self).sum(-1, keepdim=True) * scale  # [B, H, 1, 1]
-    probs = torch.cat([scores, self_score], -1).softmax(-1, dtype=torch.float32).to(q.dtype)
-    out = probs[..., :-1] @ v + probs[..., -1:] * v_self  # [B, H, 1, D]
-    return out.transpose(1, 2).flatten(2)
-
-
 class CrossGETCLIPAttention(hf.CLIPAttention):
-    """CLIP attention that hands its keys (and the cross token's query) to the state."""
+    """CLIP attention that shows its queries and keys to the tower state (metric, importance)."""
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cross_states: torch.Tensor | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        state = self._crossget
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, n, _ = hidden_states.shape
-
-        def heads(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-            return proj(x).view(b, x.shape[1], -1, self.head_dim).transpose(1, 2)
-
-        q, k, v = heads(self.q_proj, hidden_states), heads(self.k_proj, hidden_states), heads(self.v_proj, hidden_states)
+        shape = (b, n, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        self._crossget.observe(q, k)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
         out, weights = attend(
             self, q, k, v, attention_mask,
             scaling=self.scale, dropout=self.dropout if self.training else 0.0, **kwargs,
         )
-        out = self.out_proj(out.reshape(b, n, -1))
-
-        cross_out = None
-        state.keys, state.cross_query = k, None
-        if cross_states is not None:
-            qc, kc, vc = (heads(p, cross_states) for p in (self.q_proj, self.k_proj, self.v_proj))
-            state.cross_query = qc
-            bias = state.cross_key_bias(q.dtype)
-            cross_out = self.out_proj(cross_attend(qc, k, v, kc, vc, bias, self.scale))
-        return out, weights, cross_out
+        return self.out_proj(out.reshape(b, n, -1)), weights
 
 
 class CrossGETCLIPEncoderLayer(hf.CLIPEncoderLayer):
@@ -81,23 +43,13 @@ class CrossGETCLIPEncoderLayer(hf.CLIPEncoderLayer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
         state, layer = self._crossget, self._crossget_layer
-        mask, upstream = state.attention_mask(attention_mask, hidden_states.dtype)
+        x, mask, upstream = state.begin_layer(hidden_states, attention_mask, layer)
         if not upstream:
             kwargs["is_causal"] = False  # causality now lives in the rebuilt mask
-        cross = state.cross_input(layer)
-        attn, _, cross_attn = self.self_attn(
-            self.layer_norm1(hidden_states),
-            attention_mask=mask,
-            cross_states=None if cross is None else self.layer_norm1(cross),
-            **kwargs,
-        )
-        x = state.reduce(hidden_states + attn, layer)
+        x = x + self.self_attn(self.layer_norm1(x), attention_mask=mask, **kwargs)[0]
+        x = state.reduce(x, layer)
         x = x + self.mlp(self.layer_norm2(x))
-        if cross is not None:
-            cross = cross + cross_attn
-            cross = cross + self.mlp(self.layer_norm2(cross))
-        state.cross_done(cross)
-        return x
+        return state.end_layer(x)
 
 
 # --------------------------------------------------------------------------- towers

@@ -8,7 +8,7 @@
 from .io import load_cross_tokens, save_cross_tokens
 from .loss import cross_token_alignment, cross_token_loss
 from .merge import Merge, bipartite_soft_matching, complete_graph_soft_matching
-from .patch import config, is_patched, patch, states, tokens_per_layer, unpatch
+from .patch import config, is_patched, patch, sources, states, tokens_per_layer, unpatch
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "load_cross_tokens",
     "patch",
     "save_cross_tokens",
+    "sources",
     "states",
     "tokens_per_layer",
     "unpatch",

@@ -41,6 +41,7 @@ class TowerSettings:
     method: str = "crossget"
     prop_attn: bool = True
     metric: str = "keys"
+    trace_sources: bool = False  # keep the input -> output token map (visualisation)
 
     @property
     def uses_cross_token(self) -> bool:
@@ -53,8 +54,10 @@ class TowerState:
     ``N`` current tokens, ``N0`` tokens at the encoder input, ``C`` width."""
 
     settings: TowerSettings
+    heads: int = 1  # attention heads, for the keys_mean metric
     cross_tokens: nn.Parameter | None = None  # theta, [layers, C]
     causal: bool = False
+    restore_length: bool = False  # give the encoder output its input length back (text)
     # inputs of the tower, set by its pre-hook
     anchor: torch.Tensor | None = None  # [B] index of CLS / EOT
     input_valid: torch.Tensor | None = None  # [B, N0] bool, text padding
@@ -63,15 +66,15 @@ class TowerState:
     pos: torch.Tensor | None = None  # [B, N] largest original position covered (causal)
     valid: torch.Tensor | None = None  # [B, N] bool
     protected: torch.Tensor | None = None  # [B, N] bool
-    token_map: torch.Tensor | None = None  # [B, N0] output index of every input token
+    token_map: torch.Tensor | None = None  # [B, N0] output index of every input token (if tracked)
     merged: bool = False
     cross: torch.Tensor | None = None  # [B, 1, C] cross token output of the last layer
     cross_outputs: list[torch.Tensor] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # tokens after each layer
     match_seconds: list[float] | None = None  # set to [] to time matching + merging
     # handed from the attention to its layer within one layer call
-    keys: torch.Tensor | None = None  # [B, H, N (+1), D]
-    cross_query: torch.Tensor | None = None  # [B, H, 1, D]
+    keys: torch.Tensor | None = None  # [B, N (+1), C]
+    cross_query: torch.Tensor | None = None  # [B, 1, C]
     _with_cross: bool = False
 
     # ----------------------------------------------------------------- forward start/end
@@ -85,7 +88,8 @@ class TowerState:
         self.pos = torch.arange(n, device=dev).expand(b, n) if self.causal else None
         self.protected = torch.zeros(b, n, dtype=torch.bool, device=dev)
         self.protected[torch.arange(b, device=dev), anchor] = True
-        self.token_map = torch.arange(n, device=dev).expand(b, n)
+        track = self.restore_length or self.settings.trace_sources
+        self.token_map = torch.arange(n, device=dev).expand(b, n) if track else None
         self.merged = False
         self.cross_outputs = []
         self.tokens = []
@@ -94,7 +98,7 @@ class TowerState:
             # SPEC §3: the cross token starts as a copy of CLS (vision) / EOT (text).
             self.cross = x[torch.arange(b, device=dev), anchor].unsqueeze(1)
 
-    def finish(self, x: torch.Tensor, restore_length: bool) -> torch.Tensor:
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
         """End of the encoder: optionally give every input position its token back.
 
         Text towers pool by original positions (EOT), so they get ``[B, N0, C]`` back,
@@ -102,7 +106,7 @@ class TowerState:
         the reduced sequence (CLS first).
         """
         self.keys = self.cross_query = None
-        if restore_length and self.merged:
+        if self.restore_length and self.merged:
             return gather_tokens(x, self.token_map)
         return x
 
@@ -133,9 +137,10 @@ class TowerState:
         return torch.cat([x, cross], 1), mask, False
 
     def observe(self, query: torch.Tensor, key: torch.Tensor) -> None:
-        """Called by the patched attention with its ``[B, H, N (+1), D]`` queries and keys."""
+        """Called by the patched attention with its ``[B, N (+1), C]`` projected queries and
+        keys, heads concatenated (before the split into heads)."""
         self.keys = key
-        self.cross_query = query[:, :, -1:] if self._with_cross else None
+        self.cross_query = query[:, -1:] if self._with_cross else None
 
     def end_layer(self, x: torch.Tensor) -> torch.Tensor:
         """Record and strip the cross token: the layer returns ``[B, N, C]``."""
@@ -163,20 +168,20 @@ class TowerState:
         return x
 
     def _match(self, r: int) -> Merge:
-        keys = self.keys  # [B, H, N (+1), D]
-        if self._with_cross:
-            keys = keys[:, :, :-1]
-        b, _, n, _ = keys.shape
-        flat = keys.transpose(1, 2).reshape(b, n, -1)
-        metric = keys.mean(1) if self.settings.metric == "keys_mean" else flat
+        keys = self.keys[:, :-1] if self._with_cross else self.keys  # [B, N, C]
+        if self.settings.metric == "keys_mean":
+            b, n, _ = keys.shape
+            metric = keys.view(b, n, self.heads, -1).mean(2)
+        else:
+            metric = keys
         groups = None if self.valid is None else self.valid.long()
         if self.settings.method == "tome":
             return bipartite_soft_matching(metric, r, self.protected, groups)
         importance = None
         if self.cross_query is not None:
             # SPEC §3: I_i = cos(q_cross, k_i), heads concatenated.
-            q = self.cross_query.transpose(1, 2).reshape(b, -1, 1)
-            importance = (flat @ q).squeeze(-1) / (flat.norm(dim=-1) * q.norm(dim=1)).clamp_min(1e-12)
+            q = self.cross_query.transpose(1, 2)  # [B, C, 1]
+            importance = (keys @ q).squeeze(-1) / (keys.norm(dim=-1) * q.norm(dim=1)).clamp_min(1e-12)
         return complete_graph_soft_matching(metric, r, importance, self.protected, groups)
 
     def _merge(self, x: torch.Tensor, merge: Merge) -> torch.Tensor:
@@ -187,7 +192,8 @@ class TowerState:
             self.valid = merge.keep_only(self.valid)
         if self.pos is not None:
             self.pos = merge.amax(self.pos)  # strict causality: a group is as late as its last token
-        self.token_map = merge.slots().gather(1, self.token_map)
+        if self.token_map is not None:
+            self.token_map = merge.slots().gather(1, self.token_map)
         self.merged = True
         return x
 

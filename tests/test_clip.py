@@ -246,3 +246,19 @@ def test_loss_needs_both_towers(images):
     crossget.patch(model, r=2, method="tome")
     with pytest.raises(ValueError, match="crossget"):
         crossget.cross_token_loss(model)
+
+
+def test_sources_cover_every_patch_once(images):
+    model = make_clip()
+    crossget.patch(model, r=[10, 6, 30], trace_sources=True)
+    with torch.no_grad():
+        model.get_image_features(pixel_values=images)
+    src = crossget.sources(model, "vision")  # [B, 25, 65]
+    assert src.shape == (3, 25, 65)
+    assert (src.sum(1) == 1).all()
+    sizes = crossget.states(model)["vision"].size[..., 0]
+    assert torch.equal(src.sum(2).float(), sizes)
+    assert src[:, 0, 0].all() and (src[:, 0].sum(-1) == 1).all()  # CLS alone, first
+    crossget.patch(model, r=4)
+    with pytest.raises(ValueError, match="trace_sources"):
+        crossget.sources(model, "vision")

@@ -11,8 +11,10 @@ from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import nn
 
+from ..merge import sources_from_token_map
 from ..schedule import RSpec, resolve_r, solve_flops, token_counts
 from ..state import METHODS, METRICS, TowerSettings, TowerState
 from . import clip
@@ -44,6 +46,7 @@ def patch(
     prop_attn: bool = True,
     metric: str | None = None,
     text_len: int | None = None,
+    trace_sources: bool = False,
 ) -> nn.Module:
     """Make ``model`` merge tokens while it runs; in place, returns ``model``.
 
@@ -61,6 +64,8 @@ def patch(
             (ToMe's default).
         text_len: text length assumed when solving ``flops`` (default: the text
             tower's maximum, 77 for CLIP).
+        trace_sources: track which input tokens each output token covers, for
+            :func:`sources` (text towers always track it, to restore their length).
 
     With ``method="crossget"`` every tower gets cross tokens (``theta``, zeros: training
     free); towers not in ``towers`` run them with ``r = 0`` so the cross-token loss
@@ -109,7 +114,7 @@ def patch(
             sched = [0] * len(tower.layers)
         else:
             continue
-        install(tower, TowerSettings(kind, sched, method, prop_attn, metric), thetas[kind])
+        install(tower, TowerSettings(kind, sched, method, prop_attn, metric, trace_sources), thetas[kind])
     model.__dict__[CONFIG_ATTR] = {
         "method": method,
         "towers": list(reduced),
@@ -118,6 +123,7 @@ def patch(
         "flops_estimate": estimate,
         "prop_attn": prop_attn,
         "metric": metric,
+        "trace_sources": trace_sources,
     }
     return model
 
@@ -145,6 +151,16 @@ def config(model: nn.Module) -> dict:
 def states(model: nn.Module) -> dict[str, TowerState]:
     """Per-tower state of the last forward (sizes, token map, cross tokens)."""
     return {k: t.state for k, t in _family(model).towers(model).items() if t.state is not None}
+
+
+def sources(model: nn.Module, tower: str = "vision") -> torch.Tensor:
+    """Bool ``[B, N_out, N_in]`` of the last forward: which input tokens each output token
+    of ``tower`` covers (patch with ``trace_sources=True`` for vision towers)."""
+    st = states(model).get(tower)
+    if st is None or st.token_map is None:
+        raise ValueError(f"no token map for the {tower} tower: patch with trace_sources=True and run a forward")
+    n_out = st.tokens[-1] if st.tokens else st.token_map.shape[1]
+    return sources_from_token_map(st.token_map, n_out)
 
 
 def tokens_per_layer(model: nn.Module, text_len: int | None = None) -> dict[str, list[int]]:

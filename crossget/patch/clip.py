@@ -26,10 +26,9 @@ class CrossGETCLIPAttention(hf.CLIPAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, n, _ = hidden_states.shape
         shape = (b, n, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         self._crossget.observe(q, k)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
         out, weights = attend(
             self, q, k, v, attention_mask,
@@ -89,6 +88,7 @@ def _tower(kind: str, module: nn.Module) -> Tower:
         restore_length=text,
         read_inputs=_text_inputs_reader(module.config.eos_token_id) if text else _vision_inputs,
         hidden=module.config.hidden_size,
+        heads=module.config.num_attention_heads,
     )
 
 

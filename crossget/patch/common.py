@@ -49,6 +49,7 @@ class Tower:
     restore_length: bool
     read_inputs: Callable[[tuple, dict], tuple[torch.Tensor | None, torch.Tensor | None]]
     hidden: int
+    heads: int
 
     @property
     def state(self) -> TowerState | None:
@@ -61,7 +62,7 @@ def install(tower: Tower, settings: TowerSettings, theta: nn.Parameter | None = 
     ``theta``: cross tokens to reuse (e.g. trained ones kept across a reconfiguration);
     zeros are created when the method needs them and none are given.
     """
-    state = TowerState(settings=settings, causal=tower.causal)
+    state = TowerState(settings=settings, heads=tower.heads, causal=tower.causal, restore_length=tower.restore_length)
     _attach(tower, state)
     if settings.uses_cross_token:
         if theta is None or theta.shape != (len(tower.layers), tower.hidden):
@@ -73,8 +74,6 @@ def install(tower: Tower, settings: TowerSettings, theta: nn.Parameter | None = 
 
 
 def _attach(tower: Tower, state: TowerState) -> None:
-    restore = tower.restore_length
-
     def tower_pre_hook(_module, args, kwargs):
         state.anchor, state.input_valid = tower.read_inputs(args, kwargs)
 
@@ -83,7 +82,7 @@ def _attach(tower: Tower, state: TowerState) -> None:
         state.start(x)
 
     def encoder_hook(_module, _args, _kwargs, output):
-        output.last_hidden_state = state.finish(output.last_hidden_state, restore)
+        output.last_hidden_state = state.finish(output.last_hidden_state)
         return output
 
     handles = [

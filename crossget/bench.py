@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .flops import count_flops
 from .memory import PeakMemory
-from .patch import CONFIG_ATTR, config, is_patched, patch, states, tokens_per_layer, unpatch
+from .patch import config, is_patched, patch, patch_from_config, states, tokens_per_layer, unpatch
 
 __all__ = [
     "ARCHITECTURES",
@@ -46,8 +46,6 @@ __all__ = [
     "write_results",
 ]
 
-MATCH_LABEL = "crossget.match"  # record_function label around matching + merging (crossget.state)
-FORWARD_LABEL = "crossget.bench.forward"
 TOWERS = ("vision", "text", "both")
 CONFIG_KEYS = ("name", "method", "r", "flops", "towers", "prop_attn", "metric", "text_len")
 SUMMARY_KEYS = (
@@ -66,7 +64,7 @@ SUMMARY_KEYS = (
     "latency_ms",  # median ms of a batch-1 forward (None if not measured)
     "latency_speedup",
     "peak_act_mib",  # peak activation memory of one batch forward
-    "match_share",  # share of the forward's CPU time inside crossget.match regions
+    "match_share",  # share of the timed batch forward spent matching + merging (median over rounds)
 )
 
 
@@ -248,11 +246,7 @@ def _restore(model: nn.Module, snap) -> None:
         unpatch(model)
         return
     saved, thetas = snap
-    patch(
-        model, r={k: saved["r"][k] for k in saved["towers"]}, method=saved["method"], towers=saved["towers"],
-        prop_attn=saved["prop_attn"], metric=saved["metric"],
-    )
-    model.__dict__[CONFIG_ATTR].update(flops=saved["flops"], flops_estimate=saved["flops_estimate"])
+    patch_from_config(model, saved)
     with torch.no_grad():
         for kind, state in states(model).items():
             if kind in thetas and state.cross_tokens is not None:
@@ -288,25 +282,13 @@ def _peak_activation_mib(forward, model, inputs, device) -> float:
     return mem.peak_mib
 
 
-def _match_share(forward, model, inputs) -> float:
-    """Share of one forward's CPU time spent in (outermost) ``crossget.match`` regions."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # read when the profiler first starts: no USDT lines on stderr
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        with record_function(FORWARD_LABEL):
-            forward(model, inputs)
-    total = match = 0.0
-    for ev in prof.events():
-        if ev.name == FORWARD_LABEL:
-            total += ev.cpu_time_total
-        elif ev.name == MATCH_LABEL:
-            parent = ev.cpu_parent
-            while parent is not None and parent.name != MATCH_LABEL:
-                parent = parent.cpu_parent
-            if parent is None:
-                match += ev.cpu_time_total
-    return match / total if total > 0 else 0.0
+def _match_timers(model: nn.Module) -> list[list[float]]:
+    """Start timing matching + merging in every patched tower (see TowerState.match_seconds)."""
+    timers = []
+    for state in states(model).values() if is_patched(model) else ():
+        state.match_seconds = []
+        timers.append(state.match_seconds)
+    return timers
 
 
 def _environment(model: nn.Module, device: torch.device, threads: int) -> dict[str, Any]:
@@ -409,20 +391,22 @@ def run_benchmark(
                 "tokens_per_layer": tokens_per_layer(model) if patched else {},
                 "gflops_per_sample": gflops,
                 "peak_act_mib": _peak_activation_mib(forward, model, batch, device),
-                "match_share": _match_share(forward, model, batch),
             })
 
-        raw = {c["name"]: {"batch_ms": [], "latency_ms": []} for c in configs}
+        raw = {c["name"]: {"batch_ms": [], "latency_ms": [], "match_ms": []} for c in configs}
         total = (warmup + rounds) * len(configs)
         with tqdm(total=total, desc="benchmark", disable=not progress, leave=False) as bar:
             for rnd in range(warmup + rounds):
                 shift = rnd % len(configs)
                 for cfg in configs[shift:] + configs[:shift]:
                     _apply(model, cfg)
+                    timers = _match_timers(model)
                     t_batch = _time_ms(forward, model, batch, device)
+                    t_match = 1e3 * sum(sum(t) for t in timers)
                     t_single = _time_ms(forward, model, single, device) if latency else None
                     if rnd >= warmup:
                         raw[cfg["name"]]["batch_ms"].append(t_batch)
+                        raw[cfg["name"]]["match_ms"].append(t_match)
                         if latency:
                             raw[cfg["name"]]["latency_ms"].append(t_single)
                     bar.set_postfix_str(cfg["name"])
@@ -464,7 +448,9 @@ def _summarize(configs, static, raw, batch_size) -> list[dict[str, Any]]:
             "latency_ms": lat,
             "latency_speedup": base["latency_ms"] / lat if lat else None,
             "peak_act_mib": st["peak_act_mib"],
-            "match_share": st["match_share"],
+            "match_share": statistics.median(
+                m_ms / b_ms for m_ms, b_ms in zip(raw[cfg["name"]]["match_ms"], raw[cfg["name"]]["batch_ms"])
+            ),
         }
         rows.append({k: row[k] for k in SUMMARY_KEYS})
     return rows

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .patch import config, is_patched, patch, states
+from .patch import config, is_patched, patch_from_config, states
 
 FORMAT = "crossget.cross_tokens.v1"
 
@@ -50,16 +50,7 @@ def load_cross_tokens(model: nn.Module, path: str | os.PathLike, repatch: bool =
         raise ValueError(f"{path} is not a crossget cross-token file (format {meta.get('format')!r})")
     saved = json.loads(meta["config"])
     if repatch:
-        patch(
-            model,
-            r={k: saved["r"][k] for k in saved["towers"]},
-            method=saved["method"],
-            towers=saved["towers"],
-            prop_attn=saved["prop_attn"],
-            metric=saved["metric"],
-        )
-        model.__dict__["_crossget_config"]["flops"] = saved.get("flops")
-        model.__dict__["_crossget_config"]["flops_estimate"] = saved.get("flops_estimate")
+        patch_from_config(model, saved)
     tensors = load_file(path)
     st = states(model)
     for kind, value in tensors.items():

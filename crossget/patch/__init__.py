@@ -128,6 +128,22 @@ def patch(
     return model
 
 
+def patch_from_config(model: nn.Module, saved: Mapping[str, Any]) -> nn.Module:
+    """Patch ``model`` as described by a :func:`config` dict (e.g. one saved with cross tokens)."""
+    patch(
+        model,
+        r={k: saved["r"][k] for k in saved["towers"]},
+        method=saved["method"],
+        towers=saved["towers"],
+        prop_attn=saved["prop_attn"],
+        metric=saved["metric"],
+        trace_sources=saved.get("trace_sources", False),
+    )
+    # the schedule came from a FLOPs target: keep saying so
+    model.__dict__[CONFIG_ATTR].update(flops=saved.get("flops"), flops_estimate=saved.get("flops_estimate"))
+    return model
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the stock model (classes, forwards, no hooks, no cross-token parameters)."""
     fam = _family(model)

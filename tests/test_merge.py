@@ -136,7 +136,8 @@ def test_ensemble_weights_follow_spec():
     assert torch.equal(out[0, 0], x[0, 0])
     assert out_size.flatten().tolist() == [1.0, 6.0]
     # two size-1 tokens: softmax of importance, the paper's weighting
-    pair = Merge(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([[0]]), torch.tensor([[[0.0]], [[0.0]]]).view(1, 2, 1).exp())
+    equal = torch.zeros(1, 2, 1).exp()
+    pair = Merge(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([[0]]), equal)
     out, _ = pair(torch.tensor([[[2.0], [4.0]]]))
     assert out.item() == pytest.approx(3.0)
     # no importance: ToMe's size-weighted average

@@ -1,0 +1,260 @@
+"""Training: a small CLIP from scratch (the shipped default model) and cross tokens.
+
+Both loops run through ``accelerate``: the same code trains on one CPU or, launched
+with ``accelerate launch``, on several GPUs. Checkpoints are safetensors.
+
+- :func:`train_base`: contrastive training of a ``CLIPModel`` built from a small config,
+  saved with ``save_pretrained`` (weights, tokenizer, image processor).
+- :func:`train_cross_tokens`: SPEC §3's ``L = (1 - w) L_task + w L_cross`` for a patched
+  model; only the cross tokens learn unless ``all_weights`` is set; resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .io import save_cross_tokens
+from .loss import cross_token_loss
+from .patch import states
+
+
+@dataclass
+class BaseModelConfig:
+    """Size of the default model: a ViT small enough to train on 2 CPU cores."""
+
+    image_size: int = 96
+    patch_size: int = 8
+    vision_width: int = 192
+    vision_layers: int = 6
+    vision_heads: int = 3
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 2
+    max_text_len: int = 32
+    projection_dim: int = 128
+
+    def clip_config(self, vocab_size: int, bos: int, eos: int, pad: int):
+        from transformers import CLIPConfig
+
+        return CLIPConfig(
+            vision_config=dict(
+                hidden_size=self.vision_width, intermediate_size=4 * self.vision_width,
+                num_hidden_layers=self.vision_layers, num_attention_heads=self.vision_heads,
+                image_size=self.image_size, patch_size=self.patch_size,
+            ),
+            text_config=dict(
+                hidden_size=self.text_width, intermediate_size=4 * self.text_width,
+                num_hidden_layers=self.text_layers, num_attention_heads=self.text_heads,
+                max_position_embeddings=self.max_text_len, vocab_size=vocab_size,
+                bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+            ),
+            projection_dim=self.projection_dim,
+        )
+
+
+@dataclass
+class PairData:
+    """Preprocessed image-caption pairs: ``pixel_values`` ``[I, 3, H, W]``, one row per
+    caption in ``input_ids``/``attention_mask`` ``[T, L]`` and ``txt2img`` ``[T]``."""
+
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    txt2img: torch.Tensor
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        """One epoch of batches of distinct images, each with one of its captions."""
+        n_img = self.pixel_values.shape[0]
+        caption_of = _one_caption_per_image(self.txt2img, n_img, generator)
+        order = torch.randperm(n_img, generator=generator)
+        for start in range(0, n_img - batch_size + 1, batch_size):
+            img = order[start : start + batch_size]
+            txt = caption_of[img]
+            yield {
+                "pixel_values": self.pixel_values[img],
+                "input_ids": self.input_ids[txt],
+                "attention_mask": self.attention_mask[txt],
+            }
+
+
+def _one_caption_per_image(txt2img: torch.Tensor, n_img: int, g: torch.Generator) -> torch.Tensor:
+    noise = torch.rand(txt2img.shape[0], generator=g)
+    # for each image, the caption with the largest noise among its captions
+    key = txt2img.double() * 2 + noise.double()
+    order = key.argsort()
+    last = torch.zeros(n_img, dtype=torch.long)
+    last[txt2img[order]] = order
+    return last
+
+
+def _accelerator(cpu: bool | None = None):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=bool(cpu) if cpu is not None else not torch.cuda.is_available())
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train_base(
+    data: PairData,
+    tokenizer: Any,
+    image_processor: Any,
+    out_dir: str | os.PathLike,
+    config: BaseModelConfig | None = None,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    seed: int = 0,
+    max_minutes: float | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, dict]:
+    """Train a ``CLIPModel`` from scratch with the CLIP loss; save it to ``out_dir``.
+
+    Returns ``(model, log)``; the log (also ``out_dir/training.json``) records the
+    settings, losses per epoch and wall time.
+    """
+    from transformers import CLIPModel
+
+    config = config or BaseModelConfig()
+    torch.manual_seed(seed)
+    vocab = len(tokenizer)
+    model = CLIPModel(config.clip_config(vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id))
+    acc = _accelerator()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model, opt = acc.prepare(model, opt)
+    g = torch.Generator().manual_seed(seed)
+    steps_per_epoch = data.pixel_values.shape[0] // batch_size
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, total, max(1, total // 20)))
+    log: dict[str, Any] = {"config": asdict(config), "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                           "weight_decay": weight_decay, "seed": seed, "epoch_loss": []}
+    start = time.perf_counter()
+    model.train()
+    with tqdm(total=total, desc="train-base", disable=not progress or not acc.is_main_process) as bar:
+        for epoch in range(epochs):
+            losses = []
+            for batch in data.batches(batch_size, g):
+                batch = {k: v.to(acc.device) for k, v in batch.items()}
+                loss = model(**batch, return_loss=True).loss
+                acc.backward(loss)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+                bar.update()
+            log["epoch_loss"].append(sum(losses) / max(1, len(losses)))
+            if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
+                log["stopped_early_after_epoch"] = epoch
+                break
+    log["train_seconds"] = time.perf_counter() - start
+    model = acc.unwrap_model(model).eval()
+    if acc.is_main_process:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        image_processor.save_pretrained(out)
+        (out / "training.json").write_text(json.dumps(log, indent=2))
+    return model, log
+
+
+def train_cross_tokens(
+    model: nn.Module,
+    data: PairData,
+    out_dir: str | os.PathLike,
+    *,
+    cross_weight: float = 0.5,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 1e-2,
+    all_weights: bool = False,
+    checkpoint_every: int = 100,
+    resume: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[nn.Module, dict]:
+    """Learn the cross tokens of a model patched with ``method="crossget"`` (SPEC §3).
+
+    Loss ``(1 - cross_weight) * CLIP loss + cross_weight * cross_token_loss``. Only the
+    cross tokens train unless ``all_weights``. Every ``checkpoint_every`` steps the cross
+    tokens (``cross_tokens.safetensors``) and the trainer state (``state/``, through
+    ``accelerate``) are written to ``out_dir``; with ``resume`` a run continues from them.
+
+    Raises:
+        ValueError: the model is not patched with cross tokens, or a bad weight.
+    """
+    if not 0 <= cross_weight <= 1:
+        raise ValueError(f"cross_weight must be in [0, 1], got {cross_weight}")
+    thetas = [s.cross_tokens for s in states(model).values() if s.cross_tokens is not None]
+    if not thetas:
+        raise ValueError("train_cross_tokens needs a model patched with method='crossget'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in model.parameters():
+        p.requires_grad_(all_weights)
+    for t in thetas:
+        t.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc = _accelerator()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model, opt = acc.prepare(model, opt)
+    done = 0
+    progress_file = out / "progress.json"
+    if resume and progress_file.exists() and (out / "state").exists():
+        acc.load_state(str(out / "state"))
+        done = json.loads(progress_file.read_text())["step"]
+    g = torch.Generator().manual_seed(seed + done)
+    log: dict[str, Any] = {"cross_weight": cross_weight, "steps": steps, "batch_size": batch_size, "lr": lr,
+                           "all_weights": all_weights, "seed": seed, "resumed_at": done, "loss": []}
+    model.train()
+
+    def save(step: int) -> None:
+        acc.wait_for_everyone()
+        acc.save_state(str(out / "state"))
+        if acc.is_main_process:
+            save_cross_tokens(acc.unwrap_model(model), out / "cross_tokens.safetensors")
+            progress_file.write_text(json.dumps({"step": step}))
+
+    batches = iter(())
+    with tqdm(total=steps, initial=done, desc="train-cross", disable=not progress or not acc.is_main_process) as bar:
+        for step in range(done, steps):
+            batch = next(batches, None)
+            if batch is None:
+                batches = data.batches(batch_size, g)
+                batch = next(batches)
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            task = model(**batch, return_loss=True).loss
+            cross = cross_token_loss(acc.unwrap_model(model))
+            loss = (1 - cross_weight) * task + cross_weight * cross
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            log["loss"].append([task.item(), cross.item()])
+            bar.set_postfix(task=f"{task.item():.3f}", cross=f"{cross.item():.4f}")
+            bar.update()
+            if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+                save(step + 1)
+    model = acc.unwrap_model(model).eval()
+    if acc.is_main_process:
+        (out / "training.json").write_text(json.dumps(log, indent=2))
+    return model, log
+
+
+__all__ = ["BaseModelConfig", "PairData", "train_base", "train_cross_tokens"]

@@ -136,14 +136,212 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="clip-vit-b16", help="named architecture or model directory (default clip-vit-b16)")
-    _add_run_arguments(p, batch=8, rounds=3, out="runs/demo")
+    _eval_common(p)
+    p.add_argument("--flops", type=_ratio, default=0.58, help="GFLOPs target of the reduced rows (default 0.58)")
+    p.add_argument("--cross-tokens", default="default", help="trained cross tokens (default: the model's own)")
+    p.add_argument("--json", default="runs/demo/demo.json", help="where the table goes (JSON + .md)")
 
 
 def demo(args: argparse.Namespace) -> int:
-    """A short benchmark: ToMe and CrossGET at r=16 on a random CLIP ViT-B/16 vision tower."""
-    args.tower = "vision"
-    return _benchmark(args, REDUCIBLE_METHODS, [16], [], ["vision"])
+    """The shipped model on the generated test split: unreduced vs ToMe vs CrossGET at ~58% GFLOPs."""
+    import torch
+
+    from .eval.harness import evaluate_configs, results_table, write_results
+
+    torch.set_num_threads(args.threads)
+    model, split, inputs = _model_and_inputs(args)
+    print(f"{len(split)} test images, {len(split.captions)} captions, {args.threads} threads")
+    configs = [{"method": "tome", "flops": args.flops}, {"method": "crossget", "flops": args.flops}]
+    trained = _cross_tokens_path(args)
+    if trained:
+        configs.append({"method": "crossget", "flops": args.flops, "cross_tokens": trained})
+    rows = evaluate_configs(model, inputs, split.txt2img, split.img2txts, configs, args.batch)
+    print(results_table(rows))
+    print(f"wrote {write_results(rows, args.json, vars_meta(args))}")
+    return 0
+
+
+# --------------------------------------------------------------------------- data / training
+def data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="data/shapes", help="output folder (default data/shapes)")
+    p.add_argument("--train", type=_int_at_least(0), default=8000, help="training images (default 8000)")
+    p.add_argument("--val", type=_int_at_least(0), default=400, help="validation images (default 400)")
+    p.add_argument("--test", type=_int_at_least(0), default=1000, help="test images (default 1000)")
+    p.add_argument("--image-size", type=_int_at_least(32), default=96, help="pixels (default 96)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def data(args: argparse.Namespace) -> int:
+    """Generate the shapes retrieval data set (PNG images + Karpathy-format JSON)."""
+    from .data.shapes import generate_dataset
+
+    path = generate_dataset(args.out, args.train, args.val, args.test, args.image_size, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def train_base_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="data/shapes/dataset_shapes.json", help="Karpathy-format annotation file")
+    p.add_argument("--out", default="crossget/assets/default", help="where the model is saved")
+    p.add_argument("--epochs", type=_int_at_least(1), default=14)
+    p.add_argument("--batch", type=_int_at_least(2), default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_int_at_least(1), default=2)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this")
+
+
+def train_base(args: argparse.Namespace) -> int:
+    """Train the small default CLIPModel from scratch on generated data (CPU is enough)."""
+    import json
+    import shlex
+
+    import torch
+
+    from .data.karpathy import load_karpathy
+    from .train import BaseModelConfig, base_processor, pair_data
+    from .train import train_base as run
+
+    torch.set_num_threads(args.threads)
+    cfg = BaseModelConfig()
+    split = load_karpathy(args.data, split="train")
+    processor = base_processor(split.captions, cfg.image_size)
+    pairs = pair_data(split, processor, cfg.max_text_len)
+    _, log = run(pairs, processor.tokenizer, processor.image_processor, args.out, cfg, epochs=args.epochs,
+                 batch_size=args.batch, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes)
+    log["command"] = "crossget " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    log["threads"] = args.threads
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump(log, f, indent=2)
+    print(f"saved the model to {args.out} after {log['train_seconds'] / 60:.1f} min")
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluation
+def _model_and_inputs(args: argparse.Namespace):
+    """The model (default or a directory), its processor and the preprocessed test split."""
+    from .data.karpathy import load_karpathy, preprocess
+    from .default import default_annotation, load_default
+
+    model, processor = load_default(None if args.model == "default" else args.model)
+    annotation = default_annotation() if args.data == "default" else args.data
+    split = load_karpathy(annotation, split=args.split, limit=args.limit)
+    max_len = model.config.text_config.max_position_embeddings
+    return model, split, preprocess(split, processor, max_len)
+
+
+def _eval_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="'default' (shipped) or a CLIPModel directory")
+    p.add_argument("--data", default="default", help="'default' (generated shapes) or a Karpathy JSON")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--limit", type=_int_at_least(1), default=None, help="first N images of the split")
+    p.add_argument("--batch", type=_int_at_least(1), default=64)
+    p.add_argument("--threads", type=_int_at_least(1), default=2)
+
+
+def _cross_tokens_path(args: argparse.Namespace) -> str | None:
+    """``--cross-tokens``: a file, or 'default' = the model folder's cross_tokens.safetensors (if any)."""
+    from .default import ASSETS
+
+    if args.cross_tokens != "default":
+        return args.cross_tokens
+    path = os.path.join(ASSETS if args.model == "default" else args.model, "cross_tokens.safetensors")
+    return path if os.path.isfile(path) else None
+
+
+def eval_retrieval_arguments(p: argparse.ArgumentParser) -> None:
+    _eval_common(p)
+    p.add_argument("--method", choices=("none", "tome", "crossget"), default="crossget")
+    p.add_argument("--r", type=_non_negative_int, default=None, help="tokens removed per vision layer")
+    p.add_argument("--flops", type=_ratio, default=None, help="target GFLOPs ratio, e.g. 0.58")
+    p.add_argument("--cross-tokens", default=None, help="trained cross tokens: a file, or 'default' (the model's own)")
+    p.add_argument("--json", default=None, help="write results here (and a .md table beside it)")
+
+
+def eval_retrieval(args: argparse.Namespace) -> int:
+    """Image-text retrieval (Recall@1/5/10 both ways), fidelity, GFLOPs and speed vs unreduced."""
+    import torch
+
+    from .eval.harness import evaluate_configs, results_table, write_results
+
+    if args.method != "none" and args.r is None and args.flops is None:
+        raise ValueError("give --r or --flops for a reducing method")
+    torch.set_num_threads(args.threads)
+    model, split, inputs = _model_and_inputs(args)
+    cfg = {"method": args.method, "r": args.r, "flops": args.flops, "cross_tokens": _cross_tokens_path(args)}
+    rows = evaluate_configs(model, inputs, split.txt2img, split.img2txts, [cfg], args.batch)
+    print(results_table(rows))
+    if args.json:
+        print(f"wrote {write_results(rows[-1:] if args.method != 'none' else rows, args.json, vars_meta(args))}")
+    return 0
+
+
+def vars_meta(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def eval_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    _eval_common(p)
+    p.add_argument("--levels", type=_comma_list(_ratio, "ratios"), default=[0.8, 0.7, 0.58, 0.5],
+                   help="GFLOPs targets (default 0.8,0.7,0.58,0.5)")
+    p.add_argument("--cross-tokens", default="default", help="trained cross tokens (default: the model's own)")
+    p.add_argument("--out", default="benchmarks/shapes-sweep", help="folder for sweep.json/.md/.png")
+
+
+def eval_sweep(args: argparse.Namespace) -> int:
+    """Recall@1 and fidelity against GFLOPs: ToMe, CrossGET training-free and trained."""
+    import torch
+
+    from .eval.harness import evaluate_configs, write_results
+    from .eval.plot import plot_sweep
+
+    torch.set_num_threads(args.threads)
+    model, split, inputs = _model_and_inputs(args)
+    trained = _cross_tokens_path(args)
+    configs = []
+    for level in args.levels:
+        configs.append({"method": "tome", "flops": level})
+        configs.append({"method": "crossget", "flops": level})
+        if trained:
+            configs.append({"method": "crossget", "flops": level, "cross_tokens": trained})
+    rows = evaluate_configs(model, inputs, split.txt2img, split.img2txts, configs, args.batch)
+    path = write_results(rows, os.path.join(args.out, "sweep.json"), vars_meta(args))
+    png = plot_sweep(rows, os.path.join(args.out, "sweep.png"))
+    print(path.with_suffix(".md").read_text())
+    print(f"wrote {path}, {path.with_suffix('.md')} and {png}")
+    return 0
+
+
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    _eval_common(p)
+    p.set_defaults(split="train")
+    p.add_argument("--method", choices=("crossget",), default="crossget")
+    p.add_argument("--r", type=_non_negative_int, default=None)
+    p.add_argument("--flops", type=_ratio, default=0.58)
+    p.add_argument("--cross-weight", type=float, default=0.5, help="w in (1 - w) L_task + w L_cross")
+    p.add_argument("--steps", type=_int_at_least(1), default=300)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--all-weights", action="store_true", help="fine-tune every weight, not only the cross tokens")
+    p.add_argument("--out", default="runs/cross-tokens", help="checkpoints and cross_tokens.safetensors")
+    p.add_argument("--no-resume", dest="resume", action="store_false")
+
+
+def train(args: argparse.Namespace) -> int:
+    """Learn the cross tokens (SPEC §3) of a model patched with CrossGET; resumable, via accelerate."""
+    import torch
+
+    from .patch import patch
+    from .train import PairData, train_cross_tokens
+
+    torch.set_num_threads(args.threads)
+    model, split, t = _model_and_inputs(args)
+    patch(model, r=args.r, flops=None if args.r is not None else args.flops, method=args.method,
+          towers=("vision",))
+    pairs = PairData(t["pixel_values"], t["input_ids"], t["attention_mask"], split.txt2img, split.families)
+    _, log = train_cross_tokens(model, pairs, args.out, cross_weight=args.cross_weight, steps=args.steps,
+                                batch_size=args.batch, lr=args.lr, all_weights=args.all_weights, resume=args.resume)
+    print(f"wrote {os.path.join(args.out, 'cross_tokens.safetensors')}")
+    return 0
 
 
 # --------------------------------------------------------------------------- registry
@@ -151,15 +349,34 @@ def demo(args: argparse.Namespace) -> int:
 class Command:
     name: str
     help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int | None]
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    run: Callable[[argparse.Namespace], int | None] | None = None
+    subcommands: tuple[Command, ...] = ()
 
 
 COMMANDS: tuple[Command, ...] = (
     Command("bench", "benchmark FLOPs, tokens, speed and memory of merging configs", bench_arguments, bench),
-    Command("demo", "short benchmark of a random CLIP ViT-B/16 vision tower", demo_arguments, demo),
-    # Command("eval", ...), Command("train", ...): added by their modules' authors
+    Command("demo", "the shipped model: accuracy and speed, unreduced vs ToMe vs CrossGET", demo_arguments, demo),
+    Command("data", "generate the shapes retrieval data set", data_arguments, data),
+    Command("train-base", "train the small default CLIP model from scratch", train_base_arguments, train_base),
+    Command("train", "train cross tokens of a CrossGET-patched model", train_arguments, train),
+    Command("eval", "evaluate merging configs on a task", subcommands=(
+        Command("retrieval", "image-text retrieval of one config vs unreduced", eval_retrieval_arguments, eval_retrieval),
+        Command("sweep", "retrieval of every method at several GFLOPs levels, with a plot", eval_sweep_arguments,
+                eval_sweep),
+    )),
 )
+
+
+def _add_commands(parser: argparse.ArgumentParser, commands: Sequence[Command], dest: str) -> None:
+    sub = parser.add_subparsers(dest=dest, metavar="COMMAND", required=True)
+    for cmd in commands:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=(cmd.run.__doc__ if cmd.run else None) or cmd.help)
+        if cmd.subcommands:
+            _add_commands(p, cmd.subcommands, f"{dest}_{cmd.name}")
+            continue
+        cmd.add_arguments(p)
+        p.set_defaults(_command=cmd, _parser=p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,11 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"crossget {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.run.__doc__ or cmd.help)
-        cmd.add_arguments(p)
-        p.set_defaults(_command=cmd, _parser=p)
+    _add_commands(parser, COMMANDS, "command")
     return parser
 
 

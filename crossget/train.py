@@ -41,7 +41,7 @@ class BaseModelConfig:
     text_width: int = 128
     text_layers: int = 4
     text_heads: int = 2
-    max_text_len: int = 32
+    max_text_len: int = 64
     projection_dim: int = 128
 
     def clip_config(self, vocab_size: int, bos: int, eos: int, pad: int):
@@ -72,12 +72,23 @@ class PairData:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     txt2img: torch.Tensor
+    families: torch.Tensor | None = None  # [I]: keep families together in a batch
 
     def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-        """One epoch of batches of distinct images, each with one of its captions."""
+        """One epoch of batches of distinct images, each with one of its captions.
+
+        With ``families``, whole families are shuffled and batched together, so every
+        batch holds hard negatives (scenes that differ in one count or position)."""
         n_img = self.pixel_values.shape[0]
         caption_of = _one_caption_per_image(self.txt2img, n_img, generator)
-        order = torch.randperm(n_img, generator=generator)
+        if self.families is None:
+            order = torch.randperm(n_img, generator=generator)
+        else:
+            ids = self.families.unique()
+            rank = torch.empty_like(ids)
+            rank[torch.randperm(len(ids), generator=generator)] = torch.arange(len(ids))
+            family_rank = rank[torch.searchsorted(ids, self.families)]
+            order = family_rank.argsort(stable=True)
         for start in range(0, n_img - batch_size + 1, batch_size):
             img = order[start : start + batch_size]
             txt = caption_of[img]
@@ -257,4 +268,26 @@ def train_cross_tokens(
     return model, log
 
 
-__all__ = ["BaseModelConfig", "PairData", "train_base", "train_cross_tokens"]
+__all__ = ["BaseModelConfig", "PairData", "base_processor", "pair_data", "train_base", "train_cross_tokens"]
+
+
+def base_processor(captions: list[str], image_size: int):
+    """A ``CLIPProcessor`` for the default model: word tokenizer over ``captions`` and a
+    PIL image processor at ``image_size`` (no torchvision needed)."""
+    from transformers import CLIPProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from .data.tokenizer import build_word_tokenizer
+
+    images = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return CLIPProcessor(image_processor=images, tokenizer=build_word_tokenizer(captions))
+
+
+def pair_data(split, processor, max_length: int, progress: bool = True) -> PairData:
+    """:class:`PairData` of a :class:`~crossget.data.karpathy.RetrievalSplit`."""
+    from .data.karpathy import preprocess
+
+    t = preprocess(split, processor, max_length, progress=progress)
+    return PairData(t["pixel_values"], t["input_ids"], t["attention_mask"], split.txt2img, split.families)

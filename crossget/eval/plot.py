@@ -1,0 +1,43 @@
+"""The accuracy-versus-cost picture of a sweep (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Mean Recall@1 and fidelity against GFLOPs per image-caption pair, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def label(r: Mapping[str, Any]) -> str:
+        if r["method"] == "none":
+            return "unreduced"
+        if r["method"] == "tome":
+            return "ToMe"
+        return "CrossGET (trained cross tokens)" if r.get("cross_tokens") else "CrossGET (training-free)"
+
+    series: dict[str, list] = {}
+    for r in rows:
+        series.setdefault(label(r), []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "mean_r1", "mean Recall@1 (%)"), (axes[1], "fidelity", "fidelity (cosine to unreduced)")):
+        for name, rs in series.items():
+            rs = sorted(rs, key=lambda r: r["gflops"])
+            style = {"marker": "*", "markersize": 12, "linestyle": "none"} if name == "unreduced" else {"marker": "o"}
+            ax.plot([r["gflops"] for r in rs], [r[key] for r in rs], label=name, **style)
+        ax.set_xlabel("GFLOPs per image-caption pair")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,66 @@
+"""End to end on a tiny saved model and tiny generated data: train cross tokens, eval, sweep, demo."""
+
+import json
+
+import pytest
+import torch
+
+from crossget.cli import main
+from crossget.data.karpathy import load_karpathy
+from crossget.data.shapes import generate_dataset
+from crossget.train import BaseModelConfig, base_processor
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    ann = generate_dataset(root / "data", 24, 0, 12, image_size=64, seed=0)
+    split = load_karpathy(ann, split="train")
+    processor = base_processor(split.captions, 64)
+    # the vision tower dominates the FLOPs, as in the default model
+    cfg = BaseModelConfig(image_size=64, vision_width=32, vision_layers=4, vision_heads=2, text_width=16,
+                          text_layers=1, text_heads=2, max_text_len=48, projection_dim=16)
+    tok = processor.tokenizer
+    torch.manual_seed(0)
+    from transformers import CLIPModel
+
+    model = CLIPModel(cfg.clip_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    return root, ann
+
+
+def test_train_eval_sweep_demo(tiny_setup, tmp_path):
+    root, ann = tiny_setup
+    common = ["--model", str(root / "model"), "--data", str(ann), "--threads", "1", "--batch", "8"]
+    assert main(["train", *common, "--split", "train", "--flops", "0.7", "--steps", "3",
+                 "--out", str(tmp_path / "cross")]) == 0
+    tokens = tmp_path / "cross" / "cross_tokens.safetensors"
+    assert tokens.exists()
+    assert main(["eval", "retrieval", *common, "--method", "crossget", "--flops", "0.7", "--cross-tokens", str(tokens),
+                 "--json", str(tmp_path / "one.json")]) == 0
+    result = json.loads((tmp_path / "one.json").read_text())["results"][0]
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "gflops", "gflops_ratio",
+                "images_per_s", "fidelity"):
+        assert key in result
+    assert 0.5 < result["gflops_ratio"] < 0.85 and 0 < result["fidelity"] <= 1.0
+    assert main(["eval", "sweep", *common, "--levels", "0.8,0.6", "--cross-tokens", str(tokens),
+                 "--out", str(tmp_path / "sweep")]) == 0
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["results"]
+    assert len(rows) == 1 + 2 * 3 and (tmp_path / "sweep" / "sweep.png").stat().st_size > 1000
+    assert rows[0]["gflops_ratio"] == 1.0 and rows[0]["fidelity"] == pytest.approx(1.0)
+    assert main(["demo", *common, "--json", str(tmp_path / "demo.json")]) == 0
+
+
+def test_eval_errors_name_the_problem(tiny_setup, tmp_path, capsys):
+    root, ann = tiny_setup
+    with pytest.raises(SystemExit):
+        main(["eval", "retrieval", "--model", str(tmp_path / "nowhere"), "--data", str(ann), "--method", "none"])
+    assert "nowhere" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "retrieval", "--model", str(root / "model"), "--data", str(tmp_path / "missing.json"),
+              "--method", "none"])
+    assert "missing.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "retrieval", "--model", str(root / "model"), "--data", str(ann), "--method", "tome"])
+    assert "--r or --flops" in capsys.readouterr().err

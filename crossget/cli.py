@@ -189,6 +189,7 @@ def train_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_int_at_least(1), default=2)
     p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this")
+    p.add_argument("--init", default=None, help="go on from this saved model (and its tokenizer) instead of scratch")
 
 
 def train_base(args: argparse.Namespace) -> int:
@@ -205,10 +206,19 @@ def train_base(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     cfg = BaseModelConfig()
     split = load_karpathy(args.data, split="train")
-    processor = base_processor(split.captions, cfg.image_size)
+    if args.init:
+        from transformers import CLIPProcessor
+
+        processor = CLIPProcessor.from_pretrained(args.init)
+    else:
+        processor = base_processor(split.captions, cfg.image_size)
     pairs = pair_data(split, processor, cfg.max_text_len)
     _, log = run(pairs, processor.tokenizer, processor.image_processor, args.out, cfg, epochs=args.epochs,
-                 batch_size=args.batch, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes)
+                 batch_size=args.batch, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes, init_from=args.init)
+    previous = os.path.join(args.init, "training.json") if args.init else None
+    if previous and os.path.isfile(previous):
+        with open(previous) as f:
+            log["previous_stage"] = json.load(f)
     log["command"] = "crossget " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     log["threads"] = args.threads
     with open(os.path.join(args.out, "training.json"), "w") as f:

@@ -134,8 +134,10 @@ def train_base(
     seed: int = 0,
     max_minutes: float | None = None,
     progress: bool = True,
+    init_from: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Train a ``CLIPModel`` from scratch with the CLIP loss; save it to ``out_dir``.
+    """Train a ``CLIPModel`` from scratch (or go on from ``init_from``) with the CLIP loss;
+    save it to ``out_dir``.
 
     Returns ``(model, log)``; the log (also ``out_dir/training.json``) records the
     settings, losses per epoch and wall time.
@@ -144,8 +146,11 @@ def train_base(
 
     config = config or BaseModelConfig()
     torch.manual_seed(seed)
-    vocab = len(tokenizer)
-    model = CLIPModel(config.clip_config(vocab, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id))
+    if init_from is not None:
+        model = CLIPModel.from_pretrained(init_from)
+    else:
+        ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        model = CLIPModel(config.clip_config(len(tokenizer), *ids))
     acc = _accelerator()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model, opt = acc.prepare(model, opt)
@@ -154,7 +159,7 @@ def train_base(
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, total, max(1, total // 20)))
     log: dict[str, Any] = {"config": asdict(config), "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                           "weight_decay": weight_decay, "seed": seed, "epoch_loss": []}
+                           "weight_decay": weight_decay, "seed": seed, "init_from": str(init_from), "epoch_loss": []}
     start = time.perf_counter()
     model.train()
     with tqdm(total=total, desc="train-base", disable=not progress or not acc.is_main_process) as bar:

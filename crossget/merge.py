@@ -157,16 +157,24 @@ def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return index.unsqueeze(-1).expand(-1, -1, like.shape[-1])
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``[B, Na, Nb]`` cosine similarities of the rows of ``a`` ``[B, Na, C]`` and ``b``.
+def _cosine(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, Na, Nb]`` cosine similarities of the rows of ``a`` ``[B, Na, C]`` and ``b``
+    (``b=None``: of ``a`` with itself).
 
-    Scaling the ``Na x Nb`` products is cheaper than normalising ``C``-wide rows.
+    Scaling the ``Na x Nb`` products is cheaper than normalising ``C``-wide rows; for
+    ``a`` with itself the squared norms are the diagonal of the product, for free.
     """
-    a, b = a.float(), b.float()
-    inv_a = a.norm(dim=-1).clamp_min(1e-12).reciprocal()
-    inv_b = inv_a if b is a else b.norm(dim=-1).clamp_min(1e-12).reciprocal()
+    a = a.float()
+    if b is None:
+        prod = a @ a.transpose(1, 2)
+        inv_a = inv_b = prod.diagonal(dim1=1, dim2=2).clamp_min(1e-24).rsqrt()
+    else:
+        b = b.float()
+        prod = a @ b.transpose(1, 2)
+        inv_a = a.norm(dim=-1).clamp_min(1e-12).reciprocal()
+        inv_b = b.norm(dim=-1).clamp_min(1e-12).reciprocal()
     # one symmetric scale, so that cos(i, j) == cos(j, i) bit for bit (ties stay ties)
-    return (a @ b.transpose(1, 2)).mul_(inv_a.unsqueeze(2) * inv_b.unsqueeze(1))
+    return prod.mul_(inv_a.unsqueeze(2) * inv_b.unsqueeze(1))
 
 
 def _protected_mask(
@@ -231,7 +239,7 @@ def complete_graph_soft_matching(
         raise ValueError(f"importance must be [B, N]={(b, n)}, got {tuple(importance.shape)}")
     with torch.no_grad():
         metric = metric.float()
-        sim = _cosine(metric, metric)  # [B, N, N]
+        sim = _cosine(metric)  # [B, N, N]
         # -inf on the diagonal and on protected rows and columns (in-place adds: bool
         # masks over [B, N, N] are several times slower on CPU)
         sim.diagonal(dim1=1, dim2=2).fill_(-math.inf)
@@ -246,8 +254,8 @@ def complete_graph_soft_matching(
         # Mutual best pairs tie exactly; stable sorts break ties by token index.
         order = sim.amax(dim=-1).argsort(dim=-1, descending=True, stable=True)  # [B, N]
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=metric.device).expand(b, -1))
-        later = rank.unsqueeze(1) > rank.unsqueeze(2)  # [B, i, j]: rank(j) > rank(i)
-        best_later = torch.where(later, sim, -math.inf).amax(dim=-1)  # [B, N]
+        earlier = rank.unsqueeze(1) <= rank.unsqueeze(2)  # [B, i, j]: rank(j) <= rank(i)
+        best_later = sim.masked_fill(earlier, -math.inf).amax(dim=-1)  # [B, N]
 
         score = -best_later
         if importance is not None:

@@ -354,6 +354,202 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- BLIP evaluations
+def _blip_eval_common(p: argparse.ArgumentParser, data_help: str) -> None:
+    p.add_argument("--model", required=True, help="local BLIP model folder (save_pretrained layout, with its processor)")
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
+    p.add_argument("--limit", type=_int_at_least(1), default=None, help="first N items of the data file")
+    p.add_argument("--method", choices=("none", "tome", "crossget"), default="none")
+    p.add_argument("--r", type=_non_negative_int, default=None, help="tokens removed per layer")
+    p.add_argument("--flops", type=_ratio, default=None, help="target GFLOPs ratio, e.g. 0.58")
+    p.add_argument("--towers", type=_comma_list(_choice(TOWER_KINDS), "towers"), default=None,
+                   help="towers to reduce, e.g. vision,text (default vision)")
+    p.add_argument("--batch", type=_int_at_least(1), default=16)
+    p.add_argument("--threads", type=_int_at_least(1), default=2)
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--json", default=None, help="write the result JSON here")
+
+
+def _blip_eval(args: argparse.Namespace, run: Callable, data_kwargs: dict, keys: Sequence[str], **kwargs) -> int:
+    import torch
+
+    from .eval.blip_common import summary_line
+
+    if args.method != "none" and args.r is None and args.flops is None:
+        raise ValueError("give --r or --flops for a reducing method")
+    torch.set_num_threads(args.threads)
+    result = run(args.model, args.data, **data_kwargs, image_root=args.images, limit=args.limit, method=args.method,
+                 r=args.r, flops=args.flops, towers=args.towers, json_path=args.json, device=args.device,
+                 batch_size=args.batch, **kwargs)
+    print(summary_line(result, [*keys, "gflops", "gflops_ratio"]))
+    if args.json:
+        print(f"wrote {args.json}" + (f" and {result['results_file']}" if result.get("results_file") else ""))
+    return 0
+
+
+def eval_itm_retrieval_arguments(p: argparse.ArgumentParser) -> None:
+    _blip_eval_common(p, "Karpathy-format annotation JSON (dataset_flickr30k.json, dataset_coco.json)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--k", type=_int_at_least(1), default=128, help="ITM re-ranks the ITC top k (BLIP: 128 Flickr, 256 COCO)")
+    p.add_argument("--pair-batch", type=_int_at_least(1), default=128, help="ITM pairs per forward")
+    p.add_argument("--first-token", choices=("enc", "cls"), default="enc", help="first token of the ITM text")
+
+
+def eval_itm_retrieval(args: argparse.Namespace) -> int:
+    """BLIP retrieval: ITC ranking, ITM re-ranking of the top k, Recall@1/5/10 both ways, GFLOPs, images/s."""
+    from .eval.itm_retrieval import run_itm_retrieval
+
+    return _blip_eval(args, run_itm_retrieval, {"split": args.split},
+                      ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "images_per_s"],
+                      k=args.k, pair_batch=args.pair_batch, first_token=args.first_token)
+
+
+def eval_caption_arguments(p: argparse.ArgumentParser) -> None:
+    _blip_eval_common(p, "COCO-caption annotation JSON (images + annotations)")
+    p.add_argument("--prompt", default="a picture of ", help="decoder prompt, cut from the captions")
+    p.add_argument("--num-beams", type=_int_at_least(1), default=3)
+    p.add_argument("--max-length", type=_int_at_least(2), default=20)
+    p.add_argument("--min-length", type=_int_at_least(0), default=5)
+    p.add_argument("--tokenizer", choices=("ptb", "basic"), default="ptb",
+                   help="caption tokenizer for scoring: ptb (pycocoevalcap, java) or basic (Python)")
+
+
+def eval_caption(args: argparse.Namespace) -> int:
+    """BLIP captioning: generate, BLEU-4 and CIDEr (pycocoevalcap), GFLOPs, images/s; COCO results JSON."""
+    from .eval.caption import GenerationSettings, run_caption
+
+    settings = GenerationSettings(args.prompt, args.num_beams, args.max_length, min(args.min_length, args.max_length))
+    return _blip_eval(args, run_caption, {}, ["bleu_4", "cider", "images_per_s"], settings=settings,
+                      tokenizer=args.tokenizer)
+
+
+def eval_vqa_arguments(p: argparse.ArgumentParser) -> None:
+    _blip_eval_common(p, "VQAv2 question JSON")
+    p.add_argument("--annotations", default=None, help="VQAv2 annotation JSON (none: answers only, e.g. test-dev)")
+    p.add_argument("--image-pattern", default="COCO_{data_subtype}_{image_id:012d}.jpg",
+                   help="image file name from image_id and data_subtype")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=10)
+    p.add_argument("--num-beams", type=_int_at_least(1), default=1)
+
+
+def eval_vqa(args: argparse.Namespace) -> int:
+    """BLIP VQA: generate answers, official VQA accuracy, GFLOPs, questions/s; official results JSON."""
+    from .eval.vqa import run_vqa
+
+    return _blip_eval(args, run_vqa, {"annotations": args.annotations, "image_pattern": args.image_pattern},
+                      ["accuracy", "questions_per_s"], max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+
+
+def eval_nlvr2_arguments(p: argparse.ArgumentParser) -> None:
+    _blip_eval_common(p, "NLVR2 JSON-lines file (dev.json, test1.json)")
+    p.add_argument("--combine", choices=("mean", "min", "max"), default="mean",
+                   help="how the two images' ITM match probabilities combine")
+    p.add_argument("--threshold", type=float, default=0.5, help="True when the combined probability reaches this")
+
+
+def eval_nlvr2(args: argparse.Namespace) -> int:
+    """NLVR2 with a BLIP ITM model (zero-shot proxy: ITM against each image), accuracy, GFLOPs, examples/s."""
+    from .eval.nlvr2 import run_nlvr2
+
+    return _blip_eval(args, run_nlvr2, {}, ["accuracy", "examples_per_s"], combine=args.combine,
+                      threshold=args.threshold)
+
+
+# --------------------------------------------------------------------------- LLaVA evaluations
+LLAVA_METHODS = ("none", "crossget", "tome", "fastv", "visionzip")
+
+
+def _llava_eval_arguments(p: argparse.ArgumentParser, questions_help: str, annotations_help: str) -> None:
+    p.add_argument("--model", required=True, help="local LLaVA folder (LlavaForConditionalGeneration + LlavaProcessor)")
+    p.add_argument("--questions", required=True, help=questions_help)
+    p.add_argument("--images", default=None, help="image folder the questions' file names are relative to")
+    p.add_argument("--annotations", default=None, help=annotations_help)
+    p.add_argument("--method", choices=LLAVA_METHODS, default="none", help="token reduction (default none: stock)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=_int_at_least(1), default=None, help="visual tokens per image for the LM")
+    budget.add_argument("--r", type=_non_negative_int, default=None, help="tokens merged per vision layer")
+    budget.add_argument("--flops", type=_ratio, default=None, help="target prefill FLOPs ratio, e.g. 0.5")
+    p.add_argument("--batch", type=_int_at_least(1), default=8, help="questions per batch (left-padded; default 8)")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
+    p.add_argument("--limit", type=_int_at_least(1), default=None, help="first N questions")
+    p.add_argument("--pad-square", action="store_true", help="pad images to squares first, as LLaVA-1.5 does")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    p.add_argument("--threads", type=_int_at_least(1), default=2)
+    p.add_argument("--answers", default=None, help="LLaVA answers JSONL (default: <json>.answers.jsonl)")
+    p.add_argument("--json", default=None, help="write the result JSON here")
+
+
+def _eval_llava(args: argparse.Namespace, task: str, **kwargs) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .eval.llava import evaluate_llava, load_llava, patch_llava
+    from .patch import config, is_patched
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_llava(args.model, args.device, args.dtype)
+    processor = patch_llava(model, processor, args.method, keep=args.keep, r=args.r, flops=args.flops)
+    answers = args.answers or (str(Path(args.json).with_suffix(".answers.jsonl")) if args.json else None)
+    result = evaluate_llava(
+        task, model, processor, args.questions, args.images, args.annotations, batch_size=args.batch,
+        max_new_tokens=args.max_new_tokens, limit=args.limit, pad_square=args.pad_square or None,
+        answers_path=answers, model_id=os.path.basename(os.path.normpath(args.model)), **kwargs,
+    )
+    result["method"] = args.method
+    result["patch"] = config(model) if is_patched(model) else None
+    print(json.dumps({k: result[k] for k in ("score", "visual_tokens", "gflops", "gflops_prefill", "samples_per_s")}))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = vars_meta(args) | {"torch": torch.__version__, "command": "crossget " + " ".join(sys.argv[1:])}
+        path.write_text(json.dumps({"meta": meta, "results": result}, indent=2, default=str))
+        print(f"wrote {path}" + (f" and {answers}" if answers else ""))
+    return 0
+
+
+def eval_llava_vqa_arguments(p: argparse.ArgumentParser) -> None:
+    _llava_eval_arguments(p, "LLaVA question JSONL (question_id, image, text): VQAv2, GQA, TextVQA",
+                          "ground truth: VQAv2 annotations, GQA questions JSON or TextVQA JSON (none: answers only)")
+    p.add_argument("--metric", choices=("vqa", "textvqa", "exact"), default=None,
+                   help="default from the annotations: vqa (VQAv2), textvqa (TextVQA), exact (GQA)")
+    p.add_argument("--no-suffix", dest="suffix", action="store_const", const=None,
+                   default="Answer the question using a single word or phrase.",
+                   help="send questions as they are (default: add LLaVA-1.5's short-answer instruction if missing)")
+
+
+def eval_llava_vqa(args: argparse.Namespace) -> int:
+    """LLaVA short-answer VQA (VQAv2/GQA/TextVQA files as LLaVA ships them): accuracy, GFLOPs, speed."""
+    return _eval_llava(args, "vqa", metric=args.metric, suffix=args.suffix)
+
+
+def eval_llava_mc_arguments(p: argparse.ArgumentParser) -> None:
+    _llava_eval_arguments(p, "ScienceQA JSON/JSONL (llava_test_CQM-A.json) or MMBench TSV",
+                          "ScienceQA problems.json (optional; answers may be in the question file)")
+    p.add_argument("--circular", action="store_true", help="MMBench CircularEval: every rotation of the options")
+
+
+def eval_llava_mc(args: argparse.Namespace) -> int:
+    """LLaVA multiple choice (ScienceQA-IMG, MMBench): option-letter accuracy, GFLOPs, speed."""
+    return _eval_llava(args, "mc", circular=args.circular)
+
+
+def eval_llava_pope_arguments(p: argparse.ArgumentParser) -> None:
+    _llava_eval_arguments(p, "POPE question JSONL (llava_pope_test.jsonl)",
+                          "folder of coco_pope_<category>.json label files, or one (none: labels in the questions)")
+    p.add_argument("--no-suffix", dest="suffix", action="store_const", const=None,
+                   default="Answer the question using a single word or phrase.",
+                   help="send questions as they are (default: add LLaVA-1.5's short-answer instruction if missing)")
+
+
+def eval_llava_pope(args: argparse.Namespace) -> int:
+    """LLaVA on POPE: accuracy, precision, recall, F1, yes-ratio per category, GFLOPs, speed."""
+    return _eval_llava(args, "pope", suffix=args.suffix)
+
+
 # --------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Command:
@@ -374,6 +570,17 @@ COMMANDS: tuple[Command, ...] = (
         Command("retrieval", "image-text retrieval of one config vs unreduced", eval_retrieval_arguments, eval_retrieval),
         Command("sweep", "retrieval of every method at several GFLOPs levels, with a plot", eval_sweep_arguments,
                 eval_sweep),
+        Command("itm-retrieval", "BLIP retrieval: ITC + ITM re-ranking, Recall@K", eval_itm_retrieval_arguments,
+                eval_itm_retrieval),
+        Command("caption", "BLIP captioning: BLEU-4 and CIDEr (COCO format)", eval_caption_arguments, eval_caption),
+        Command("vqa", "BLIP VQAv2: official VQA accuracy", eval_vqa_arguments, eval_vqa),
+        Command("nlvr2", "NLVR2 accuracy with a BLIP ITM model", eval_nlvr2_arguments, eval_nlvr2),
+        Command("llava-vqa", "LLaVA short-answer VQA: VQAv2 / GQA / TextVQA accuracy", eval_llava_vqa_arguments,
+                eval_llava_vqa),
+        Command("llava-mc", "LLaVA multiple choice: ScienceQA-IMG / MMBench accuracy", eval_llava_mc_arguments,
+                eval_llava_mc),
+        Command("llava-pope", "LLaVA on POPE: accuracy, precision, recall, F1, yes-ratio", eval_llava_pope_arguments,
+                eval_llava_pope),
     )),
 )
 

@@ -2,7 +2,9 @@
 
 Each family module (``clip``, ...) exposes ``SUPPORTED`` (model classes), ``towers(model)``
 (:class:`~crossget.patch.common.Tower` records by kind), ``encoder_cost`` and
-``joint_projection``; everything else is shared.
+``joint_projection``; everything else is shared. A family that needs model-level glue
+beyond its towers (BLIP: bias into cross-attention masks) also has
+``install_glue(model)`` / ``uninstall_glue(model)``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from torch import nn
 from ..merge import sources_from_token_map
 from ..schedule import RSpec, resolve_r, solve_flops, token_counts
 from ..state import METHODS, METRICS, TowerSettings, TowerState
-from . import clip
+from . import blip, blip2, clip
 from .common import install, uninstall
 
-FAMILIES: tuple[ModuleType, ...] = (clip,)
+FAMILIES: tuple[ModuleType, ...] = (clip, blip, blip2)
 CONFIG_ATTR = "_crossget_config"
 
 
@@ -107,6 +109,7 @@ def patch(
 
     # reconfiguring: fresh classes and hooks, trained cross tokens carried over
     thetas = {kind: uninstall(tower) for kind, tower in found.items()}
+    _glue(fam, model, install=False)
     for kind, tower in found.items():
         if kind in schedules:
             sched = schedules[kind]
@@ -115,6 +118,7 @@ def patch(
         else:
             continue
         install(tower, TowerSettings(kind, sched, method, prop_attn, metric, trace_sources), thetas[kind])
+    _glue(fam, model, install=True)
     model.__dict__[CONFIG_ATTR] = {
         "method": method,
         "towers": list(reduced),
@@ -126,6 +130,13 @@ def patch(
         "trace_sources": trace_sources,
     }
     return model
+
+
+def _glue(fam: ModuleType, model: nn.Module, install: bool) -> None:
+    """The family's model-level glue, if it has any (see the module docstring)."""
+    fn = getattr(fam, "install_glue" if install else "uninstall_glue", None)
+    if fn is not None:
+        fn(model)
 
 
 def patch_from_config(model: nn.Module, saved: Mapping[str, Any]) -> nn.Module:
@@ -149,6 +160,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     fam = _family(model)
     for tower in fam.towers(model).values():
         uninstall(tower)
+    _glue(fam, model, install=False)
     model.__dict__.pop(CONFIG_ATTR, None)
     return model
 

@@ -31,7 +31,8 @@ class Tower:
         encoder: the module that runs the layers (its hooks start/finish the state).
         layers: the encoder layers, in order.
         layer_class / attention_class: patched subclasses to swap in.
-        attention_attr: name of the attention module inside a layer.
+        attention_attr: path of the attention module inside a layer (``self_attn``;
+            dotted for nested modules, e.g. BLIP text's ``attention.self``).
         causal: text with causal attention (positions must stay ordered).
         restore_length: give the encoder output its input length back (text pooling).
         read_inputs: ``(tower args, kwargs) -> (anchor [B] or None, valid [B, N0] or None)``.
@@ -91,7 +92,7 @@ def _attach(tower: Tower, state: TowerState) -> None:
         tower.encoder.register_forward_hook(encoder_hook, with_kwargs=True),
     ]
     for i, layer in enumerate(tower.layers):
-        attn = getattr(layer, tower.attention_attr)
+        attn = layer.get_submodule(tower.attention_attr)
         layer._crossget_original_class = layer.__class__
         attn._crossget_original_class = attn.__class__
         layer.__class__ = tower.layer_class
@@ -112,7 +113,7 @@ def uninstall(tower: Tower) -> nn.Parameter | None:
     for h in tower.encoder._crossget_handles:
         h.remove()
     for layer in tower.layers:
-        attn = getattr(layer, tower.attention_attr)
+        attn = layer.get_submodule(tower.attention_attr)
         for m in (layer, attn):
             m.__class__ = m._crossget_original_class
             for name in ("_crossget_original_class", STATE_ATTR, "_crossget_layer"):

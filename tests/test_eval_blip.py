@@ -46,8 +46,10 @@ def tiny_config() -> BlipConfig:
     text = dict(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=32, bos_token_id=5, sep_token_id=3, pad_token_id=0,
                 eos_token_id=3)
+    # BlipVisionConfig's default initializer_range is 1e-10: the vision tower would output ~0 and the
+    # image could not change any text-side result
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
+                  patch_size=8, initializer_range=0.02)
     return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=16)
 
 
@@ -472,3 +474,29 @@ def test_harnesses_on_a_patched_model(models, karpathy, coco_captions, vqa_files
     assert res["gflops_ratio"] < 1 and len(res["results"]) == 4
     res = nlvr2.run_nlvr2(models["BlipForImageTextRetrieval"], nlvr2_file, **kw)
     assert res["gflops_ratio"] < 1 and 0 <= res["accuracy"] <= 100
+
+
+@pytest.mark.parametrize("towers", [("vision",), ("vision", "text")])
+def test_cached_itm_path_matches_the_patched_forward(models, karpathy, towers):
+    """Cached, re-indexed image tokens keep their log(size) bias: the harness's scores equal the
+    patched model's own forward on every pair (vision re-run per pair, bias added by the patch)."""
+    model, processor = load_blip(models["BlipForImageTextRetrieval"], BlipForImageTextRetrieval)
+    if not _patchable(model):
+        pytest.skip("crossget.patch does not support BLIP models yet")
+    apply_method(model, "crossget", r=4, towers=towers)
+    split = load_karpathy(karpathy)
+    sc = itm_retrieval.retrieval_scores(model, processor, split, k=8, first_token="cls", progress=False)
+    assert sc["image_tokens"] == 17 - 2 * 4
+    with torch.inference_mode():
+        px = processor.image_processor(images=[Image.open(p).convert("RGB") for p in split.image_paths],
+                                       return_tensors="pt")["pixel_values"]
+        _, embeds = itm_retrieval.image_features(model, px)
+        assert itm_retrieval.image_mask(model, embeds).dim() == 4  # the bias, not ones
+    text = sc["texts"]
+    n_i, n_t = split.n_images, split.n_texts
+    ii, tt = torch.arange(n_i).repeat_interleave(n_t), torch.arange(n_t).repeat(n_i)
+    with torch.inference_mode():
+        itm = model(input_ids=text["input_ids"][tt], attention_mask=text["attention_mask"][tt], pixel_values=px[ii],
+                    use_itm_head=True).itm_score[:, 1].view(n_i, n_t)
+    assert torch.allclose(sc["i2t"], itm + sc["sim"], atol=1e-5)
+    assert torch.allclose(sc["t2i"], (itm + sc["sim"]).T, atol=1e-5)

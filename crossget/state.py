@@ -42,6 +42,10 @@ class TowerSettings:
     prop_attn: bool = True
     metric: str = "keys"
     trace_sources: bool = False  # keep the input -> output token map (visualisation)
+    # how the cross token rates tokens: "cross" is SPEC §3's cos(q_cross, k_i); "attention"
+    # is the authors' LLaVA rule: mean attention a token receives plus the cross token's
+    # attention to it (needs the attention's head-mean probabilities, see observe())
+    importance: str = "cross"
 
     @property
     def uses_cross_token(self) -> bool:
@@ -75,6 +79,7 @@ class TowerState:
     # handed from the attention to its layer within one layer call
     keys: torch.Tensor | None = None  # [B, N (+1), C]
     cross_query: torch.Tensor | None = None  # [B, 1, C]
+    attention: torch.Tensor | None = None  # [B, N (+1), N (+1)] head-mean probabilities (importance="attention")
     _with_cross: bool = False
 
     # ----------------------------------------------------------------- forward start/end
@@ -136,11 +141,14 @@ class TowerState:
         mask = attention_bias(size, self.valid, self.pos, x.dtype, observer=True)
         return torch.cat([x, cross], 1), mask, False
 
-    def observe(self, query: torch.Tensor, key: torch.Tensor) -> None:
+    def observe(self, query: torch.Tensor, key: torch.Tensor, attention: torch.Tensor | None = None) -> None:
         """Called by the patched attention with its ``[B, N (+1), C]`` projected queries and
-        keys, heads concatenated (before the split into heads)."""
+        keys, heads concatenated (before the split into heads), and for
+        ``importance="attention"`` its softmax probabilities averaged over heads,
+        ``[B, N (+1), N (+1)]`` (queries x keys)."""
         self.keys = key
         self.cross_query = query[:, -1:] if self._with_cross else None
+        self.attention = attention
 
     def end_layer(self, x: torch.Tensor) -> torch.Tensor:
         """Record and strip the cross token: the layer returns ``[B, N, C]``."""
@@ -163,7 +171,7 @@ class TowerState:
             if timed:
                 _sync(x)
                 self.match_seconds.append(time.perf_counter() - start)
-        self.keys = self.cross_query = None
+        self.keys = self.cross_query = self.attention = None
         self.tokens.append(x.shape[1] - self._with_cross)
         return x
 
@@ -178,7 +186,14 @@ class TowerState:
         if self.settings.method == "tome":
             return bipartite_soft_matching(metric, r, self.protected, groups)
         importance = None
-        if self.cross_query is not None:
+        if self.settings.importance == "attention" and self.attention is not None:
+            # the authors' LLaVA rule: mean attention token i receives from the N tokens,
+            # plus the cross token's attention to it (the cross token's query is the last row)
+            n = keys.shape[1]
+            importance = self.attention[:, :n, :n].mean(1)
+            if self._with_cross:
+                importance = importance + self.attention[:, -1, :n]
+        elif self.cross_query is not None:
             # SPEC §3: I_i = cos(q_cross, k_i), heads concatenated.
             q = self.cross_query.transpose(1, 2)  # [B, C, 1]
             importance = (keys @ q).squeeze(-1) / (keys.norm(dim=-1) * q.norm(dim=1)).clamp_min(1e-12)

@@ -9,16 +9,19 @@ from .io import load_cross_tokens, save_cross_tokens
 from .loss import cross_token_alignment, cross_token_loss
 from .merge import Merge, bipartite_soft_matching, complete_graph_soft_matching
 from .patch import config, is_patched, patch, sources, states, tokens_per_layer, unpatch
+from .patch.llava import adapt_processor, image_tokens
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Merge",
+    "adapt_processor",
     "bipartite_soft_matching",
     "complete_graph_soft_matching",
     "config",
     "cross_token_alignment",
     "cross_token_loss",
+    "image_tokens",
     "is_patched",
     "load_cross_tokens",
     "patch",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .patch import joint_projection, states
+from .patch import _family, joint_projection, states
 
 
 def cross_token_alignment(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -32,9 +32,15 @@ def cross_token_loss(model: nn.Module) -> torch.Tensor:
     by that tower's final norm and projection (weights detached); the deepest
     ``min(L_vision, L_text)`` layers are paired. Gradients reach the cross tokens.
 
+    Families with their own pairing (LLaVA: vision tower vs language model) define
+    ``cross_token_loss`` in their patch module, which this defers to.
+
     Raises:
         ValueError: the model has no two towers with cross tokens, or no forward ran.
     """
+    family_loss = getattr(_family(model), "cross_token_loss", None)
+    if family_loss is not None:
+        return family_loss(model)
     st = states(model)
     if not all(k in st and st[k].settings.uses_cross_token for k in ("vision", "text")):
         raise ValueError("cross_token_loss needs both towers patched with method='crossget'")

@@ -4,7 +4,9 @@ Each family module (``clip``, ...) exposes ``SUPPORTED`` (model classes), ``towe
 (:class:`~crossget.patch.common.Tower` records by kind), ``encoder_cost`` and
 ``joint_projection``; everything else is shared. A family that needs model-level glue
 beyond its towers (BLIP: bias into cross-attention masks) also has
-``install_glue(model)`` / ``uninstall_glue(model)``.
+``install_glue(model)`` / ``uninstall_glue(model)``. A family whose budget is not a
+per-layer schedule of its towers (LLaVA: visual tokens for the language model) has
+``patch_model`` / ``unpatch_model`` / ``tokens_per_layer``, which these functions defer to.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from torch import nn
 from ..merge import sources_from_token_map
 from ..schedule import RSpec, resolve_r, solve_flops, token_counts
 from ..state import METHODS, METRICS, TowerSettings, TowerState
-from . import blip, blip2, clip
+from . import blip, blip2, clip, llava
 from .common import install, uninstall
 
-FAMILIES: tuple[ModuleType, ...] = (clip, blip, blip2)
+FAMILIES: tuple[ModuleType, ...] = (llava, clip, blip, blip2)
 CONFIG_ATTR = "_crossget_config"
 
 
@@ -49,6 +51,7 @@ def patch(
     metric: str | None = None,
     text_len: int | None = None,
     trace_sources: bool = False,
+    keep: int | None = None,
 ) -> nn.Module:
     """Make ``model`` merge tokens while it runs; in place, returns ``model``.
 
@@ -68,6 +71,9 @@ def patch(
             tower's maximum, 77 for CLIP).
         trace_sources: track which input tokens each output token covers, for
             :func:`sources` (text towers always track it, to restore their length).
+        keep: instead of ``r``, the visual tokens per image that reach a language model
+            (LLaVA; see :mod:`crossget.patch.llava`, which also adds ``method="fastv"``
+            and ``"visionzip"``).
 
     With ``method="crossget"`` every tower gets cross tokens (``theta``, zeros: training
     free); towers not in ``towers`` run them with ``r = 0`` so the cross-token loss
@@ -79,6 +85,14 @@ def patch(
         ValueError: bad ``r``, ``flops``, ``method``, ``towers`` or ``metric``.
     """
     fam = _family(model)
+    if hasattr(fam, "patch_model"):
+        model.__dict__[CONFIG_ATTR] = fam.patch_model(
+            model, r, flops=flops, keep=keep, method=method, towers=towers, prop_attn=prop_attn,
+            metric=metric, text_len=text_len, trace_sources=trace_sources,
+        )
+        return model
+    if keep is not None:
+        raise ValueError(f"keep= counts visual tokens fed to a language model (LLaVA), not for {type(model).__name__}")
     found = fam.towers(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -158,6 +172,10 @@ def patch_from_config(model: nn.Module, saved: Mapping[str, Any]) -> nn.Module:
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the stock model (classes, forwards, no hooks, no cross-token parameters)."""
     fam = _family(model)
+    if hasattr(fam, "unpatch_model"):
+        fam.unpatch_model(model)
+        model.__dict__.pop(CONFIG_ATTR, None)
+        return model
     for tower in fam.towers(model).values():
         uninstall(tower)
     _glue(fam, model, install=False)
@@ -198,6 +216,8 @@ def tokens_per_layer(model: nn.Module, text_len: int | None = None) -> dict[str,
     tokens (default: the tower's maximum).
     """
     fam = _family(model)
+    if hasattr(fam, "tokens_per_layer"):
+        return fam.tokens_per_layer(model, text_len)
     out = {}
     for kind, tower in fam.towers(model).items():
         if tower.state is None:

@@ -15,6 +15,7 @@ speedups are ratios of medians from the same run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -46,7 +47,7 @@ __all__ = [
     "write_results",
 ]
 
-TOWERS = ("vision", "text", "both")
+TOWERS = ("vision", "text", "both", "caption")  # caption: a captioning model's whole generate call
 CONFIG_KEYS = ("name", "method", "r", "flops", "towers", "prop_attn", "metric", "text_len")
 SUMMARY_KEYS = (
     "name",  # label of the config ("baseline" is the stock model)
@@ -101,10 +102,92 @@ def _clip_tiny_config():
     )
 
 
-# name -> CLIPConfig factory; random weights, nothing downloaded
+def _blip_vit_b16_config():
+    """BLIP captioning base: ViT-B/16 at 384 px (577 tokens), BERT-base decoder."""
+    from transformers import BlipConfig
+
+    return BlipConfig(
+        # BLIP's vision default initializer_range is 1e-10 (all keys ~0); use ViT's 0.02
+        vision_config=dict(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            image_size=384, patch_size=16, initializer_range=0.02,
+        ),
+        text_config=dict(
+            vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            encoder_hidden_size=768,
+        ),
+    )
+
+
+def _blip2_vit_g_config():
+    """BLIP-2's ViT-g/14 (1408 wide, 39 layers, 224 px: 257 tokens) and BERT-base Q-Former
+    (32 queries), with an OPT-125m-sized language model instead of OPT-2.7b/6.7b (CPU)."""
+    from transformers import Blip2Config
+
+    return Blip2Config(
+        vision_config=dict(
+            hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+            image_size=224, patch_size=14, qkv_bias=True,
+        ),
+        qformer_config=dict(
+            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+            cross_attention_frequency=2, encoder_hidden_size=1408,
+        ),
+        text_config=dict(
+            model_type="opt", vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
+            num_attention_heads=12, word_embed_proj_dim=768, max_position_embeddings=2048,
+            bos_token_id=2, eos_token_id=2, pad_token_id=1,
+        ),
+        num_query_tokens=32,
+        image_token_index=50265,
+    )
+
+
+def _blip_tiny_config():
+    from transformers import BlipConfig
+
+    return BlipConfig(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8, initializer_range=0.02,
+        ),
+        text_config=dict(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            encoder_hidden_size=32, max_position_embeddings=32, bos_token_id=97, sep_token_id=98, pad_token_id=0,
+            eos_token_id=98,
+        ),
+    )
+
+
+def _blip2_tiny_config():
+    from transformers import Blip2Config
+
+    return Blip2Config(
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8,
+        ),
+        qformer_config=dict(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            encoder_hidden_size=32, max_position_embeddings=32,
+        ),
+        text_config=dict(
+            model_type="opt", vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+            num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=64,
+        ),
+        num_query_tokens=4,
+        image_token_index=99,
+    )
+
+
+# name -> config factory (CLIPConfig, BlipConfig or Blip2Config); random weights, nothing downloaded
 ARCHITECTURES: dict[str, Callable[[], Any]] = {
     "clip-vit-b16": _clip_vit_b16_config,
+    "blip-vit-b16": _blip_vit_b16_config,
+    "blip2-vit-g": _blip2_vit_g_config,
     "clip-tiny": _clip_tiny_config,  # for tests and smoke runs
+    "blip-tiny": _blip_tiny_config,
+    "blip2-tiny": _blip2_tiny_config,
 }
 
 
@@ -112,8 +195,10 @@ def load_model(spec: str, tower: str = "vision", seed: int = 0) -> nn.Module:
     """A model in eval mode: a named architecture with random weights, or a local directory.
 
     Named architectures give the smallest model that runs ``tower``: ``CLIPVisionModel``
-    (vision), ``CLIPTextModel`` (text) or ``CLIPModel`` (both). A directory is loaded with
-    ``transformers.AutoModel.from_pretrained``.
+    (vision), ``CLIPTextModel`` (text) or ``CLIPModel`` (both); for BLIP / BLIP-2 names,
+    ``Blip(2)VisionModel`` (vision) or ``Blip(2)ForConditionalGeneration`` (caption). A
+    directory is loaded with ``transformers.AutoModel.from_pretrained``
+    (``AutoModelForImageTextToText`` for caption).
 
     Raises:
         ValueError: unknown tower, or ``spec`` is neither a known name nor a directory.
@@ -121,24 +206,36 @@ def load_model(spec: str, tower: str = "vision", seed: int = 0) -> nn.Module:
     if tower not in TOWERS:
         raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
     if spec in ARCHITECTURES:
-        from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
-
         cfg = ARCHITECTURES[spec]()
         torch.manual_seed(seed)
-        if tower == "vision":
-            model = CLIPVisionModel(cfg.vision_config)
-        elif tower == "text":
-            model = CLIPTextModel(cfg.text_config)
-        else:
-            model = CLIPModel(cfg)
+        model = _build(spec, cfg, tower)
     elif os.path.isdir(spec):
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoModelForImageTextToText
 
-        model = AutoModel.from_pretrained(spec)
+        model = (AutoModelForImageTextToText if tower == "caption" else AutoModel).from_pretrained(spec)
     else:
         names = ", ".join(ARCHITECTURES)
         raise ValueError(f"model {spec!r} is neither a named architecture ({names}) nor a local directory")
     return model.eval()
+
+
+def _build(spec: str, cfg, tower: str) -> nn.Module:
+    import transformers as tf
+
+    if isinstance(cfg, (tf.BlipConfig, tf.Blip2Config)):
+        blip = isinstance(cfg, tf.BlipConfig)
+        if tower == "vision":
+            return (tf.BlipVisionModel if blip else tf.Blip2VisionModel)(cfg.vision_config)
+        if tower == "caption":
+            return (tf.BlipForConditionalGeneration if blip else tf.Blip2ForConditionalGeneration)(cfg)
+        raise ValueError(f"{spec} benchmarks tower 'vision' or 'caption', got {tower!r}")
+    if tower == "caption":
+        raise ValueError(f"tower 'caption' needs a captioning architecture (blip-*, blip2-*), got {spec!r}")
+    if tower == "vision":
+        return tf.CLIPVisionModel(cfg.vision_config)
+    if tower == "text":
+        return tf.CLIPTextModel(cfg.text_config)
+    return tf.CLIPModel(cfg)
 
 
 def _sub_config(model: nn.Module, kind: str):
@@ -148,15 +245,17 @@ def _sub_config(model: nn.Module, kind: str):
 
 
 def make_inputs(model: nn.Module, tower: str, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random inputs for ``tower``: ``pixel_values`` at the model's image size and/or
-    full-length texts (``input_ids`` ending in the EOT token, ``attention_mask`` all ones)."""
+    """Random inputs for ``tower``: ``pixel_values`` at the model's image size (vision,
+    both, caption) and/or full-length texts (``input_ids`` ending in the EOT token,
+    ``attention_mask`` all ones)."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     g = torch.Generator().manual_seed(seed)
     inputs = {}
-    if tower in ("vision", "both"):
+    if tower in ("vision", "both", "caption"):
         vc = _sub_config(model, "vision")
-        inputs["pixel_values"] = torch.randn(batch, vc.num_channels, vc.image_size, vc.image_size, generator=g)
+        channels = getattr(vc, "num_channels", 3)  # BLIP's vision config has none (always RGB)
+        inputs["pixel_values"] = torch.randn(batch, channels, vc.image_size, vc.image_size, generator=g)
     if tower in ("text", "both"):
         tc = _sub_config(model, "text")
         n, vocab, eos = tc.max_position_embeddings, tc.vocab_size, tc.eos_token_id
@@ -172,11 +271,20 @@ def make_inputs(model: nn.Module, tower: str, batch: int, seed: int = 0) -> dict
     return inputs
 
 
-def forward_for(model: nn.Module, tower: str) -> Callable[[nn.Module, Mapping[str, Any]], Any]:
+def forward_for(
+    model: nn.Module, tower: str, max_new_tokens: int = 10
+) -> Callable[[nn.Module, Mapping[str, Any]], Any]:
     """``forward(model, inputs)`` that runs ``tower``: ``get_image_features`` /
-    ``get_text_features`` of a dual encoder, the whole model for ``both`` or a single tower."""
+    ``get_text_features`` of a dual encoder, the whole model for ``both`` or a single tower;
+    for ``caption`` a greedy ``generate`` of exactly ``max_new_tokens`` tokens (so every
+    config decodes the same amount, whatever the random weights predict)."""
     if tower not in TOWERS:
         raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+    if tower == "caption":
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        return lambda m, inputs: m.generate(**inputs, **gen)
     method = {"vision": "get_image_features", "text": "get_text_features"}.get(tower)
     if method is not None and hasattr(model, method):
         return lambda m, inputs: getattr(m, method)(**inputs)
@@ -282,6 +390,24 @@ def _peak_activation_mib(forward, model, inputs, device) -> float:
     return mem.peak_mib
 
 
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    """Parameters that do not require grad, for the duration (then as they were).
+
+    FlopCounterMode's module tracker hooks the gradients of module inputs that require
+    grad; a view of a parameter taken without grad (BLIP-2's expanded query tokens) has
+    none to hook and fails.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def _match_timers(model: nn.Module) -> list[list[float]]:
     """Start timing matching + merging in every patched tower (see TowerState.match_seconds)."""
     timers = []
@@ -383,7 +509,7 @@ def run_benchmark(
         for cfg in configs:
             _apply(model, cfg)
             patched = is_patched(model)
-            with torch.inference_mode():
+            with torch.inference_mode(), _frozen(model):
                 gflops = count_flops(forward, model, single) / 1e9
             static.append({
                 "schedule": config(model)["r"] if patched else {},

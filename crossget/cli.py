@@ -95,9 +95,13 @@ def _benchmark(args: argparse.Namespace, methods, rs, flops, reduce) -> int:
     out = args.out or os.path.join("benchmarks", f"{name}-{args.tower}")
     configs = build_configs(methods, rs, flops, reduce)
     meta = {"model": args.model, "tower": args.tower, "reduce": list(reduce) if reduce else None}
+    new_tokens = getattr(args, "max_new_tokens", 10)
+    if args.tower == "caption":
+        meta["max_new_tokens"] = new_tokens
     run_benchmark(
         model, make_inputs(model, args.tower, args.batch), configs,
-        rounds=args.rounds, warmup=args.warmup, threads=args.threads, forward=forward_for(model, args.tower),
+        rounds=args.rounds, warmup=args.warmup, threads=args.threads,
+        forward=forward_for(model, args.tower, new_tokens),
         latency=args.latency, out_dir=out, meta=meta,
     )
     md = os.path.join(out, "results.md")
@@ -109,10 +113,14 @@ def _benchmark(args: argparse.Namespace, methods, rs, flops, reduce) -> int:
 
 def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="clip-vit-b16",
-                   help="named architecture with random weights (clip-vit-b16, clip-tiny) "
-                        "or a local model directory (from_pretrained); default clip-vit-b16")
-    p.add_argument("--tower", choices=("vision", "text", "both"), default="vision",
-                   help="what runs: image features, text features, or the whole model (default vision)")
+                   help="named architecture with random weights (clip-vit-b16, blip-vit-b16, blip2-vit-g, "
+                        "clip-tiny, blip-tiny, blip2-tiny) or a local model directory (from_pretrained); "
+                        "default clip-vit-b16")
+    p.add_argument("--tower", choices=("vision", "text", "both", "caption"), default="vision",
+                   help="what runs: image features, text features, the whole model, or a captioning "
+                        "model's whole generate call (BLIP, BLIP-2) (default vision)")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=10,
+                   help="tokens each caption generates, exactly (--tower caption; default 10)")
     p.add_argument("--reduce", type=_comma_list(_choice(TOWER_KINDS), "towers"), default=None,
                    help="towers to reduce, e.g. vision,text (default: the benchmarked tower; vision for both)")
     p.add_argument("--methods", type=_comma_list(_choice(REDUCIBLE_METHODS), "methods"), default=["tome", "crossget"],
@@ -130,7 +138,7 @@ def bench(args: argparse.Namespace) -> int:
     if not args.r and not args.flops:
         raise ValueError("give --r and/or --flops (e.g. --r 8,12,16 or --flops 0.58)")
     reduce = args.reduce
-    if reduce is None and args.tower != "both":
+    if reduce is None and args.tower not in ("both", "caption"):
         reduce = [args.tower]
     return _benchmark(args, args.methods, args.r, args.flops, reduce)
 

@@ -508,3 +508,25 @@ def test_cross_tokens_steer_the_merges(pixels):
         crossget.states(model)["vision"].cross_tokens.normal_(std=5.0)
         model(pixel_values=pixels)
     assert not torch.equal(before, crossget.sources(model))
+
+
+# --------------------------------------------------------------------------- benchmark architectures
+@pytest.mark.parametrize("spec, prompt", [("blip-tiny", 1), ("blip2-tiny", 4 + 1)])
+def test_bench_captioning_architectures(spec, prompt):
+    from crossget.bench import forward_for, load_model, make_inputs, run_benchmark
+
+    model = load_model(spec, "caption")
+    inputs = make_inputs(model, "caption", batch=2)
+    forward = forward_for(model, "caption", max_new_tokens=3)
+    with torch.no_grad():
+        assert forward(model, inputs).shape == (2, prompt + 3)  # exactly max_new_tokens, EOS or not
+    rows = run_benchmark(model, inputs, [{"method": "tome", "r": 2}, {"method": "crossget", "r": 2}], rounds=1,
+                         warmup=0, threads=None, forward=forward, latency=False, progress=False)
+    assert [r["tokens_per_layer"] for r in rows] == [{}, {"vision": [15, 13]}, {"vision": [15, 13]}]
+    assert rows[1]["gflops_ratio"] < 1
+    assert not crossget.is_patched(model)
+    assert isinstance(load_model(spec, "vision"), (BlipVisionModel, Blip2VisionModel))
+    with pytest.raises(ValueError, match="caption"):
+        load_model(spec, "text")
+    with pytest.raises(ValueError, match="captioning architecture"):
+        load_model("clip-tiny", "caption")

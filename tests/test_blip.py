@@ -308,7 +308,7 @@ def test_blip_caption_equals_decoder_on_unmerged_copies(kwargs, pixels):
         no_bias = model.generate(pixel_values=pixels, **kwargs)
     assert image.shape[1] == 41
     assert torch.equal(out.sequences, ref.sequences)
-    for a, b, c in zip(out.scores, ref.scores, no_bias.scores):
+    for a, b in zip(out.scores, ref.scores, strict=True):
         assert torch.allclose(a, b, atol=1e-4)
     assert not all(torch.allclose(a, c, atol=1e-3) for a, c in zip(out.scores, no_bias.scores))
 
@@ -388,6 +388,7 @@ def test_unpatch_restores_the_stock_model(pixels):
     crossget.patch(model, r=4, method="crossget", towers=("vision", "text"))
     assert len(list(model.parameters())) == n_params + 2
     assert isinstance(model.vision_model.encoder.layers[0], CrossGETBlipEncoderLayer)
+    assert isinstance(model.vision_model.encoder.layers[0].self_attn, CrossGETBlipAttention)
     assert isinstance(model.text_encoder.encoder.layer[0], CrossGETBlipTextLayer)
     assert type(model.text_decoder.bert.encoder.layer[0].crossattention.self) is BlipTextCrossAttention
     assert "generate" in model.text_decoder.__dict__

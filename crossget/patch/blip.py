@@ -171,18 +171,15 @@ def _text_inputs(args: tuple, kwargs: dict) -> tuple[None, torch.Tensor | None]:
 
 def _tower(kind: str, module: nn.Module) -> Tower:
     cfg = module.config
-    if kind == "vision":
-        layers, layer_class, attention_class, path = module.encoder.layers, CrossGETBlipEncoderLayer, CrossGETBlipAttention, "self_attn"
-    else:
-        layers, layer_class, attention_class, path = module.encoder.layer, CrossGETBlipTextLayer, CrossGETBlipTextSelfAttention, "attention.self"
+    vision = kind == "vision"
     return Tower(
         kind=kind,
         module=module,
         encoder=module.encoder,
-        layers=list(layers),
-        layer_class=layer_class,
-        attention_class=attention_class,
-        attention_attr=path,
+        layers=list(module.encoder.layers if vision else module.encoder.layer),
+        layer_class=CrossGETBlipEncoderLayer if vision else CrossGETBlipTextLayer,
+        attention_class=CrossGETBlipAttention if vision else CrossGETBlipTextSelfAttention,
+        attention_attr="self_attn" if vision else "attention.self",
         causal=False,
         restore_length=kind == "text",
         read_inputs=_text_inputs if kind == "text" else _vision_inputs,

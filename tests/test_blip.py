@@ -531,3 +531,13 @@ def test_bench_captioning_architectures(spec, prompt):
         load_model(spec, "text")
     with pytest.raises(ValueError, match="captioning architecture"):
         load_model("clip-tiny", "caption")
+
+
+@pytest.mark.parametrize("cls", [BlipForConditionalGeneration, Blip2ForConditionalGeneration])
+def test_bfloat16_generation_runs(cls, pixels):
+    model = (make_blip(cls) if cls is BlipForConditionalGeneration else make_blip2(cls)).to(torch.bfloat16)
+    crossget.patch(model, r=8, method="crossget")
+    with torch.no_grad():
+        ids = model.generate(pixel_values=pixels.to(torch.bfloat16), **BEAMS)
+    assert ids.shape[0] == 6
+    assert crossget.states(model)["vision"].cross_tokens.dtype == torch.bfloat16

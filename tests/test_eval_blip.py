@@ -330,9 +330,13 @@ def test_vqa_file_errors(vqa_files, tmp_path):
     with pytest.raises(ValueError, match=r"ann.json.*no annotation for 2 questions, e.g. question_id 80"):
         vqa.load_vqa(questions, ann, check=False)
     bad = tmp_path / "q.json"
-    bad.write_text(json.dumps({"questions": [{"question_id": 1, "question": "why?"}]}))
+    bad.write_text(json.dumps({"data_subtype": "val2014", "questions": [{"question_id": 1, "question": "why?"}]}))
     with pytest.raises(ValueError, match=r"q.json.*questions\[0\] has no \"image_id\""):
         vqa.load_vqa(bad, check=False)
+    bad.write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 3, "question": "why?"}]}))
+    with pytest.raises(ValueError, match=r"q.json.*no \"data_subtype\""):
+        vqa.load_vqa(bad, check=False)
+    assert vqa.load_vqa(bad, image_pattern="{image_id}.jpg", check=False).image_paths == [tmp_path / "3.jpg"]
 
 
 # --------------------------------------------------------------------------- NLVR2

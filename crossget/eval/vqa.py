@@ -186,6 +186,8 @@ def load_vqa(
         raise malformed(qpath, QUESTIONS, "no questions")
     root = Path(image_root) if image_root is not None else qpath.parent
     subtype = qdata.get("data_subtype")
+    if subtype is None and "{data_subtype" in image_pattern:
+        raise malformed(qpath, QUESTIONS, 'no "data_subtype" to name the images by; give an image_pattern without it')
     qids, texts, paths = [], [], []
     for n, q in enumerate(entries):
         require_fields(q, ("question_id", "image_id", "question"), qpath, QUESTIONS, f"questions[{n}]")
@@ -194,8 +196,6 @@ def load_vqa(
         except (KeyError, ValueError, IndexError) as err:
             raise ValueError(f"image_pattern {image_pattern!r} does not fit image_id {q['image_id']!r} of "
                              f"{qpath}: {err!r}") from None
-        if subtype is None and "{data_subtype" in image_pattern:
-            raise malformed(qpath, QUESTIONS, 'no "data_subtype" for the image names; give an image_pattern')
         qids.append(q["question_id"])
         texts.append(str(q["question"]))
         paths.append(root / name)

@@ -147,14 +147,23 @@ def _blip_itm_class() -> type:
     return BlipForImageTextRetrieval
 
 
-@torch.inference_mode()
-def match_probs(model: nn.Module, processor: Any, images: list, sentences: list[str]) -> torch.Tensor:
-    """Softmax ITM "match" probability ``[B]`` of each (image, sentence) through the model's forward."""
+def itm_inputs(model: nn.Module, processor: Any, images: list, sentences: list[str]) -> dict[str, torch.Tensor]:
+    """Processor tensors of (image, sentence) pairs on the model's device (sentences padded to the longest)."""
     device, dtype = device_dtype(model)
     inputs = processor(images=images, text=sentences, return_tensors="pt", padding=True)
-    out = model(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device),
-                pixel_values=inputs["pixel_values"].to(device, dtype), use_itm_head=True)
-    return out.itm_score.float().softmax(-1)[:, 1].cpu()
+    return {"input_ids": inputs["input_ids"].to(device), "attention_mask": inputs["attention_mask"].to(device),
+            "pixel_values": inputs["pixel_values"].to(device, dtype)}
+
+
+@torch.inference_mode()
+def match_probs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Softmax ITM "match" probability ``[B]`` of each pair of :func:`itm_inputs`, through the model's forward."""
+    return model(**inputs, use_itm_head=True).itm_score.float().softmax(-1)[:, 1].cpu()
+
+
+def pair_gflops(model: nn.Module, processor: Any, left, right, sentence: str) -> float:
+    """GFLOPs of deciding one example: the sentence against both images."""
+    return gflops_of(match_probs, model, itm_inputs(model, processor, [left, right], [sentence] * 2))
 
 
 def evaluate_nlvr2(
@@ -170,7 +179,7 @@ def evaluate_nlvr2(
 
     Returns ``accuracy`` (percent), ``true_share`` (percent of True labels: the majority baseline is
     ``max(true_share, 100 - true_share)``), ``gflops`` (both images of the first example),
-    ``examples_per_s``, ``decision`` and per-example ``results``.
+    ``examples_per_s`` (model time, not image decoding), ``decision`` and per-example ``results``.
     """
     check_model(model, _blip_itm_class())
     combine_probs(torch.zeros(1), torch.zeros(1), combine)  # validate before the long part
@@ -180,18 +189,18 @@ def evaluate_nlvr2(
     for s in tqdm(range(0, len(data), batch_size), desc="NLVR2", disable=not progress):
         images = [open_rgb(p) for p in data.left[s : s + batch_size] + data.right[s : s + batch_size]]
         sentences = data.sentences[s : s + batch_size]
+        inputs = itm_inputs(model, processor, images, sentences * 2)  # lefts, then rights
         with clock:
-            probs = match_probs(model, processor, images, sentences * 2)  # lefts, then rights
+            probs = match_probs(model, inputs)
         left_p.append(probs[: len(sentences)])
         right_p.append(probs[len(sentences) :])
     left, right = torch.cat(left_p), torch.cat(right_p)
     scores = combine_probs(left, right, combine)
     predictions = (scores >= threshold).tolist()
-    first = [open_rgb(data.left[0]), open_rgb(data.right[0])]
     return {
         "accuracy": accuracy(predictions, data.labels),
         "true_share": 100 * sum(data.labels) / len(data),
-        "gflops": gflops_of(match_probs, model, processor, first, [data.sentences[0]] * 2),
+        "gflops": pair_gflops(model, processor, open_rgb(data.left[0]), open_rgb(data.right[0]), data.sentences[0]),
         "examples_per_s": clock.rate(len(data)),
         "seconds": clock.seconds,
         "examples": len(data),
@@ -229,7 +238,7 @@ def run_nlvr2(
     result = run_config(
         model,
         lambda: evaluate_nlvr2(model, processor, data, progress=progress, **kwargs),
-        lambda: gflops_of(match_probs, model, processor, first, [data.sentences[0]] * 2),
+        lambda: pair_gflops(model, processor, *first, data.sentences[0]),
         method, r, flops, towers,
     )
     result = {"task": "nlvr2", "model": str(model_dir), "data": str(path), **result}

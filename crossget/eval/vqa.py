@@ -251,19 +251,22 @@ def _blip_vqa_class() -> type:
     return BlipForQuestionAnswering
 
 
-@torch.inference_mode()
-def answer_questions(
-    model: nn.Module, processor: Any, images: list, questions: list[str], max_new_tokens: int = 10,
-    num_beams: int = 1,
-) -> list[str]:
-    """Generated answers of a batch (questions of equal tokenised length: nothing is padded)."""
+def vqa_inputs(model: nn.Module, processor: Any, images: list, questions: list[str]) -> dict[str, torch.Tensor]:
+    """Processor tensors of a batch (``input_ids``/``attention_mask`` ``[B, L]``, ``pixel_values``), on the model's
+    device; questions of equal tokenised length, so nothing is padded."""
     device, dtype = device_dtype(model)
     inputs = processor(images=images, text=questions, return_tensors="pt", padding=True)
-    out = model.generate(
-        input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device),
-        pixel_values=inputs["pixel_values"].to(device, dtype), max_new_tokens=max_new_tokens, num_beams=num_beams,
-    )
-    return [a.strip() for a in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return {"input_ids": inputs["input_ids"].to(device), "attention_mask": inputs["attention_mask"].to(device),
+            "pixel_values": inputs["pixel_values"].to(device, dtype)}
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: nn.Module, tokenizer: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int = 10, num_beams: int = 1
+) -> list[str]:
+    """Generated answers of a batch made by :func:`vqa_inputs`."""
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    return [a.strip() for a in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -279,13 +282,9 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int
 def vqa_gflops(model: nn.Module, processor: Any, image, question: str, max_new_tokens: int = 10,
                num_beams: int = 1) -> float:
     """GFLOPs of answering one question, forced to ``max_new_tokens`` answer tokens."""
-    device, dtype = device_dtype(model)
-    inputs = processor(images=[image], text=[question], return_tensors="pt")
-    return gflops_of(
-        model.generate, input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device),
-        pixel_values=inputs["pixel_values"].to(device, dtype), max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens, num_beams=num_beams,
-    )
+    inputs = vqa_inputs(model, processor, [image], [question])
+    return gflops_of(model.generate, **inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                     num_beams=num_beams)
 
 
 def evaluate_vqa(
@@ -300,7 +299,7 @@ def evaluate_vqa(
     """Answer every question; official accuracy when ``data`` has annotations; GFLOPs and questions/s.
 
     Returns ``accuracy`` (percent), ``accuracy_per_answer_type``, ``gflops`` (:func:`vqa_gflops`, first
-    question), ``questions_per_s`` (model time: vision, question encoder, answer decoder) and
+    question), ``questions_per_s`` (model time: vision, question encoder, answer decoder; not image decoding) and
     ``results`` (``[{"question_id", "answer"}]``, the official results format, in file order).
     """
     check_model(model, _blip_vqa_class())
@@ -310,10 +309,10 @@ def evaluate_vqa(
     answers: dict[int, str] = {}
     bar = tqdm(total=len(data), desc="questions", disable=not progress)
     for idx in length_batches(lengths, batch_size):
-        images = [open_rgb(data.image_paths[i]) for i in idx]
+        inputs = vqa_inputs(model, processor, [open_rgb(data.image_paths[i]) for i in idx],
+                            [data.questions[i] for i in idx])
         with clock:
-            out = answer_questions(model, processor, images, [data.questions[i] for i in idx], max_new_tokens,
-                                   num_beams)
+            out = generate_answers(model, processor.tokenizer, inputs, max_new_tokens, num_beams)
         answers.update(zip(idx, out))
         bar.update(len(idx))
     bar.close()

@@ -304,6 +304,7 @@ def eval_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="GFLOPs targets (default 0.8,0.7,0.58,0.5)")
     p.add_argument("--cross-tokens", default="default", help="trained cross tokens (default: the model's own)")
     p.add_argument("--out", default="benchmarks/shapes-sweep", help="folder for sweep.json/.md/.png")
+    p.add_argument("--unguided", action="store_true", help="also complete-graph matching without cross tokens (ablation)")
 
 
 def eval_sweep(args: argparse.Namespace) -> int:
@@ -320,6 +321,8 @@ def eval_sweep(args: argparse.Namespace) -> int:
     for level in args.levels:
         configs.append({"method": "tome", "flops": level})
         configs.append({"method": "crossget", "flops": level})
+        if args.unguided:
+            configs.append({"method": "crossget", "flops": level, "importance": "none"})
         if trained:
             configs.append({"method": "crossget", "flops": level, "cross_tokens": trained})
     rows = evaluate_configs(model, inputs, split.txt2img, split.img2txts, configs, args.batch)

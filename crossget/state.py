@@ -44,12 +44,14 @@ class TowerSettings:
     trace_sources: bool = False  # keep the input -> output token map (visualisation)
     # how the cross token rates tokens: "cross" is SPEC §3's cos(q_cross, k_i); "attention"
     # is the authors' LLaVA rule: mean attention a token receives plus the cross token's
-    # attention to it (needs the attention's head-mean probabilities, see observe())
+    # attention to it (needs the attention's head-mean probabilities, see observe());
+    # "none" is complete-graph matching with a plain size-weighted average (ablation: no
+    # cross token at all)
     importance: str = "cross"
 
     @property
     def uses_cross_token(self) -> bool:
-        return self.method == "crossget"
+        return self.method == "crossget" and self.importance != "none"
 
 
 @dataclass

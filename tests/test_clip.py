@@ -186,6 +186,28 @@ def test_repatch_reconfigures_and_keeps_trained_cross_tokens(images):
     assert len(model.vision_model.encoder._forward_pre_hooks) == 1  # not stacked
 
 
+def test_unguided_ablation_ignores_cross_tokens_and_keeps_them(images):
+    model = make_clip()
+    crossget.patch(model, r=8)
+    with torch.no_grad():
+        crossget.states(model)["vision"].cross_tokens.normal_()  # "trained" theta
+    theta = crossget.states(model)["vision"].cross_tokens.clone()
+    guided = run(model, images, *make_texts([16, 9, 5])).image_embeds
+    crossget.patch(model, r=8, importance="none")
+    assert crossget.config(model)["importance"] == "none"
+    st = crossget.states(model)["vision"]
+    assert st.cross_tokens is None and not st.settings.uses_cross_token
+    unguided = run(model, images, *make_texts([16, 9, 5])).image_embeds
+    assert st.cross is None and st.tokens == [57, 49, 41]
+    assert not torch.allclose(unguided, guided, atol=1e-4)
+    # theta is kept (unused) and back in use after re-patching with guidance
+    crossget.patch(model, r=8)
+    assert torch.equal(crossget.states(model)["vision"].cross_tokens, theta)
+    assert torch.allclose(run(model, images, *make_texts([16, 9, 5])).image_embeds, guided, atol=1e-6)
+    with pytest.raises(ValueError, match="importance"):
+        crossget.patch(model, r=8, importance="attention")
+
+
 def test_single_tower_models(images):
     torch.manual_seed(0)
     clip = make_clip()

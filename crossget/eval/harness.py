@@ -28,11 +28,11 @@ RESULT_KEYS = (
 
 def apply_config(model: nn.Module, cfg: Mapping[str, Any]) -> None:
     """Patch ``model`` for one evaluation config: ``method`` (none | tome | crossget), ``r`` or
-    ``flops``, optional ``towers`` and ``cross_tokens`` (a trained safetensors file)."""
+    ``flops``, optional ``towers``, ``importance`` and ``cross_tokens`` (a trained safetensors file)."""
     unpatch(model)
     if cfg["method"] == "none":
         return
-    kwargs = {k: cfg[k] for k in ("r", "flops", "towers") if cfg.get(k) is not None}
+    kwargs = {k: cfg[k] for k in ("r", "flops", "towers", "importance") if cfg.get(k) is not None}
     patch(model, method=cfg["method"], **kwargs)
     if cfg.get("cross_tokens"):
         # trained theta on this schedule: theta is one vector per layer, not per schedule
@@ -77,6 +77,7 @@ def evaluate_configs(
             "r": cfg.get("r"),
             "flops_target": cfg.get("flops"),
             "cross_tokens": cfg.get("cross_tokens"),
+            "importance": cfg.get("importance"),
             **metrics,
             "gflops": gflops,
             "gflops_ratio": gflops / ref["gflops"],
@@ -95,8 +96,8 @@ def _name(cfg: Mapping[str, Any]) -> str:
     if cfg["method"] == "none":
         return "unreduced"
     level = f"flops={cfg['flops']:g}" if cfg.get("flops") is not None else f"r={cfg.get('r')}"
-    trained = " trained" if cfg.get("cross_tokens") else ""
-    return f"{cfg['method']}{trained} {level}"
+    variant = " trained" if cfg.get("cross_tokens") else " unguided" if cfg.get("importance") == "none" else ""
+    return f"{cfg['method']}{variant} {level}"
 
 
 def results_table(rows: Sequence[Mapping[str, Any]]) -> str:

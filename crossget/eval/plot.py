@@ -20,6 +20,8 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
             return "unreduced"
         if r["method"] == "tome":
             return "ToMe"
+        if r.get("importance") == "none":
+            return "complete graph, unguided"
         return "CrossGET (trained cross tokens)" if r.get("cross_tokens") else "CrossGET (training-free)"
 
     series: dict[str, list] = {}

@@ -24,6 +24,7 @@ from ..state import METHODS, METRICS, TowerSettings, TowerState
 from . import blip, blip2, clip, llava
 from .common import install, uninstall
 
+IMPORTANCE = ("cross", "none")  # what patch() offers; LLaVA's family sets "attention" itself
 FAMILIES: tuple[ModuleType, ...] = (llava, clip, blip, blip2)
 CONFIG_ATTR = "_crossget_config"
 
@@ -52,6 +53,7 @@ def patch(
     text_len: int | None = None,
     trace_sources: bool = False,
     keep: int | None = None,
+    importance: str = "cross",
 ) -> nn.Module:
     """Make ``model`` merge tokens while it runs; in place, returns ``model``.
 
@@ -74,6 +76,9 @@ def patch(
         keep: instead of ``r``, the visual tokens per image that reach a language model
             (LLaVA; see :mod:`crossget.patch.llava`, which also adds ``method="fastv"``
             and ``"visionzip"``).
+        importance: for ``method="crossget"``: ``"cross"`` (SPEC §3, cross-token guidance)
+            or ``"none"`` (complete-graph matching and size-weighted averaging without any
+            cross token: an ablation of the guidance).
 
     With ``method="crossget"`` every tower gets cross tokens (``theta``, zeros: training
     free); towers not in ``towers`` run them with ``r = 0`` so the cross-token loss
@@ -91,6 +96,8 @@ def patch(
             metric=metric, text_len=text_len, trace_sources=trace_sources,
         )
         return model
+    if importance not in IMPORTANCE:
+        raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
     if keep is not None:
         raise ValueError(f"keep= counts visual tokens fed to a language model (LLaVA), not for {type(model).__name__}")
     found = fam.towers(model)
@@ -127,11 +134,12 @@ def patch(
     for kind, tower in found.items():
         if kind in schedules:
             sched = schedules[kind]
-        elif method == "crossget":
+        elif method == "crossget" and importance != "none":
             sched = [0] * len(tower.layers)
         else:
             continue
-        install(tower, TowerSettings(kind, sched, method, prop_attn, metric, trace_sources), thetas[kind])
+        settings = TowerSettings(kind, sched, method, prop_attn, metric, trace_sources, importance=importance)
+        install(tower, settings, thetas[kind])
     _glue(fam, model, install=True)
     model.__dict__[CONFIG_ATTR] = {
         "method": method,
@@ -142,6 +150,7 @@ def patch(
         "prop_attn": prop_attn,
         "metric": metric,
         "trace_sources": trace_sources,
+        "importance": importance,
     }
     return model
 
@@ -163,6 +172,7 @@ def patch_from_config(model: nn.Module, saved: Mapping[str, Any]) -> nn.Module:
         prop_attn=saved["prop_attn"],
         metric=saved["metric"],
         trace_sources=saved.get("trace_sources", False),
+        importance=saved.get("importance", "cross"),
     )
     # the schedule came from a FLOPs target: keep saying so
     model.__dict__[CONFIG_ATTR].update(flops=saved.get("flops"), flops_estimate=saved.get("flops_estimate"))

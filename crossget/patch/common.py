@@ -71,6 +71,8 @@ def install(tower: Tower, settings: TowerSettings, theta: nn.Parameter | None = 
             theta = nn.Parameter(torch.zeros(len(tower.layers), tower.hidden, dtype=ref.dtype, device=ref.device))
         setattr(tower.encoder, CROSS_PARAM, theta)
         state.cross_tokens = theta
+    elif theta is not None:
+        setattr(tower.encoder, CROSS_PARAM, theta)  # unused now, kept for a later re-patch
     return state
 
 

@@ -526,3 +526,15 @@ def test_save_and_load_cross_tokens(tmp_path, images):
     assert torch.equal(logits(fresh, images), want)
     crossget.patch(fresh, r=8, method="crossget")  # re-patching keeps them
     assert torch.equal(logits(fresh, images), want)
+
+
+def test_unguided_ablation_has_no_cross_tokens(images):
+    model = make_llava()
+    crossget.patch(model, r=8, method="crossget", importance="none")
+    assert crossget.config(model)["importance"] == "none"
+    assert not [n for n, _ in model.named_parameters() if "crossget" in n] and not crossget.states(model)["vision"].cross_tokens
+    assert generate(model, images).shape == (2, GEN["max_new_tokens"])
+    with pytest.raises(ValueError, match="cross tokens"):
+        crossget.save_cross_tokens(model, "unused.safetensors")
+    with pytest.raises(ValueError, match="importance"):
+        crossget.patch(model, r=8, method="crossget", importance="bogus")

@@ -93,7 +93,7 @@ def patch(
     if hasattr(fam, "patch_model"):
         model.__dict__[CONFIG_ATTR] = fam.patch_model(
             model, r, flops=flops, keep=keep, method=method, towers=towers, prop_attn=prop_attn,
-            metric=metric, text_len=text_len, trace_sources=trace_sources,
+            metric=metric, text_len=text_len, trace_sources=trace_sources, importance=importance,
         )
         return model
     if importance not in IMPORTANCE:

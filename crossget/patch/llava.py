@@ -822,6 +822,7 @@ def patch_model(
     trace_sources: bool = False,
     fastv_layer: int = FASTV_LAYER,
     contextual: int | None = None,
+    importance: str = "cross",
 ) -> dict:
     """Patch a LLaVA model in place (``crossget.patch`` calls this); returns the config dict.
 
@@ -831,6 +832,9 @@ def patch_model(
     prompt tokens besides the image, default 64). ``fastv``/``visionzip`` read ``r`` as
     the visual-token count CrossGET's schedule ``r`` gives. ``fastv_layer``: FastV's K;
     ``contextual``: VisionZip's contextual tokens (default 10/64 of ``keep``).
+    ``importance`` (``method="crossget"``): ``"cross"`` or ``"attention"`` (the same for
+    LLaVA: the authors' attention rule, cross tokens in the tower and the LM) or
+    ``"none"`` (complete-graph matching without cross tokens: an ablation).
 
     Raises:
         TypeError: not a LLaVA model with a CLIP vision tower.
@@ -841,6 +845,9 @@ def patch_model(
     strategy = _strategy(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} for LLaVA, got {method!r}")
+    if importance not in ("cross", "attention", "none"):
+        raise ValueError(f"importance must be 'cross', 'attention' or 'none', got {importance!r}")
+    importance = "none" if importance == "none" else "attention"
     metric = metric or ("keys_mean" if method == "tome" else "keys")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -892,12 +899,12 @@ def patch_model(
     if method in MERGING:
         settings = TowerSettings(
             "vision", sched, method, prop_attn, metric, trace_sources,
-            importance="attention" if method == "crossget" else "cross",
+            importance=importance if method == "crossget" else "cross",
         )
         install(vision_record, settings, theta_vision)
         for i, layer in enumerate(vision_record.layers):
             layer.self_attn._crossget_layer = i  # the attention asks its layer's r
-        if method == "crossget":
+        if method == "crossget" and importance != "none":
             _install_lm_cross_tokens(base, glue, theta_text)
     elif method == "fastv":
         _install_fastv(base, glue, fastv_layer, keep)
@@ -918,6 +925,7 @@ def patch_model(
         "prop_attn": prop_attn,
         "metric": metric,
         "trace_sources": trace_sources,
+        "importance": importance if method == "crossget" else None,
         "fastv_layer": fastv_layer if method == "fastv" else None,
         "contextual": _visionzip_split(model, keep, contextual)[1] if method_keep and method == "visionzip" else None,
     }

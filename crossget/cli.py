@@ -67,6 +67,7 @@ def _choice(choices: Sequence[str]) -> Callable[[str], str]:
 
 
 REDUCIBLE_METHODS = ("tome", "crossget")
+LLAVA_PEERS = ("fastv", "visionzip")  # visual-token reduction peers, LLaVA only
 TOWER_KINDS = ("vision", "text")
 
 
@@ -123,24 +124,59 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens each caption generates, exactly (--tower caption; default 10)")
     p.add_argument("--reduce", type=_comma_list(_choice(TOWER_KINDS), "towers"), default=None,
                    help="towers to reduce, e.g. vision,text (default: the benchmarked tower; vision for both)")
-    p.add_argument("--methods", type=_comma_list(_choice(REDUCIBLE_METHODS), "methods"), default=["tome", "crossget"],
-                   help="comma-separated: tome, crossget (default both; the stock model always runs)")
+    p.add_argument("--methods", type=_comma_list(_choice(REDUCIBLE_METHODS + LLAVA_PEERS), "methods"), default=None,
+                   help="comma-separated: tome, crossget (default both; the stock model always runs); "
+                        "for --model llava-1.5 also fastv, visionzip (default all four)")
     p.add_argument("--r", type=_comma_list(_non_negative_int, "non-negative integers"), default=[],
                    help="tokens removed per layer; one config per value, e.g. 8,12,16")
     p.add_argument("--flops", type=_comma_list(_ratio, "ratios in (0, 1]"), default=[],
                    help="target FLOPs ratios solved into schedules, e.g. 0.58,0.69")
     p.add_argument("--attn", choices=("sdpa", "eager"), default=None, help="attention implementation")
+    p.add_argument("--keep", type=_comma_list(_int_at_least(1), "positive integers"), default=[],
+                   help="--model llava-1.5: visual tokens per image for the LM, one config per value "
+                        "(default 64,128,192,288; with --r 13)")
+    p.add_argument("--lm-layers", type=_int_at_least(1), default=2,
+                   help="--model llava-1.5: layers of the timed scaled-down Llama (default 2)")
+    p.add_argument("--prompt-tokens", type=_int_at_least(1), default=64,
+                   help="--model llava-1.5: prompt text tokens besides the image (default 64)")
     _add_run_arguments(p, batch=8, rounds=5, out=None)
 
 
 def bench(args: argparse.Namespace) -> int:
     """Benchmark merging configs against the stock model."""
+    if args.model.startswith("llava"):
+        return _bench_llava(args)
+    if set(args.methods or ()) & set(LLAVA_PEERS) or args.keep:
+        raise ValueError("--methods fastv/visionzip and --keep are for --model llava-1.5")
+    args.methods = args.methods or ["tome", "crossget"]
     if not args.r and not args.flops:
         raise ValueError("give --r and/or --flops (e.g. --r 8,12,16 or --flops 0.58)")
     reduce = args.reduce
     if reduce is None and args.tower not in ("both", "caption"):
         reduce = [args.tower]
     return _benchmark(args, args.methods, args.r, args.flops, reduce)
+
+
+def _bench_llava(args: argparse.Namespace) -> int:
+    """LLaVA-1.5: FLOPs of the real 7B/13B and timings of a scaled-down model, every method
+    at every visual-token budget (see crossget.bench_llava)."""
+    from .bench_llava import DEFAULT_KEEPS, DEFAULT_RS, METHODS, run_llava_benchmark
+
+    if args.model not in ("llava-1.5", "llava-1.5-7b"):
+        raise ValueError(f"the LLaVA benchmark builds LLaVA-1.5 itself: --model llava-1.5, got {args.model!r}")
+    if args.flops:
+        raise ValueError("--flops is not a LLaVA budget here: give --keep and/or --r")
+    keeps, rs = (args.keep, args.r) if (args.keep or args.r) else (DEFAULT_KEEPS, DEFAULT_RS)
+    out = args.out or os.path.join("benchmarks", "llava")
+    run_llava_benchmark(
+        methods=args.methods or METHODS, keeps=keeps, rs=rs, prompt_tokens=args.prompt_tokens,
+        new_tokens=args.max_new_tokens, rounds=args.rounds, threads=args.threads, lm_layers=args.lm_layers, out_dir=out,
+    )
+    md = os.path.join(out, "results.md")
+    with open(md) as f:
+        print(f.read())
+    print(f"wrote {md}, {os.path.join(out, 'results.json')} and {os.path.join(out, 'tradeoff.png')}")
+    return 0
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,8 +9,8 @@ Two parts, one run (``crossget bench --model llava-1.5``):
   selection; the projector and the language model are built on the meta device (no
   weights) and counted the same way, FastV's deeper layers on the pruned sequence.
 - **Measured** on a scaled-down LLaVA that fits a CPU: the same CLIP ViT-L/14-336 tower
-  and projector, a Llama of LLaVA-1.5-7B's width with ``lm_layers`` layers (random
-  weights): time to first token (vision + prefill), decode tokens/s and peak activation
+  and projector, a Llama of LLaVA-1.5-7B's width with ``lm_layers`` layers (3: FastV
+  keeps its K=2 and prunes the third; random weights): time to first token (vision + prefill), decode tokens/s and peak activation
   memory (:class:`crossget.memory.PeakMemory`, KV cache included) of
   ``generate(max_new_tokens=new_tokens)`` at batch 1. Every round runs every config
   once, in a rotating order (drifting load hits all alike); speedups are ratios of
@@ -65,7 +65,7 @@ def budget_configs(methods: Sequence[str], keeps: Sequence[int], rs: Sequence[in
     return configs
 
 
-def scaled_llava(lm_layers: int = 2, size: str = "7b", seed: int = 0) -> nn.Module:
+def scaled_llava(lm_layers: int = 3, size: str = "7b", seed: int = 0) -> nn.Module:
     """LLaVA-1.5 with its real CLIP ViT-L/14-336 tower and projector and a Llama of the
     real width cut to ``lm_layers`` layers; random weights, eval mode."""
     from transformers import LlavaForConditionalGeneration
@@ -209,7 +209,7 @@ def run_llava_benchmark(
     new_tokens: int = 16,
     rounds: int = 2,
     threads: int = 2,
-    lm_layers: int = 2,
+    lm_layers: int = 3,
     out_dir: str | os.PathLike = "benchmarks/llava",
     progress: bool = True,
     model: nn.Module | None = None,

@@ -135,8 +135,8 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=_comma_list(_int_at_least(1), "positive integers"), default=[],
                    help="--model llava-1.5: visual tokens per image for the LM, one config per value "
                         "(default 64,128,192,288; with --r 13)")
-    p.add_argument("--lm-layers", type=_int_at_least(1), default=2,
-                   help="--model llava-1.5: layers of the timed scaled-down Llama (default 2)")
+    p.add_argument("--lm-layers", type=_int_at_least(1), default=3,
+                   help="--model llava-1.5: layers of the timed scaled-down Llama (default 3; FastV prunes after 2)")
     p.add_argument("--prompt-tokens", type=_int_at_least(1), default=64,
                    help="--model llava-1.5: prompt text tokens besides the image (default 64)")
     _add_run_arguments(p, batch=8, rounds=5, out=None)

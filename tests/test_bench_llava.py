@@ -94,5 +94,5 @@ def test_cli_runs_the_llava_benchmark(monkeypatch, capsys, tmp_path):
             "--rounds", "3", "--threads", "1", "--max-new-tokens", "8", "--out", str(tmp_path)]
     assert main(argv) == 0
     assert seen["methods"] == ["crossget", "fastv"] and seen["keeps"] == [64, 128] and seen["rs"] == [13]
-    assert (seen["rounds"], seen["threads"], seen["new_tokens"], seen["lm_layers"]) == (3, 1, 8, 2)
+    assert (seen["rounds"], seen["threads"], seen["new_tokens"], seen["lm_layers"]) == (3, 1, 8, 3)
     assert "| table |" in capsys.readouterr().out

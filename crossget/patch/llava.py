@@ -531,6 +531,7 @@ def _install_lm_cross_tokens(base: hf.LlavaModel, glue: _Glue, theta: nn.Paramet
         state.cross_outputs = []
         if _cache_len(kwargs.get("past_key_values")) == 0:
             x = kwargs.get("inputs_embeds")
+            x = kwargs.get("input_ids", args[0] if args else None) if x is None else x
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
                 state.anchor = mask.int().argmax(-1)  # first real token (left padding)

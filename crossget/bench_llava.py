@@ -10,11 +10,12 @@ Two parts, one run (``crossget bench --model llava-1.5``):
   weights) and counted the same way, FastV's deeper layers on the pruned sequence.
 - **Measured** on a scaled-down LLaVA that fits a CPU: the same CLIP ViT-L/14-336 tower
   and projector, a Llama of LLaVA-1.5-7B's width with ``lm_layers`` layers (3: FastV
-  keeps its K=2 and prunes the third; random weights): time to first token (vision + prefill), decode tokens/s and peak activation
-  memory (:class:`crossget.memory.PeakMemory`, KV cache included) of
-  ``generate(max_new_tokens=new_tokens)`` at batch 1. Every round runs every config
-  once, in a rotating order (drifting load hits all alike); speedups are ratios of
-  medians from the same run.
+  keeps its K=2 and prunes the third; random weights): time to first token (vision +
+  prefill), decode tokens/s and peak activation memory (:class:`crossget.memory.PeakMemory`,
+  KV cache included) of ``generate(max_new_tokens=new_tokens)`` at batch 1. A first,
+  untimed round measures the memory (and warms up); then every timed round runs every
+  config once, in a rotating order (drifting load hits all alike); speedups are ratios
+  of medians from the same run.
 
 Writes ``results.json``, ``results.md`` and ``tradeoff.png`` to ``out_dir``.
 """
@@ -150,6 +151,21 @@ def _projector_flops(config: Any, visual: int) -> float:
         return _count(proj, torch.empty(1, visual, config.vision_config.hidden_size, device="meta")) / 1e9
 
 
+def _fastv_rank_gflops(text_config: Any, tokens: int) -> float:
+    """FastV's ranking: one query row against every key of layer K - 1 (2 x H x head_dim x L)."""
+    hd = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return 2 * text_config.num_attention_heads * hd * tokens / 1e9
+
+
+def _lm_parts(config: Any, lm_visual: Sequence[tuple[int, int]], prompt_tokens: int, new_tokens: int) -> dict:
+    """LM GFLOPs for ``(layers, visual tokens)`` segments; several segments are FastV's
+    prune, whose ranking is counted with the prefill."""
+    out = lm_flops(config, [(n, v + prompt_tokens) for n, v in lm_visual], new_tokens)
+    if len(lm_visual) > 1:
+        out["prefill"] += _fastv_rank_gflops(config.text_config, lm_visual[0][1] + prompt_tokens)
+    return out
+
+
 def real_model_flops(
     size: str, vision_gflops: float, visual: int, lm_visual: Sequence[tuple[int, int]], prompt_tokens: int,
     new_tokens: int,
@@ -158,7 +174,7 @@ def real_model_flops(
     ``lm_visual``: ``(layers, visual tokens)`` segments of the LM."""
     cfg = llava15_config(size)
     out = {"vision": vision_gflops, "projector": _projector_flops(cfg, visual)}
-    out |= lm_flops(cfg, [(n, v + prompt_tokens) for n, v in lm_visual], new_tokens)
+    out |= _lm_parts(cfg, lm_visual, prompt_tokens, new_tokens)
     out["ttft"] = out["vision"] + out["projector"] + out["prefill"]  # up to the first token
     out["total"] = out["ttft"] + out["decode"]
     return out
@@ -229,41 +245,49 @@ def run_llava_benchmark(
     rows: list[dict] = []
     t0 = time.perf_counter()
 
-    # untimed pass: budgets, FLOPs (scaled model; real tower) and peak memory
+    # budgets and FLOPs: the tower really runs (counted), projector and LMs on meta
     for cfg in configs:
         _apply(model, cfg)
         pc = patch_config(model) if cfg["method"] != "none" else {}
         visual = image_tokens(model)
         lm_keep = pc.get("keep", visual) if cfg["method"] == "fastv" else visual
-        inputs = _prompt(model, prompt_tokens)
-        counter = FlopCounterMode(display=False)
-        with PeakMemory() as mem, counter:
-            _generate(model, inputs, new_tokens)
-        counts = counter.get_flop_counts()
-        vision = sum(counts.get("CLIPVisionModel", {}).values()) / 1e9
+        with torch.inference_mode():
+            pixels = _prompt(model, prompt_tokens)["pixel_values"]
+            vision = _count(model.model.vision_tower, pixels, output_hidden_states=True) / 1e9
         row = {
             "name": cfg["name"], "method": cfg["method"], "budget": {k: cfg[k] for k in ("keep", "r") if k in cfg},
             "visual_tokens": visual, "lm_visual_tokens": lm_keep, "schedule": pc.get("r", {}).get("vision"),
-            "scaled_gflops": counter.get_total_flops() / 1e9, "vision_gflops": vision, "peak_act_mib": mem.peak_mib,
-            "times": [],
+            "vision_gflops": vision, "times": [],
         }
+        n_scaled = model.config.text_config.num_hidden_layers
+        k = min(FASTV_LAYER, n_scaled) if cfg["method"] == "fastv" else n_scaled
+        scaled = [(k, visual)] + ([(n_scaled - k, lm_keep)] if k < n_scaled else [])
+        parts = _lm_parts(model.config, scaled, prompt_tokens, new_tokens)
+        row["scaled_gflops"] = vision + _projector_flops(model.config, visual) + parts["prefill"] + parts["decode"]
         for size in sizes:
             k = FASTV_LAYER if cfg["method"] == "fastv" else n_lm[size]
             segments = [(k, visual)] + ([(n_lm[size] - k, lm_keep)] if k < n_lm[size] else [])
             row[size] = real_model_flops(size, vision, visual, segments, prompt_tokens, new_tokens)
         rows.append(row)
-        if progress:
-            print(f"[{time.perf_counter() - t0:6.0f}s] {cfg['name']}: {visual} visual tokens, "
-                  f"{row['scaled_gflops']:.0f} GFLOPs (scaled), peak {mem.peak_mib:.0f} MiB", flush=True)
+    if progress:
+        print(f"[{time.perf_counter() - t0:6.0f}s] FLOPs of {len(rows)} configs counted", flush=True)
 
-    for rnd in range(rounds):
+    # round 0: untimed, peak memory (and warm-up); then the timed rounds
+    for rnd in range(rounds + 1):
         order = configs[rnd % len(configs):] + configs[: rnd % len(configs)]
         for cfg in order:
             _apply(model, cfg)
             row = next(r for r in rows if r["name"] == cfg["name"])
-            row["times"].append(_timed(model, _prompt(model, prompt_tokens), new_tokens))
+            inputs = _prompt(model, prompt_tokens)
+            if rnd == 0:
+                with PeakMemory() as mem:
+                    _generate(model, inputs, new_tokens)
+                row["peak_act_mib"] = mem.peak_mib
+            else:
+                row["times"].append(_timed(model, inputs, new_tokens))
         if progress:
-            print(f"[{time.perf_counter() - t0:6.0f}s] round {rnd + 1}/{rounds} done", flush=True)
+            note = " (memory, untimed)" if rnd == 0 else ""
+            print(f"[{time.perf_counter() - t0:6.0f}s] round {rnd}/{rounds} done{note}", flush=True)
     unpatch(model)
 
     base = rows[0]
@@ -321,7 +345,8 @@ def results_markdown(results: dict) -> str:
         f"Measured on the scaled model ({meta['scaled_model']}), batch 1, {meta['threads']} threads, "
         f"median of {meta['rounds']} interleaved rounds of generate(max_new_tokens={meta['new_tokens']}):",
         "",
-        "| config | visual tokens | GFLOPs (scaled) | vision ms | 1st token ms | speedup | decode tok/s | speedup | peak MiB |",
+        "| config | visual tokens | GFLOPs (scaled) | vision ms | 1st token ms | speedup | decode tok/s | speedup "
+        "| peak act. MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

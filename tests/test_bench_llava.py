@@ -4,7 +4,9 @@ import json
 
 import pytest
 from test_llava import make_llava
+from torch.utils.flop_counter import FlopCounterMode
 
+import crossget
 from crossget import bench_llava
 from crossget.eval.llava.arch import llava15_config, llava_flops
 
@@ -39,11 +41,21 @@ def test_budget_configs():
 
 
 def test_tiny_run_writes_results(tmp_path):
+    model = make_llava()
     res = bench_llava.run_llava_benchmark(
         methods=bench_llava.METHODS, keeps=(20,), rs=(8,), sizes=("7b",), prompt_tokens=4, new_tokens=3, rounds=1,
-        threads=1, out_dir=tmp_path, progress=False, model=make_llava(),
+        threads=1, out_dir=tmp_path, progress=False, model=model,
     )
     rows = {r["name"]: r for r in res["rows"]}
+    # the composed count (tower run, projector and LM on meta) is what generate() executes
+    for name, budget in (("baseline", None), ("fastv keep=20", dict(keep=20, method="fastv")),
+                         ("crossget keep=20", dict(keep=20, method="crossget"))):
+        if budget:
+            crossget.patch(model, **budget)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            bench_llava._generate(model, bench_llava._prompt(model, 4), 3)
+        assert counter.get_total_flops() / 1e9 == pytest.approx(rows[name]["scaled_gflops"], rel=1e-6), name
     assert rows["baseline"]["visual_tokens"] == 64 and rows["baseline"]["7b"]["ttft_ratio"] == 1.0
     assert rows["crossget keep=20"]["visual_tokens"] == 20 and rows["visionzip keep=20"]["visual_tokens"] == 20
     assert rows["fastv keep=20"]["visual_tokens"] == 64 and rows["fastv keep=20"]["lm_visual_tokens"] == 20

@@ -64,11 +64,25 @@ class EncoderCost:
     protected: int = 1
     fixed: float = 0.0  # FLOPs outside the layers (patch embedding, heads)
 
-    def flops(self, r: Sequence[int] | None = None) -> float:
+    def flops(
+        self, r: Sequence[int] | None = None, extra: int = 0, match: str | None = None, metric_dim: int | None = None
+    ) -> float:
+        """FLOPs with schedule ``r`` (None: unreduced).
+
+        ``extra``: tokens that never merge but run through every layer (the cross token).
+        ``match``: ``"complete"`` (CrossGET: ``N x N`` similarities) or ``"bipartite"``
+        (ToMe: ``N/2 x N/2``) adds the similarity product of every merging layer over a
+        ``metric_dim``-wide metric (default ``hidden``), the part of matching the FLOPs
+        counter sees.
+        """
         r = [0] * self.num_layers if r is None else r
         c, i = self.hidden, self.intermediate
+        d = metric_dim or c
         total = self.fixed
-        for n, m in token_counts(self.n_tokens, r, self.protected):
+        for (n, m), r_l in zip(token_counts(self.n_tokens, r, self.protected), r):
+            if match is not None and r_l > 0:
+                total += 2 * d * (n * n if match == "complete" else (n // 2) * (n - n // 2))
+            n, m = n + extra, m + extra
             total += 8 * n * c * c + 4 * n * n * c + 4 * m * c * i
         return total
 
@@ -77,11 +91,15 @@ def solve_flops(
     target: float,
     costs: Mapping[str, EncoderCost],
     reduced: Sequence[str],
+    patched: Mapping[str, Mapping] | None = None,
 ) -> tuple[dict[str, list[int]], float]:
     """Per-layer schedules for the ``reduced`` encoders reaching ``target`` x the FLOPs.
 
     ``costs`` holds every encoder that runs (an unreduced text tower still counts in
-    the denominator and the numerator). The schedule is the largest uniform ``r`` that
+    the denominator and the numerator). ``patched`` gives, per encoder, what the
+    patch adds (keyword arguments of :meth:`EncoderCost.flops`: ``extra`` cross tokens,
+    ``match``/``metric_dim`` for the similarity product), so that every method meets the
+    target as measured against the stock model. The schedule is the largest uniform ``r`` that
     stays above the target, then one more token removed in the earliest layers, one
     layer at a time, until the estimate reaches the target.
 
@@ -94,9 +112,10 @@ def solve_flops(
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise ValueError(f"flops must be a ratio in (0, 1], got {target!r}")
     base = sum(c.flops() for c in costs.values())
+    patched = patched or {}
 
     def ratio(sched: Mapping[str, Sequence[int]]) -> float:
-        return sum(c.flops(sched.get(k)) for k, c in costs.items()) / base
+        return sum(c.flops(sched.get(k), **patched.get(k, {})) for k, c in costs.items()) / base
 
     def uniform(r: int) -> dict[str, list[int]]:
         return {k: [r] * costs[k].num_layers for k in reduced}

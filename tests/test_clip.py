@@ -284,3 +284,24 @@ def test_sources_cover_every_patch_once(images):
     crossget.patch(model, r=4)
     with pytest.raises(ValueError, match="trace_sources"):
         crossget.sources(model, "vision")
+
+
+def test_flops_target_counts_the_cross_token(images):
+    """Both methods land on the target as measured against the stock model: CrossGET's
+    schedule pays for the cross tokens it carries (one per tower)."""
+    from crossget.flops import model_gflops
+
+    model = make_clip()
+    ids, mask = make_texts([16, 16, 16])
+    inputs = dict(pixel_values=images, input_ids=ids, attention_mask=mask)
+    base = model_gflops(model, inputs)
+    measured, removed = {}, {}
+    for method in ("tome", "crossget"):
+        crossget.patch(model, flops=0.7, method=method)
+        measured[method] = model_gflops(model, inputs) / base
+        removed[method] = sum(crossget.config(model)["r"]["vision"])
+        crossget.unpatch(model)
+    assert removed["crossget"] > removed["tome"]
+    for ratio in measured.values():
+        assert 0.62 < ratio < 0.72
+    assert abs(measured["crossget"] - measured["tome"]) < 0.03, measured

@@ -118,7 +118,14 @@ def patch(
 
     if flops is not None:
         costs = {k: fam.encoder_cost(t.module, k, text_len) for k, t in found.items()}
-        schedules, estimate = solve_flops(flops, costs, reduced)
+        cross = method == "crossget" and importance != "none"  # every tower then carries a cross token
+        match = {"crossget": "complete", "tome": "bipartite"}.get(method)
+        added = {
+            k: {"extra": int(cross), "match": match,
+                "metric_dim": t.hidden // t.heads if metric == "keys_mean" else t.hidden}
+            for k, t in found.items()
+        }
+        schedules, estimate = solve_flops(flops, costs, reduced, added)
     else:
         estimate = None
         schedules = {}

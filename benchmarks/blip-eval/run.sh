@@ -19,20 +19,4 @@ for m in none tome crossget; do
   $BIN/crossget eval vqa --model "$D/vqa" --data "$D/data/questions.json" --annotations "$D/data/annotations.json" "${a[@]}" --json "$OUT/vqa-$m.json"
   $BIN/crossget eval nlvr2 --model "$D/itm" --data "$D/data/dev.json" "${a[@]}" --json "$OUT/nlvr2-$m.json"
 done
-$BIN/python - "$OUT" <<'EOF'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-rate = {"itm-retrieval": "images_per_s", "caption": "images_per_s", "vqa": "questions_per_s", "nlvr2": "examples_per_s"}
-rows = ["| task | config | GFLOPs | GFLOPs ratio | throughput | speedup |", "|---|---|---:|---:|---:|---:|"]
-for task, key in rate.items():
-    base = None
-    for m in ("none", "tome", "crossget"):
-        r = json.loads((out / f"{task}-{m}.json").read_text())
-        base = base or r[key]
-        name = "unreduced" if m == "none" else f"{m} r={r['r']}"
-        rows.append(f"| {task} | {name} | {r['gflops']:.1f} | {r['gflops_ratio']:.3f} | {r[key]:.2f} {key.split('_')[0]}/s "
-                    f"| {r[key] / base:.2f}x |")
-(out / "results.md").write_text("\n".join(rows) + "\n")
-print("\n".join(rows))
-EOF
+$BIN/python $OUT/table.py "$OUT"

@@ -342,8 +342,8 @@ def results_markdown(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Measured on the scaled model ({meta['scaled_model']}), batch 1, {meta['threads']} threads, "
-        f"median of {meta['rounds']} interleaved rounds of generate(max_new_tokens={meta['new_tokens']}):",
+        f"Measured on the scaled model ({meta['scaled_model']}), batch 1, threads: {meta['threads']}, "
+        f"interleaved timed rounds: {meta['rounds']} (medians), generate(max_new_tokens={meta['new_tokens']}):",
         "",
         "| config | visual tokens | GFLOPs (scaled) | vision ms | 1st token ms | speedup | decode tok/s | speedup "
         "| peak act. MiB |",

@@ -47,9 +47,14 @@ def cross_token_loss(model: nn.Module) -> torch.Tensor:
     outs = {k: st[k].cross_outputs for k in ("vision", "text")}
     if not outs["vision"] or not outs["text"]:
         raise ValueError("run a forward through both towers before cross_token_loss")
+    project = {k: joint_projection(model, k) for k in ("vision", "text")}
+    if project["vision"] is None or project["text"] is None:
+        raise ValueError(
+            f"cross_token_loss needs a joint image-text space (projections), which {type(model).__name__} has not"
+        )
     depth = min(len(outs["vision"]), len(outs["text"]))
-    u = joint_projection(model, "vision")(torch.stack(outs["vision"][-depth:]))
-    v = joint_projection(model, "text")(torch.stack(outs["text"][-depth:]))
+    u = project["vision"](torch.stack(outs["vision"][-depth:]))
+    v = project["text"](torch.stack(outs["text"][-depth:]))
     if u.shape[1] != v.shape[1]:
         raise ValueError(f"cross_token_loss pairs images and texts one to one: got {u.shape[1]} images, {v.shape[1]} texts")
     return cross_token_alignment(u, v)

@@ -541,3 +541,13 @@ def test_bfloat16_generation_runs(cls, pixels):
         ids = model.generate(pixel_values=pixels.to(torch.bfloat16), **BEAMS)
     assert ids.shape[0] == 6
     assert crossget.states(model)["vision"].cross_tokens.dtype == torch.bfloat16
+
+
+def test_cross_token_loss_without_joint_space_says_so(pixels):
+    model = make_blip(BlipForQuestionAnswering)
+    ids, mask = texts()
+    crossget.patch(model, r=3, method="crossget", towers=("vision", "text"))
+    with torch.no_grad():
+        model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, **BEAMS)
+    with pytest.raises(ValueError, match="joint image-text space"):
+        crossget.cross_token_loss(model)

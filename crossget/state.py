@@ -143,6 +143,12 @@ class TowerState:
         mask = attention_bias(size, self.valid, self.pos, x.dtype, observer=True)
         return torch.cat([x, cross], 1), mask, False
 
+    def needs_attention(self, layer: int) -> bool:
+        """Whether ``layer``'s attention must hand its probabilities to :meth:`observe`
+        (``importance="attention"`` in a layer that merges)."""
+        s = self.settings
+        return s.importance == "attention" and s.method != "none" and s.r[layer] > 0
+
     def observe(self, query: torch.Tensor, key: torch.Tensor, attention: torch.Tensor | None = None) -> None:
         """Called by the patched attention with its ``[B, N (+1), C]`` projected queries and
         keys, heads concatenated (before the split into heads), and for

@@ -26,14 +26,20 @@ class CrossGETCLIPAttention(hf.CLIPAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, n, _ = hidden_states.shape
         shape = (b, n, -1, self.head_dim)
+        state = self._crossget
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        self._crossget.observe(q, k)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
+        q_heads, k_heads, v_heads = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        probs_needed = state.needs_attention(self._crossget_layer)
+        if probs_needed:  # eager: the probabilities are the point (LLaVA's importance)
+            attend = hf.eager_attention_forward
+            kwargs.pop("is_causal", None)
+        else:
+            attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
         out, weights = attend(
-            self, q, k, v, attention_mask,
+            self, q_heads, k_heads, v_heads, attention_mask,
             scaling=self.scale, dropout=self.dropout if self.training else 0.0, **kwargs,
         )
+        state.observe(q, k, weights.mean(1) if probs_needed else None)
         return self.out_proj(out.reshape(b, n, -1)), weights
 
 

@@ -99,9 +99,9 @@ def _attach(tower: Tower, state: TowerState) -> None:
         attn._crossget_original_class = attn.__class__
         layer.__class__ = tower.layer_class
         attn.__class__ = tower.attention_class
-        layer._crossget_layer = i
         for m in (layer, attn):
             setattr(m, STATE_ATTR, state)
+            m._crossget_layer = i
     setattr(tower.encoder, STATE_ATTR, state)
     tower.encoder._crossget_handles = handles
 

@@ -41,7 +41,6 @@ spread over the LM's layers as the authors do; they weight it 0.001 for 7B,
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 import weakref
@@ -324,30 +323,8 @@ def _solve_flops(model: nn.Module, target: float, method: str, text_len: int, fa
 
 
 # --------------------------------------------------------------------------- vision tower
-class CrossGETLlavaVisionAttention(clip.CrossGETCLIPAttention):
-    """CLIP attention that also hands the state its head-mean probabilities where the
-    authors' LLaVA importance needs them (layers that merge, ``method="crossget"``)."""
-
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        state = self._crossget
-        if state.settings.importance != "attention" or not state.settings.r[self._crossget_layer]:
-            return super().forward(hidden_states, attention_mask, **kwargs)
-        b, n, _ = hidden_states.shape
-        shape = (b, n, -1, self.head_dim)
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        heads = [t.view(shape).transpose(1, 2) for t in (q, k, v)]
-        kwargs.pop("is_causal", None)
-        out, probs = hf_clip.eager_attention_forward(  # eager: the probabilities are the point
-            self, *heads, attention_mask, scaling=self.scale, dropout=self.dropout if self.training else 0.0
-        )
-        state.observe(q, k, probs.mean(1))
-        return self.out_proj(out.reshape(b, n, -1)), probs
-
-
 def _vision_tower_record(model: nn.Module) -> Tower:
-    return dataclasses.replace(clip.towers(_vision(model))["vision"], attention_class=CrossGETLlavaVisionAttention)
+    return clip.towers(_vision(model))["vision"]
 
 
 class VisionZipCLIPAttention(hf_clip.CLIPAttention):
@@ -903,8 +880,6 @@ def patch_model(
             importance=importance if method == "crossget" else "cross",
         )
         install(vision_record, settings, theta_vision)
-        for i, layer in enumerate(vision_record.layers):
-            layer.self_attn._crossget_layer = i  # the attention asks its layer's r
         if method == "crossget" and importance != "none":
             _install_lm_cross_tokens(base, glue, theta_text)
     elif method == "fastv":

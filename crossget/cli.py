@@ -401,6 +401,65 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+LLAVA_TRAINABLE = ("cross", "lora", "projector+lm")  # crossget.train_llava.TRAINABLE, without importing torch here
+
+
+def train_llava_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local LLaVA folder (LlavaForConditionalGeneration + its processor)")
+    p.add_argument("--data", required=True, help="LLaVA instruction-tuning JSON (id, image, conversations)")
+    p.add_argument("--images", required=True, help="folder the records' image paths are relative to")
+    p.add_argument("--method", choices=("none", "crossget", "tome"), default="crossget",
+                   help="visual-token reduction to train with (default crossget; none: the stock model)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=_int_at_least(1), default=None, help="visual tokens per image for the LM")
+    budget.add_argument("--r", type=_non_negative_int, default=None, help="tokens merged per vision layer")
+    budget.add_argument("--flops", type=_ratio, default=None, help="target prefill FLOPs ratio, e.g. 0.5")
+    p.add_argument("--trainable", choices=LLAVA_TRAINABLE, default="cross",
+                   help="cross: the cross tokens; lora: LoRA on the LM's attention (+ cross tokens; needs peft); "
+                        "projector+lm: projector and LM, vision tower frozen (default cross)")
+    p.add_argument("--steps", type=_int_at_least(1), default=1000)
+    p.add_argument("--batch", type=_int_at_least(1), default=16, help="samples per step and process (default 16)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 1e-2 cross, 2e-4 lora, 2e-5 projector+lm)")
+    p.add_argument("--cross-weight", type=float, default=None, help="w in (1 - w) L_LM + w L_cross (default 0.001)")
+    p.add_argument("--max-length", type=_int_at_least(1), default=2048, help="tokens per sample, image included (default 2048)")
+    p.add_argument("--checkpoint-every", type=_int_at_least(1), default=200)
+    p.add_argument("--log-every", type=_int_at_least(1), default=10)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this much training")
+    p.add_argument("--workers", type=_int_at_least(0), default=0, help="data loader processes (default 0)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="model weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_int_at_least(1), default=2)
+    p.add_argument("--out", default="runs/llava", help="checkpoints, trained weights and training.json (default runs/llava)")
+    p.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
+
+
+def train_llava(args: argparse.Namespace) -> int:
+    """Train a LLaVA-1.5 model on LLaVA's conversation JSON through accelerate (resumable, safetensors):
+    cross tokens, LoRA adapters or projector + LM, with the visual tokens reduced as given."""
+    import torch
+
+    from .eval.llava import load_llava, patch_llava
+    from .patch.llava import CROSS_LOSS_WEIGHT
+    from .train_llava import LlavaConversations, train_llava
+
+    torch.set_num_threads(args.threads)
+    data = LlavaConversations(args.data, args.images)  # first: data errors before loading a large model
+    model, processor = load_llava(args.model, dtype=args.dtype)
+    patch_llava(model, processor, args.method, keep=args.keep, r=args.r, flops=args.flops)
+    weight = CROSS_LOSS_WEIGHT if args.cross_weight is None else args.cross_weight
+    _, log = train_llava(
+        model, processor, data, args.out, trainable=args.trainable, steps=args.steps, batch_size=args.batch,
+        lr=args.lr, seed=args.seed, cross_weight=weight, resume=args.resume, max_minutes=args.max_minutes,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, max_length=args.max_length,
+        workers=args.workers,
+    )
+    step = log["loss"][-1]["step"] if log["loss"] else log["resumed_at"]
+    wrote = sorted(n for n in os.listdir(args.out) if n != "state")  # state/: what --resume reads
+    print(f"step {step}: wrote {', '.join(wrote)} in {args.out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- BLIP evaluations
 def _blip_eval_common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--model", required=True, help="local BLIP model folder (save_pretrained layout, with its processor)")
@@ -613,6 +672,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("data", "generate the shapes retrieval data set", data_arguments, data),
     Command("train-base", "train the small default CLIP model from scratch", train_base_arguments, train_base),
     Command("train", "train cross tokens of a CrossGET-patched model", train_arguments, train),
+    Command("train-llava", "train a LLaVA model: cross tokens, LoRA or projector + LM", train_llava_arguments,
+            train_llava),
     Command("eval", "evaluate merging configs on a task", subcommands=(
         Command("retrieval", "image-text retrieval of one config vs unreduced", eval_retrieval_arguments, eval_retrieval),
         Command("sweep", "retrieval of every method at several GFLOPs levels, with a plot", eval_sweep_arguments,

@@ -224,6 +224,24 @@ def data(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_qa_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="data/shapes/dataset_shapes.json", help="shapes Karpathy JSON (crossget data)")
+    p.add_argument("--out", default="data/shapes-qa", help="output folder, one subfolder per split")
+    p.add_argument("--seed", type=int, default=0, help="question sampling seed (default 0)")
+
+
+def data_qa(args: argparse.Namespace) -> int:
+    """Question-answer pairs about the shapes scenes, in VQAv2, COCO-caption and LLaVA files per split."""
+    from .data.shapes_qa import IMAGE_PATTERN, write_qa
+
+    summary = write_qa(args.data, args.out, seed=args.seed)
+    for split, s in summary.items():
+        print(f"{split}: {s['questions']} questions about {s['images']} images -> {os.path.join(args.out, split)}")
+    images = os.path.join(os.path.dirname(args.data), "images")
+    print(f"evaluate with --images {images} (VQA: --image-pattern '{IMAGE_PATTERN}')")
+    return 0
+
+
 def train_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/shapes/dataset_shapes.json", help="Karpathy-format annotation file")
     p.add_argument("--out", default="crossget/assets/default", help="where the model is saved")
@@ -268,6 +286,52 @@ def train_base(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump(log, f, indent=2)
     print(f"saved the model to {args.out} after {log['train_seconds'] / 60:.1f} min")
+    return 0
+
+
+def train_blip_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=("caption", "vqa"), required=True)
+    p.add_argument("--data", required=True, help="caption: shapes Karpathy JSON (train split); vqa: VQAv2 questions.json "
+                   "(crossget data-qa; annotations.json beside it)")
+    p.add_argument("--images", default=None, help="vqa: image folder (default: the questions' folder)")
+    p.add_argument("--image-pattern", default=None, help="vqa: image file name from image_id (default shapes_{image_id:06d}.png)")
+    p.add_argument("--clip", default=None, help="CLIP whose vision tower starts BLIP's (default: the shipped model)")
+    p.add_argument("--out", required=True, help="where the model, processor and training.json are saved")
+    p.add_argument("--steps", type=_int_at_least(1), default=600)
+    p.add_argument("--batch", type=_int_at_least(1), default=32)
+    p.add_argument("--lr", type=float, default=5e-4, help="text side; the vision tower gets 0.2x (default 5e-4)")
+    p.add_argument("--text-layers", type=_int_at_least(1), default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_int_at_least(1), default=1)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after the step that passes this")
+
+
+def train_blip(args: argparse.Namespace) -> int:
+    """Train a small BLIP captioner or VQA model on the shapes data, its vision tower from the shipped CLIP."""
+    import json
+    import shlex
+
+    import torch
+    from transformers import CLIPConfig
+
+    from .default import ASSETS
+    from .train_blip import BlipSmallConfig, caption_data, vqa_data
+    from .train_blip import train_blip as run
+
+    torch.set_num_threads(args.threads)
+    if args.task == "caption":
+        data = caption_data(args.data)
+    else:
+        data = vqa_data(args.data, image_root=args.images, image_pattern=args.image_pattern)
+    config = BlipSmallConfig.from_clip(CLIPConfig.from_pretrained(args.clip or ASSETS), text_layers=args.text_layers)
+    _, log = run(args.task, data, args.out, clip=args.clip, config=config, steps=args.steps, batch_size=args.batch,
+                 lr=args.lr, seed=args.seed, max_minutes=args.max_minutes)
+    log["command"] = "crossget " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    log["threads"] = args.threads
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump(log, f, indent=2)
+    print(f"saved the model to {args.out} after {log['train_seconds'] / 60:.1f} min "
+          f"({log['seconds_per_step']:.2f} s/step), last loss {log['loss'][-1]:.3f}")
     return 0
 
 
@@ -674,6 +738,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("train", "train cross tokens of a CrossGET-patched model", train_arguments, train),
     Command("train-llava", "train a LLaVA model: cross tokens, LoRA or projector + LM", train_llava_arguments,
             train_llava),
+    Command("data-qa", "question-answer and caption files (VQAv2, COCO, LLaVA) for the shapes data",
+            data_qa_arguments, data_qa),
+    Command("train-blip", "train a small BLIP captioner or VQA model on the shapes data", train_blip_arguments,
+            train_blip),
     Command("eval", "evaluate merging configs on a task", subcommands=(
         Command("retrieval", "image-text retrieval of one config vs unreduced", eval_retrieval_arguments, eval_retrieval),
         Command("sweep", "retrieval of every method at several GFLOPs levels, with a plot", eval_sweep_arguments,

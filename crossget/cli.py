@@ -297,9 +297,9 @@ def train_blip_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-pattern", default=None, help="vqa: image file name from image_id (default shapes_{image_id:06d}.png)")
     p.add_argument("--clip", default=None, help="CLIP whose vision tower starts BLIP's (default: the shipped model)")
     p.add_argument("--out", required=True, help="where the model, processor and training.json are saved")
-    p.add_argument("--steps", type=_int_at_least(1), default=600)
+    p.add_argument("--steps", type=_int_at_least(1), default=550)
     p.add_argument("--batch", type=_int_at_least(1), default=32)
-    p.add_argument("--lr", type=float, default=5e-4, help="text side; the vision tower gets 0.2x (default 5e-4)")
+    p.add_argument("--lr", type=float, default=1e-3, help="text side; the vision tower gets 0.2x (default 1e-3)")
     p.add_argument("--text-layers", type=_int_at_least(1), default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_int_at_least(1), default=1)
@@ -524,6 +524,30 @@ def train_llava(args: argparse.Namespace) -> int:
     return 0
 
 
+def init_llava_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/llava-small", help="model folder to write (default runs/llava-small)")
+    p.add_argument("--qa", default="data/shapes-qa",
+                   help="LLaVA conversation JSON, or a folder of */llava_conversations.json (crossget data-qa), "
+                        "whose words the tokenizer covers (default data/shapes-qa)")
+    p.add_argument("--lm-width", type=_int_at_least(1), default=256, help="Llama hidden size (default 256)")
+    p.add_argument("--lm-layers", type=_int_at_least(1), default=2, help="Llama layers (default 2)")
+    p.add_argument("--lm-heads", type=_int_at_least(1), default=4, help="attention heads (default 4)")
+    p.add_argument("--lm-intermediate", type=_int_at_least(1), default=None, help="MLP size (default 4 x width)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def init_llava(args: argparse.Namespace) -> int:
+    """Build a tiny LLaVA-1.5 to train on CPU: the shipped CLIP's vision tower (weights copied), a GELU
+    MLP projector and a random small Llama, with a word-level LLaVA processor over the QA words."""
+    from .llava_small import save_llava_small
+
+    out = save_llava_small(args.out, args.qa, command="crossget " + " ".join(sys.argv[1:]), lm_width=args.lm_width,
+                           lm_layers=args.lm_layers, lm_heads=args.lm_heads, lm_intermediate=args.lm_intermediate,
+                           seed=args.seed)
+    print(f"wrote {out} (train it: crossget train-llava --model {out} --method none --trainable projector+lm ...)")
+    return 0
+
+
 # --------------------------------------------------------------------------- BLIP evaluations
 def _blip_eval_common(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--model", required=True, help="local BLIP model folder (save_pretrained layout, with its processor)")
@@ -738,6 +762,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("train", "train cross tokens of a CrossGET-patched model", train_arguments, train),
     Command("train-llava", "train a LLaVA model: cross tokens, LoRA or projector + LM", train_llava_arguments,
             train_llava),
+    Command("init-llava", "build a tiny LLaVA from the shipped CLIP's vision tower and a small random Llama",
+            init_llava_arguments, init_llava),
     Command("data-qa", "question-answer and caption files (VQAv2, COCO, LLaVA) for the shapes data",
             data_qa_arguments, data_qa),
     Command("train-blip", "train a small BLIP captioner or VQA model on the shapes data", train_blip_arguments,

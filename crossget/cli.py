@@ -530,9 +530,13 @@ def init_llava_arguments(p: argparse.ArgumentParser) -> None:
                    help="LLaVA conversation JSON, or a folder of */llava_conversations.json (crossget data-qa), "
                         "whose words the tokenizer covers (default data/shapes-qa)")
     p.add_argument("--lm-width", type=_int_at_least(1), default=256, help="Llama hidden size (default 256)")
-    p.add_argument("--lm-layers", type=_int_at_least(1), default=2, help="Llama layers (default 2)")
+    p.add_argument("--lm-layers", type=_int_at_least(1), default=4,
+                   help="Llama layers (default 4; FastV prunes after layer 2, so it needs 3 or more)")
     p.add_argument("--lm-heads", type=_int_at_least(1), default=4, help="attention heads (default 4)")
     p.add_argument("--lm-intermediate", type=_int_at_least(1), default=None, help="MLP size (default 4 x width)")
+    p.add_argument("--by-image", default=None, metavar="CONVERSATIONS",
+                   help="also write OUT/train_by_image.json: these LLaVA conversations regrouped into one multi-turn "
+                        "conversation per image (faster training: one image encoding for all its questions)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -541,10 +545,24 @@ def init_llava(args: argparse.Namespace) -> int:
     MLP projector and a random small Llama, with a word-level LLaVA processor over the QA words."""
     from .llava_small import save_llava_small
 
-    out = save_llava_small(args.out, args.qa, command="crossget " + " ".join(sys.argv[1:]), lm_width=args.lm_width,
-                           lm_layers=args.lm_layers, lm_heads=args.lm_heads, lm_intermediate=args.lm_intermediate,
-                           seed=args.seed)
+    sizes = dict(lm_width=args.lm_width, lm_layers=args.lm_layers, lm_heads=args.lm_heads,
+                 lm_intermediate=args.lm_intermediate, seed=args.seed)
+    # every setting spelt out, so the record rebuilds the model whatever the defaults become
+    command = f"crossget init-llava --out {args.out} --qa {args.qa} " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in sizes.items() if v is not None)
+    command += f" --by-image {args.by_image}" if args.by_image else ""
+    out = save_llava_small(args.out, args.qa, command=command, **sizes)
     print(f"wrote {out} (train it: crossget train-llava --model {out} --method none --trainable projector+lm ...)")
+    if args.by_image:
+        import json
+        from pathlib import Path
+
+        from .llava_small import by_image
+
+        path = out / "train_by_image.json"
+        records = by_image(json.loads(Path(args.by_image).read_text()), seed=args.seed)
+        path.write_text(json.dumps(records))
+        print(f"wrote {path}: {len(records)} images, {sum(len(r['conversations']) // 2 for r in records)} questions")
     return 0
 
 

@@ -162,7 +162,9 @@ class TowerState:
         """Record and strip the cross token: the layer returns ``[B, N, C]``."""
         if not self._with_cross:
             return x
-        self.cross = x[:, -1:]
+        # a copy, not a view: a view would keep every layer's whole output alive until the
+        # forward ends (twice the peak activation memory of a 40-layer ViT-g)
+        self.cross = x[:, -1:].clone()
         self.cross_outputs.append(self.cross[:, 0])
         return x[:, :-1]
 

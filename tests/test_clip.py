@@ -305,3 +305,18 @@ def test_flops_target_counts_the_cross_token(images):
     for ratio in measured.values():
         assert 0.62 < ratio < 0.72
     assert abs(measured["crossget"] - measured["tome"]) < 0.03, measured
+
+
+def test_cross_token_does_not_keep_layer_outputs_alive(images):
+    """The cross token's per-layer outputs must not be views of the layer outputs: with views,
+    every layer's whole hidden state stayed alive to the end of the forward (2x peak memory)."""
+    from crossget.memory import PeakMemory
+
+    tower = CLIPVisionModel(make_clip(layers=24).config.vision_config).eval()
+    peaks = {}
+    for importance in ("none", "cross"):
+        crossget.patch(tower, r=2, importance=importance)
+        with torch.no_grad(), PeakMemory() as mem:
+            tower(pixel_values=images)
+        peaks[importance] = mem.peak_mib
+    assert peaks["cross"] < 1.3 * peaks["none"]  # the cross token's mask and states cost ~20% here

@@ -257,7 +257,6 @@ def train_base_arguments(p: argparse.ArgumentParser) -> None:
 def train_base(args: argparse.Namespace) -> int:
     """Train the small default CLIPModel from scratch on generated data (CPU is enough)."""
     import json
-    import shlex
 
     import torch
 
@@ -281,10 +280,7 @@ def train_base(args: argparse.Namespace) -> int:
     if previous and os.path.isfile(previous):
         with open(previous) as f:
             log["previous_stage"] = json.load(f)
-    log["command"] = "crossget " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    log["threads"] = args.threads
-    with open(os.path.join(args.out, "training.json"), "w") as f:
-        json.dump(log, f, indent=2)
+    _save_training_log(args, log)
     print(f"saved the model to {args.out} after {log['train_seconds'] / 60:.1f} min")
     return 0
 
@@ -308,8 +304,6 @@ def train_blip_arguments(p: argparse.ArgumentParser) -> None:
 
 def train_blip(args: argparse.Namespace) -> int:
     """Train a small BLIP captioner or VQA model on the shapes data, its vision tower from the shipped CLIP."""
-    import json
-    import shlex
 
     import torch
     from transformers import CLIPConfig
@@ -326,10 +320,7 @@ def train_blip(args: argparse.Namespace) -> int:
     config = BlipSmallConfig.from_clip(CLIPConfig.from_pretrained(args.clip or ASSETS), text_layers=args.text_layers)
     _, log = run(args.task, data, args.out, clip=args.clip, config=config, steps=args.steps, batch_size=args.batch,
                  lr=args.lr, seed=args.seed, max_minutes=args.max_minutes)
-    log["command"] = "crossget " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    log["threads"] = args.threads
-    with open(os.path.join(args.out, "training.json"), "w") as f:
-        json.dump(log, f, indent=2)
+    _save_training_log(args, log)
     print(f"saved the model to {args.out} after {log['train_seconds'] / 60:.1f} min "
           f"({log['seconds_per_step']:.2f} s/step), last loss {log['loss'][-1]:.3f}")
     return 0
@@ -392,6 +383,23 @@ def eval_retrieval(args: argparse.Namespace) -> int:
     if args.json:
         print(f"wrote {write_results(rows[-1:] if args.method != 'none' else rows, args.json, vars_meta(args))}")
     return 0
+
+
+def command_line() -> str:
+    """The command as typed (shell-quoted), for the records next to results."""
+    import shlex
+
+    return "crossget " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _save_training_log(args: argparse.Namespace, log: dict) -> None:
+    """``out/training.json`` with the command and thread count the training function cannot know."""
+    import json
+
+    log["command"] = command_line()
+    log["threads"] = args.threads
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump(log, f, indent=2)
 
 
 def vars_meta(args: argparse.Namespace) -> dict:
@@ -717,7 +725,7 @@ def _eval_llava(args: argparse.Namespace, task: str, **kwargs) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = vars_meta(args) | {"torch": torch.__version__, "command": "crossget " + " ".join(sys.argv[1:])}
+        meta = vars_meta(args) | {"torch": torch.__version__, "command": command_line()}
         path.write_text(json.dumps({"meta": meta, "results": result}, indent=2, default=str))
         print(f"wrote {path}" + (f" and {answers}" if answers else ""))
     return 0

@@ -23,9 +23,9 @@ from typing import Any
 
 from torch import nn
 
-from .data.shapes_qa import SHORT_ANSWER
-from .data.tokenizer import SPECIALS, caption_words
+from .data.tokenizer import build_word_tokenizer, shipped_words
 from .default import ASSETS
+from .eval.llava.data import SHORT_ANSWER
 
 __all__ = ["LLAVA_SPECIALS", "build_llava_small", "by_image", "llava_processor", "llava_tokenizer", "qa_texts",
            "save_llava_small"]
@@ -73,30 +73,17 @@ def by_image(records: Sequence[dict], seed: int = 0) -> list[dict]:
     return out
 
 
-def llava_tokenizer(texts: Iterable[str], max_length: int = 512):
+def llava_tokenizer(texts: Iterable[str], max_length: int = 512, base: str | os.PathLike = ASSETS):
     """A fast word-level tokenizer (lower-case, punctuation split, offsets for the training
-    collator) over the shipped CLIP's words, the LLaVA prompt words and ``texts``.
+    collator) over the words of the CLIP at ``base`` (default: shipped), the LLaVA prompt words
+    and ``texts``.
 
     Ids: :data:`LLAVA_SPECIALS` first, then the words sorted. Encodings start with ``<s>`` and
     have no EOS (the answer's ``</s>`` is text); ``<image>`` and ``</s>`` are special tokens,
     matched before the split and dropped from decoded answers.
     """
-    from tokenizers import Tokenizer, models, processors
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from .data.tokenizer import _pre_tokenizer
-
-    shipped = [w for w in AutoTokenizer.from_pretrained(ASSETS).get_vocab() if w not in SPECIALS]
-    vocab = {tok: i for i, tok in enumerate(LLAVA_SPECIALS)}
-    for w in caption_words([" ".join(shipped), PROMPT_WORDS, *texts]):
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer, tok.pre_tokenizer = _pre_tokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": IMAGE}, model_max_length=max_length, padding_side="right",
-    )
+    return build_word_tokenizer([shipped_words(base), PROMPT_WORDS, *texts], max_length, specials=LLAVA_SPECIALS,
+                                template="<s> $A", extra_special_tokens={"image_token": IMAGE})
 
 
 def llava_processor(tokenizer: Any, assets: str | os.PathLike = ASSETS):
@@ -134,7 +121,7 @@ def build_llava_small(
 
     if lm_width % lm_heads:
         raise ValueError(f"lm_width {lm_width} is not divisible by lm_heads {lm_heads}")
-    processor = llava_processor(llava_tokenizer(texts, max_positions), assets)
+    processor = llava_processor(llava_tokenizer(texts, max_positions, assets), assets)
     tok = processor.tokenizer
     vision = AutoConfig.from_pretrained(assets).vision_config
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}

@@ -139,13 +139,10 @@ def clip_vision_to_blip(clip_vision: nn.Module, blip_vision: nn.Module, pixel_va
 # --------------------------------------------------------------------------- tokenizer, processor
 def blip_tokenizer(texts: Sequence[str], base: str | os.PathLike | None = None, max_length: int = 64):
     """Word-level tokenizer over the vocabulary of ``base`` (default: the shipped model's) and ``texts``."""
-    from transformers import AutoTokenizer
-
-    from .data.tokenizer import SPECIALS, build_word_tokenizer
+    from .data.tokenizer import build_word_tokenizer, shipped_words
     from .default import ASSETS
 
-    shipped = [w for w in AutoTokenizer.from_pretrained(base or ASSETS).get_vocab() if w not in SPECIALS]
-    return build_word_tokenizer([" ".join(shipped), PROMPT, *texts], max_length=max_length)
+    return build_word_tokenizer([shipped_words(base or ASSETS), PROMPT, *texts], max_length=max_length)
 
 
 def blip_processor(tokenizer: Any, image_size: int):

@@ -58,6 +58,7 @@ SPLITS = ("train", "val", "test")
 MAX_COUNT = 4
 TEXTURE_DELTA = 55.0
 SUPERSAMPLE = 4
+IMAGE_PATTERN = "shapes_{image_id:06d}.png"  # image file of imgid
 
 
 @dataclass(frozen=True)
@@ -519,7 +520,7 @@ def generate_dataset(
             scenes = [s for s, _ in family]
             for k, (scene, variant) in enumerate(family):
                 imgid = len(images)
-                filename = f"shapes_{imgid:06d}.png"
+                filename = IMAGE_PATTERN.format(image_id=imgid)
                 Image.fromarray(render_scene(scene, image_size, rng, noise, max_distractors)).save(out_dir / "images" / filename)
                 raws = make_captions(scene, scenes[:k] + scenes[k + 1 :], rng, captions_per_image)
                 sentences = [

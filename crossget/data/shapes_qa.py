@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from .shapes import NUMBERS, PLURAL, RELATIONS, SPLITS, TEXTURES, Entity
+from ..eval.llava.data import SHORT_ANSWER  # LLaVA-1.5's VQA instruction
+from .shapes import IMAGE_PATTERN, NUMBERS, PLURAL, RELATIONS, SPLITS, TEXTURES, Entity, _noun, _rel
 
 QUESTION_TYPES = ("colour", "shape", "count", "texture", "relation")
 CELLS = {
@@ -50,8 +51,6 @@ CELLS = {
 }
 COUNT_WORDS = {1: "one", **NUMBERS}
 ANSWER_TYPES = {"colour": "other", "shape": "other", "count": "number", "texture": "yes/no", "relation": "other"}
-SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA-1.5's VQA instruction
-IMAGE_PATTERN = "shapes_{image_id:06d}.png"  # how crossget.data.shapes names image imgid
 
 
 @dataclass(frozen=True)
@@ -63,19 +62,6 @@ class QA:
     question: str
     answer: str
     qtype: str
-
-
-def _noun(e: Entity) -> str:
-    return PLURAL.get(e.shape, e.shape + "s") if e.count > 1 else e.shape
-
-
-def _sign(x: int) -> int:
-    return (x > 0) - (x < 0)
-
-
-def _relation(a: Entity, b: Entity) -> tuple[int, int]:
-    """(sign of row difference, sign of column difference) of ``a`` relative to ``b``, as in the captions."""
-    return _sign(a.row - b.row), _sign(a.col - b.col)
 
 
 def candidates(scene: Sequence[Entity]) -> dict[str, list[tuple[str, str]]]:
@@ -96,8 +82,8 @@ def candidates(scene: Sequence[Entity]) -> dict[str, list[tuple[str, str]]]:
         for a in scene:
             if a is b:
                 continue
-            rel = _relation(a, b)
-            if sum(_relation(x, b) == rel for x in scene if x is not b) != 1:
+            rel = _rel(a, b)
+            if sum(_rel(x, b) == rel for x in scene if x is not b) != 1:
                 continue  # more than one entity in that relation: no single answer
             phrase = f"{RELATIONS[rel][0]} the {b.colour} {_noun(b)}"
             verb = "are" if a.count > 1 else "is"
@@ -148,11 +134,15 @@ def vqa_files(qas: Sequence[QA], split: str) -> tuple[dict, dict]:
     questions = {"info": {"description": "generated shapes QA", "image_pattern": IMAGE_PATTERN},
                  "task_type": "Open-Ended", "data_type": "shapes", "data_subtype": split,
                  "questions": [{"image_id": q.image_id, "question": q.question, "question_id": q.question_id} for q in qas]}
-    annotations = {"info": questions["info"], "data_type": "shapes", "data_subtype": split, "annotations": [
-        {"question_id": q.question_id, "image_id": q.image_id, "question_type": q.qtype,
-         "answer_type": ANSWER_TYPES[q.qtype], "multiple_choice_answer": vqa_answer(q.answer),
-         "answers": [{"answer": vqa_answer(q.answer), "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)]}
-        for q in qas]}
+
+    def annotation(q: QA) -> dict:
+        answer = vqa_answer(q.answer)
+        return {"question_id": q.question_id, "image_id": q.image_id, "question_type": q.qtype,
+                "answer_type": ANSWER_TYPES[q.qtype], "multiple_choice_answer": answer,
+                "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)]}
+
+    annotations = {"info": questions["info"], "data_type": "shapes", "data_subtype": split,
+                   "annotations": [annotation(q) for q in qas]}
     return questions, annotations
 
 

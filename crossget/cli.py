@@ -499,7 +499,8 @@ def train_llava_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=_int_at_least(1), default=10)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this much training")
     p.add_argument("--workers", type=_int_at_least(0), default=0, help="data loader processes (default 0)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="model weights")
+    # no float16: AdamW on fp16 weights without a loss scaler turns untouched rows into NaN
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_int_at_least(1), default=2)
     p.add_argument("--out", default="runs/llava", help="checkpoints, trained weights and training.json (default runs/llava)")

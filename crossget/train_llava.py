@@ -450,7 +450,7 @@ def train_llava(
                 opt.zero_grad()
                 step += 1
                 window.append((loss.item(), lm.item(), None if cross is None else cross.item()))
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{window[-1][0]:.4f}")
                 bar.update()
                 elapsed = time.perf_counter() - start
                 out_of_time = max_minutes is not None and elapsed > 60 * max_minutes

@@ -92,7 +92,7 @@ def test_a_few_steps_reduce_the_loss(files, tmp_path):
                         lr=3e-3, vision_lr_scale=1.0, progress=False, log_every=10)
     assert log["loss"][-1] < 0.6 * log["loss"][0]
     saved = json.loads((tmp_path / "cap" / "training.json").read_text())
-    assert saved["steps"] == 80 and len(saved["loss"]) == 8 and saved["train_seconds"] > 0
+    assert saved["steps"] == 80 and len(saved["loss"]) == 8
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +114,13 @@ def test_saved_models_run_the_evaluations(files, trained, tmp_path):
     assert len(res["results"]) == 3 and res["gflops"] > 0 and "cider" in res
     res = vqa.run_vqa(trained["vqa"], files["qa"] / "test" / "questions.json",
                       annotations=files["qa"] / "test" / "annotations.json", image_root=files["images"],
-                      image_pattern=IMAGE_PATTERN, progress=False, method="crossget", r=2)
-    assert 0 <= res["accuracy"] <= 100 and res["method"] == "crossget" and res["gflops_ratio"] > 0
+                      image_pattern=IMAGE_PATTERN, progress=False, method="crossget", r=6)
+    # the official accuracy of the answers it wrote, recomputed; merging made it cheaper
+    answers = {r["question_id"]: r["answer"] for r in res["results"]}
+    data = vqa.load_vqa(files["qa"] / "test" / "questions.json", files["qa"] / "test" / "annotations.json",
+                        files["images"], IMAGE_PATTERN)
+    assert res["accuracy"] == pytest.approx(vqa.vqa_scores(answers, data)["accuracy"])
+    assert res["method"] == "crossget" and res["gflops_ratio"] < 1
     log = json.loads((trained["vqa"] / "training.json").read_text())
     assert log["command"].startswith("crossget ") and log["task"] == "vqa" and log["threads"] == 1
 

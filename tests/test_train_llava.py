@@ -77,7 +77,10 @@ def trained_logits(model, files):
 
 
 def changed(before, model):
-    return {k for k, v in model.state_dict().items() if k in before and not torch.equal(before[k], v)}
+    """Keys whose values moved; peft's wrapped layers keep their weights under ``.base_layer``."""
+    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}
+    assert before.keys() <= after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}
 
 
 # --------------------------------------------------------------------------- data and labels
@@ -91,7 +94,8 @@ def test_dataset_reads_llava_json(files):
 
 def test_labels_cover_only_the_answers(files):
     model = load(files, keep=20)
-    collate = LlavaCollator(tiny_processor(), model)
+    stock = tiny_processor()
+    collate = LlavaCollator(stock, model)
     ds = data(files)
     batch = collate([ds[0], ds[1]])
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
@@ -103,7 +107,7 @@ def test_labels_cover_only_the_answers(files):
     assert tok.decode(ids[0][mask[0] == 1][22:]) == "what colour is it ASSISTANT: red </s>"
     assert ids[0, 1:3].tolist() == [4, IMG] and ids[0, 0] == 1  # "<s> USER: <image>..."
     # the caller's processor keeps the stock count
-    assert tiny_processor().num_additional_image_tokens == 1
+    assert stock.num_additional_image_tokens == 1 and collate.processor.num_additional_image_tokens != 1
 
 
 @pytest.mark.parametrize(

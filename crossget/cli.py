@@ -199,7 +199,7 @@ def demo(args: argparse.Namespace) -> int:
     trained = _cross_tokens_path(args)
     if trained:
         configs.append({"method": "crossget", "flops": args.flops, "cross_tokens": trained})
-    rows = evaluate_configs(model, inputs, split.txt2img, split.img2txts, configs, args.batch)
+    rows = evaluate_configs(model, inputs, split, configs, args.batch)
     print(results_table(rows))
     print(f"wrote {write_results(rows, args.json, vars_meta(args))}")
     return 0
@@ -252,6 +252,8 @@ def train_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_int_at_least(1), default=2)
     p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this")
     p.add_argument("--init", default=None, help="go on from this saved model (and its tokenizer) instead of scratch")
+    p.add_argument("--scene-weight", type=float, default=0.0,
+                   help="weight of the auxiliary loss that names each grid cell's contents (generated data only)")
 
 
 def train_base(args: argparse.Namespace) -> int:
@@ -275,7 +277,8 @@ def train_base(args: argparse.Namespace) -> int:
         processor = base_processor(split.captions, cfg.image_size)
     pairs = pair_data(split, processor, cfg.max_text_len)
     _, log = run(pairs, processor.tokenizer, processor.image_processor, args.out, cfg, epochs=args.epochs,
-                 batch_size=args.batch, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes, init_from=args.init)
+                 batch_size=args.batch, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes, init_from=args.init,
+                 scene_weight=args.scene_weight)
     previous = os.path.join(args.init, "training.json") if args.init else None
     if previous and os.path.isfile(previous):
         with open(previous) as f:
@@ -378,7 +381,7 @@ def eval_retrieval(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     model, split, inputs = _model_and_inputs(args)
     cfg = {"method": args.method, "r": args.r, "flops": args.flops, "cross_tokens": _cross_tokens_path(args)}
-    rows = evaluate_configs(model, inputs, split.txt2img, split.img2txts, [cfg], args.batch)
+    rows = evaluate_configs(model, inputs, split, [cfg], args.batch)
     print(results_table(rows))
     if args.json:
         print(f"wrote {write_results(rows[-1:] if args.method != 'none' else rows, args.json, vars_meta(args))}")
@@ -433,7 +436,7 @@ def eval_sweep(args: argparse.Namespace) -> int:
             configs.append({"method": "crossget", "flops": level, "importance": "none"})
         if trained:
             configs.append({"method": "crossget", "flops": level, "cross_tokens": trained})
-    rows = evaluate_configs(model, inputs, split.txt2img, split.img2txts, configs, args.batch)
+    rows = evaluate_configs(model, inputs, split, configs, args.batch)
     path = write_results(rows, os.path.join(args.out, "sweep.json"), vars_meta(args))
     png = plot_sweep(rows, os.path.join(args.out, "sweep.png"))
     print(path.with_suffix(".md").read_text())

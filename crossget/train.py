@@ -4,7 +4,8 @@ Both loops run through ``accelerate``: the same code trains on one CPU or, launc
 with ``accelerate launch``, on several GPUs. Checkpoints are safetensors.
 
 - :func:`train_base`: contrastive training of a ``CLIPModel`` built from a small config,
-  saved with ``save_pretrained`` (weights, tokenizer, image processor).
+  saved with ``save_pretrained`` (weights, tokenizer, image processor); optionally with an
+  auxiliary loss that predicts each grid cell's contents of a generated scene from the image.
 - :func:`train_cross_tokens`: SPEC §3's ``L = (1 - w) L_task + w L_cross`` for a patched
   model; only the cross tokens learn unless ``all_weights`` is set; resumable.
 """
@@ -73,12 +74,16 @@ class PairData:
     attention_mask: torch.Tensor
     txt2img: torch.Tensor
     families: torch.Tensor | None = None  # [I]: keep families together in a batch
+    scene_targets: torch.Tensor | None = None  # [I, 9, 5]: generated scenes' cell classes
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, generator: torch.Generator, scene_targets: bool = False
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """One epoch of batches of distinct images, each with one of its captions.
 
         With ``families``, whole families are shuffled and batched together, so every
-        batch holds hard negatives (scenes that differ in one count or position)."""
+        batch holds hard negatives (scenes that differ in one count or position).
+        ``scene_targets=True`` adds the images' ``scene_targets`` rows to each batch."""
         n_img = self.pixel_values.shape[0]
         caption_of = _one_caption_per_image(self.txt2img, n_img, generator)
         if self.families is None:
@@ -92,11 +97,14 @@ class PairData:
         for start in range(0, n_img - batch_size + 1, batch_size):
             img = order[start : start + batch_size]
             txt = caption_of[img]
-            yield {
+            batch = {
                 "pixel_values": self.pixel_values[img],
                 "input_ids": self.input_ids[txt],
                 "attention_mask": self.attention_mask[txt],
             }
+            if scene_targets:
+                batch["scene_targets"] = self.scene_targets[img]
+            yield batch
 
 
 def _one_caption_per_image(txt2img: torch.Tensor, n_img: int, g: torch.Generator) -> torch.Tensor:
@@ -121,6 +129,39 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+class SceneHead(nn.Module):
+    """Linear read-out of every grid cell's classes (:data:`~crossget.data.shapes.SCENE_CLASSES`)
+    from the normalised image embeddings ``[B, D]``; used only while training.
+
+    Contrastive training alone left the default model blind to texture and position: neither tower
+    separates twins that differ only there (cosine 0.98 / 0.999), so neither gives the other a
+    gradient to learn them. Naming each cell's contents breaks that tie on the image side."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        from .data.shapes import SCENE_CLASSES
+
+        self.classes = SCENE_CLASSES
+        self.proj = nn.Linear(width, 9 * sum(SCENE_CLASSES))
+        self.scale = width**0.5  # unit-norm embeddings -> components of unit variance
+
+    def forward(self, embeds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over cells and attributes; ``targets`` ``[B, 9, 5]`` long."""
+        logits = self.proj(self.scale * embeds).view(embeds.shape[0], 9, -1).split(self.classes, dim=-1)
+        losses = [nn.functional.cross_entropy(l.flatten(0, 1), targets[..., k].flatten()) for k, l in enumerate(logits)]
+        return torch.stack(losses).mean()
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as in CLIP/open_clip: no decay on biases, norms and ``logit_scale`` (decay would
+    pull the temperature towards 1)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith("logit_scale") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def train_base(
     data: PairData,
     tokenizer: Any,
@@ -135,9 +176,13 @@ def train_base(
     max_minutes: float | None = None,
     progress: bool = True,
     init_from: str | os.PathLike | None = None,
+    scene_weight: float = 0.0,
 ) -> tuple[nn.Module, dict]:
     """Train a ``CLIPModel`` from scratch (or go on from ``init_from``) with the CLIP loss;
     save it to ``out_dir``.
+
+    ``scene_weight > 0`` adds ``scene_weight *`` :class:`SceneHead` loss (needs
+    ``data.scene_targets``); the head is dropped afterwards, the saved model is a plain ``CLIPModel``.
 
     Returns ``(model, log)``; the log (also ``out_dir/training.json``) records the
     settings, losses per epoch and wall time.
@@ -151,31 +196,53 @@ def train_base(
     else:
         ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
         model = CLIPModel(config.clip_config(len(tokenizer), *ids))
+    if scene_weight < 0:
+        raise ValueError(f"scene_weight must be >= 0, got {scene_weight}")
+    use_scene = scene_weight > 0
+    if use_scene and data.scene_targets is None:
+        raise ValueError("scene_weight > 0 needs data with scene targets (generated shapes data)")
+    groups = _decay_groups(model, weight_decay)
+    if use_scene:
+        head = SceneHead(model.config.projection_dim)
+        groups += _decay_groups(head, weight_decay)
     acc = _accelerator()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(groups, lr=lr)
     model, opt = acc.prepare(model, opt)
+    if use_scene:
+        head = acc.prepare(head)
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = data.pixel_values.shape[0] // batch_size
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, total, max(1, total // 20)))
     log: dict[str, Any] = {"config": asdict(config), "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                           "weight_decay": weight_decay, "seed": seed, "init_from": str(init_from), "epoch_loss": []}
+                           "weight_decay": weight_decay, "no_weight_decay": "biases, norms, logit_scale", "seed": seed,
+                           "init_from": str(init_from), "scene_weight": scene_weight, "epoch_loss": []}
+    if use_scene:
+        log["epoch_scene_loss"] = []
     start = time.perf_counter()
     model.train()
     with tqdm(total=total, desc="train-base", disable=not progress or not acc.is_main_process) as bar:
         for epoch in range(epochs):
-            losses = []
-            for batch in data.batches(batch_size, g):
+            losses, scene_losses = [], []
+            for batch in data.batches(batch_size, g, scene_targets=use_scene):
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
-                loss = model(**batch, return_loss=True).loss
+                targets = batch.pop("scene_targets", None)
+                out = model(**batch, return_loss=True)
+                loss = out.loss
+                losses.append(loss.item())  # the CLIP loss alone, comparable across runs
+                if use_scene:
+                    scene = head(out.image_embeds, targets)
+                    scene_losses.append(scene.item())
+                    loss = loss + scene_weight * scene
                 acc.backward(loss)
                 opt.step()
                 sched.step()
                 opt.zero_grad()
-                losses.append(loss.item())
-                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}")
                 bar.update()
             log["epoch_loss"].append(sum(losses) / max(1, len(losses)))
+            if use_scene:
+                log["epoch_scene_loss"].append(sum(scene_losses) / max(1, len(scene_losses)))
             if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
                 log["stopped_early_after_epoch"] = epoch
                 break
@@ -295,4 +362,9 @@ def pair_data(split, processor, max_length: int, progress: bool = True) -> PairD
     from .data.karpathy import preprocess
 
     t = preprocess(split, processor, max_length, progress=progress)
-    return PairData(t["pixel_values"], t["input_ids"], t["attention_mask"], split.txt2img, split.families)
+    targets = None
+    if split.scenes is not None:
+        from .data.shapes import scene_targets
+
+        targets = torch.from_numpy(scene_targets(split.scenes))
+    return PairData(t["pixel_values"], t["input_ids"], t["attention_mask"], split.txt2img, split.families, targets)

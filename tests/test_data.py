@@ -270,3 +270,25 @@ def test_pair_collator_uses_the_processor(shapes):
     assert batch["pixel_values"].shape == (3, 3, 32, 32)
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 40)
     assert batch["image_index"].tolist() == [0, 1, 2]
+
+
+def test_scene_targets_name_each_cell():
+    from crossget.data.shapes import COLOURS, SCENE_CLASSES, SHAPES, scene_targets
+
+    scene = [{"shape": "cross", "colour": "red", "size": "small", "count": 3, "texture": "plain", "row": 2, "col": 1},
+             {"shape": "circle", "colour": "cyan", "size": "large", "count": 1, "texture": "dotted", "row": 0, "col": 0}]
+    t = scene_targets([scene, []])
+    assert t.shape == (2, 9, len(SCENE_CLASSES)) and not t[1].any()
+    assert t[0, 7].tolist() == [list(COLOURS).index("red") + 1, SHAPES.index("cross") + 1, 1, 1, 3]
+    assert t[0, 0].tolist() == [list(COLOURS).index("cyan") + 1, SHAPES.index("circle") + 1, 2, 3, 1]
+    assert (t[0, [1, 2, 3, 4, 5, 6, 8]] == 0).all()
+    assert (t.max(axis=(0, 1)) < np.array(SCENE_CLASSES)).all()
+    with pytest.raises(ValueError, match="bad object"):
+        scene_targets([[{**scene[0], "colour": "mauve"}]])
+    with pytest.raises(ValueError, match="grid"):
+        scene_targets([[{**scene[0], "row": 3}]])
+
+
+def test_loader_keeps_the_scenes(shapes, data):
+    split = load_karpathy(shapes, split="test")
+    assert split.scenes == [e["objects"] for e in data["images"] if e["split"] == "test"]

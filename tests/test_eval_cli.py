@@ -49,6 +49,9 @@ def test_train_eval_sweep_demo(tiny_setup, tmp_path):
     rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["results"]
     assert len(rows) == 1 + 2 * 3 and (tmp_path / "sweep" / "sweep.png").stat().st_size > 1000
     assert rows[0]["gflops_ratio"] == 1.0 and rows[0]["fidelity"] == pytest.approx(1.0)
+    # generated data: every row carries hard-negative twin accuracy, also in the table
+    assert all(0 <= r["twin_mean"] <= 100 for r in rows)
+    assert "twin acc." in (tmp_path / "sweep" / "sweep.md").read_text()
     assert main(["demo", *common, "--json", str(tmp_path / "demo.json")]) == 0
 
 

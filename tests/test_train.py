@@ -1,5 +1,8 @@
 """Cross-token training through accelerate: loss goes down, only theta moves, resume works."""
 
+import json
+
+import pytest
 import torch
 from conftest import make_clip, make_texts
 
@@ -47,3 +50,65 @@ def test_cross_token_training_resumes(tmp_path):
     crossget.patch(again, r=4, method="crossget", towers=("vision", "text"))
     again, log = train_cross_tokens(again, tiny_pairs(), tmp_path, steps=6, batch_size=8, progress=False)
     assert log["resumed_at"] == 4 and len(log["loss"]) == 2
+
+
+# ------------------------------------------------------------------------------- base model training
+def _tiny_base_config():
+    from crossget.train import BaseModelConfig
+
+    return BaseModelConfig(image_size=48, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
+                           text_width=32, text_layers=2, text_heads=2, max_text_len=48, projection_dim=16)
+
+
+@pytest.fixture(scope="module")
+def shapes_pairs(tmp_path_factory):
+    from crossget.data.karpathy import load_karpathy
+    from crossget.data.shapes import generate_dataset
+    from crossget.train import base_processor, pair_data
+
+    ann = generate_dataset(tmp_path_factory.mktemp("shapes"), 24, 3, 3, image_size=48, seed=0)
+    split = load_karpathy(ann, split="train")
+    processor = base_processor(split.captions, 48)
+    return pair_data(split, processor, 48, progress=False), processor
+
+
+def test_train_base_with_scene_loss_learns_and_saves_a_plain_clip(shapes_pairs, tmp_path):
+    from transformers import CLIPModel
+
+    from crossget.train import train_base
+
+    pairs, processor = shapes_pairs
+    assert pairs.scene_targets.shape == (24, 9, 5)
+    model, log = train_base(pairs, processor.tokenizer, processor.image_processor, tmp_path, _tiny_base_config(),
+                            epochs=8, batch_size=12, lr=3e-3, progress=False, scene_weight=1.0)
+    assert log["epoch_scene_loss"][-1] < log["epoch_scene_loss"][0]
+    assert log["epoch_loss"][-1] < log["epoch_loss"][0]
+    saved = CLIPModel.from_pretrained(tmp_path)  # the scene head is not part of the model
+    assert saved.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
+    assert json.loads((tmp_path / "training.json").read_text())["scene_weight"] == 1.0
+
+
+def test_train_base_scene_weight_needs_targets_and_is_not_negative(shapes_pairs, tmp_path):
+    from dataclasses import replace
+
+    from crossget.train import train_base
+
+    pairs, processor = shapes_pairs
+    args = (processor.tokenizer, processor.image_processor, tmp_path, _tiny_base_config())
+    with pytest.raises(ValueError, match="scene targets"):
+        train_base(replace(pairs, scene_targets=None), *args, epochs=1, scene_weight=1.0, progress=False)
+    with pytest.raises(ValueError, match=">= 0"):
+        train_base(pairs, *args, epochs=1, scene_weight=-1.0, progress=False)
+
+
+def test_no_weight_decay_on_biases_norms_and_temperature():
+    from crossget.train import _decay_groups
+
+    model = make_clip()
+    decay, no_decay = _decay_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} >= {"logit_scale", "vision_model.post_layernorm.weight"}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

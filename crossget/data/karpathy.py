@@ -28,8 +28,8 @@ class RetrievalSplit:
 
     ``image_paths[i]`` is image ``i``; ``captions[t]`` describes image ``txt2img[t]`` (``[T]`` long);
     ``img2txts[i]`` lists the caption indices of image ``i`` (5 per image in the standard sets).
-    Generated data adds ``families`` (``[I]`` long: twins share an id) and ``variants`` ("base" or how a
-    twin differs from its base); both are None for Flickr30K / COCO.
+    Generated data adds ``families`` (``[I]`` long: twins share an id), ``variants`` ("base" or how a
+    twin differs from its base) and ``scenes`` (each image's ``objects`` list); all None for Flickr30K / COCO.
     """
 
     image_paths: list[Path]
@@ -38,6 +38,7 @@ class RetrievalSplit:
     img2txts: list[list[int]]
     families: torch.Tensor | None = None
     variants: list[str] | None = None
+    scenes: list[list[dict]] | None = None
     source: str = ""
 
     def __len__(self) -> int:
@@ -135,6 +136,7 @@ def load_karpathy(
         img2txts=img2txts,
         families=torch.tensor([int(e["family"]) for e in entries], dtype=torch.long) if has_family else None,
         variants=[str(e.get("variant", "base")) for e in entries] if has_family else None,
+        scenes=[list(e["objects"]) for e in entries] if all("objects" in e for e in entries) else None,
         source=f"{annotation}:{split}",
     )
 

@@ -110,6 +110,34 @@ def _facts(scene: Scene) -> frozenset:
     return frozenset((e.desc, e.row, e.col) for e in scene)
 
 
+# what each grid cell holds, as class indices (0 = empty cell): colour, shape, size, texture, count
+SCENE_CLASSES = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1, len(TEXTURES) + 1, MAX_COUNT + 1)
+
+
+def scene_targets(scenes: list[list[dict]]) -> np.ndarray:
+    """Per-cell classes of scenes (the JSON ``objects`` lists): ``[I, 9, 5]`` int64, cell ``3 * row + col``.
+
+    Columns follow :data:`SCENE_CLASSES`; every column is 0 for an empty cell.
+
+    Raises:
+        ValueError: an object names an unknown colour, shape, size or texture, or a bad cell or count.
+    """
+    vocab = (list(COLOURS), list(SHAPES), list(SIZES), list(TEXTURES))
+    out = np.zeros((len(scenes), 9, len(SCENE_CLASSES)), dtype=np.int64)
+    for i, objects in enumerate(scenes):
+        for o in objects:
+            try:
+                cell = 3 * int(o["row"]) + int(o["col"])
+                classes = [v.index(o[k]) + 1 for v, k in zip(vocab, ("colour", "shape", "size", "texture"))]
+                count = int(o["count"])
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"scene {i}: bad object {o}: {err}") from None
+            if not (0 <= int(o["row"]) < 3 and 0 <= int(o["col"]) < 3 and 1 <= count <= MAX_COUNT):
+                raise ValueError(f"scene {i}: object outside the 3x3 grid or count not in 1..{MAX_COUNT}: {o}")
+            out[i, cell] = classes + [count]
+    return out
+
+
 def _twin_swap(scene: Scene, rng: np.random.Generator) -> Scene | None:
     i, j = (int(x) for x in rng.choice(len(scene), size=2, replace=False))
     out = list(scene)

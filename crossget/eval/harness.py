@@ -1,7 +1,8 @@
 """Retrieval evaluation of merging configs side by side: accuracy, fidelity, GFLOPs, speed.
 
 One run encodes the split with the unreduced model first (the reference for GFLOPs
-ratios, fidelity and speedups), then with every config, each patched in turn.
+ratios, fidelity and speedups), then with every config, each patched in turn. On generated
+data the rows also carry hard-negative twin accuracy (which detail each method keeps).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from torch import nn
 from ..flops import count_flops
 from ..io import load_cross_tokens
 from ..patch import config, patch, unpatch
-from .retrieval import encode, fidelity, retrieval_metrics
+from ..data.karpathy import RetrievalSplit
+from .retrieval import encode, fidelity, retrieval_metrics, twin_accuracy
 
 RESULT_KEYS = (
     "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_r1",
@@ -52,13 +54,13 @@ def pair_gflops(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> float:
 def evaluate_configs(
     model: nn.Module,
     inputs: Mapping[str, torch.Tensor],
-    txt2img: torch.Tensor,
-    img2txts: Sequence[Sequence[int]],
+    split: RetrievalSplit,
     configs: Sequence[Mapping[str, Any]],
     batch_size: int = 64,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """One result row per config (the unreduced model first, added if missing)."""
+    """One result row per config (the unreduced model first, added if missing); ``inputs`` are
+    ``split`` preprocessed."""
     configs = list(configs)
     if not configs or configs[0]["method"] != "none":
         configs.insert(0, {"name": "unreduced", "method": "none"})
@@ -66,7 +68,8 @@ def evaluate_configs(
     for cfg in configs:
         apply_config(model, cfg)
         emb = encode(model, inputs, batch_size, progress)
-        metrics = retrieval_metrics(emb["image"] @ emb["text"].T, txt2img, img2txts)
+        sim = emb["image"] @ emb["text"].T
+        metrics = retrieval_metrics(sim, split.txt2img, split.img2txts) | twin_accuracy(sim, split)
         gflops = pair_gflops(model, inputs)
         ips = inputs["pixel_values"].shape[0] / emb["image_seconds"]
         if ref is None:
@@ -101,13 +104,17 @@ def _name(cfg: Mapping[str, Any]) -> str:
 
 
 def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown table of evaluation rows."""
-    head = ("| config | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mean R@1 | fidelity "
-            "| GFLOPs/pair | GFLOPs ratio | images/s | speedup |\n|---|" + "---:|" * 12 + "\n")
+    """Markdown table of evaluation rows (with a hard-negative twin column when rows have one)."""
+    twins = all("twin_mean" in r for r in rows)
+    head = ("| config | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mean R@1 "
+            + ("| twin acc. " if twins else "") + "| fidelity | GFLOPs/pair | GFLOPs ratio | images/s | speedup |\n|---|"
+            + "---:|" * (12 + twins) + "\n")
     body = "".join(
         f"| {r['name']} | {r['i2t_r1']:.1f} | {r['i2t_r5']:.1f} | {r['i2t_r10']:.1f} | {r['t2i_r1']:.1f} "
-        f"| {r['t2i_r5']:.1f} | {r['t2i_r10']:.1f} | {r['mean_r1']:.1f} | {r['fidelity']:.4f} | {r['gflops']:.3f} "
-        f"| {r['gflops_ratio']:.3f} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x |\n"
+        f"| {r['t2i_r5']:.1f} | {r['t2i_r10']:.1f} | {r['mean_r1']:.1f} "
+        + (f"| {r['twin_mean']:.1f} " if twins else "")
+        + f"| {r['fidelity']:.4f} | {r['gflops']:.3f} | {r['gflops_ratio']:.3f} | {r['images_per_s']:.1f} "
+        f"| {r['speedup']:.2f}x |\n"
         for r in rows
     )
     return head + body

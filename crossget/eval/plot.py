@@ -9,7 +9,8 @@ from typing import Any
 
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Mean Recall@1 and fidelity against GFLOPs per image-caption pair, one line per method."""
+    """Mean Recall@1, fidelity and (generated data) twin accuracy against GFLOPs per image-caption
+    pair, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,8 +28,11 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
     series: dict[str, list] = {}
     for r in rows:
         series.setdefault(label(r), []).append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "mean_r1", "mean Recall@1 (%)"), (axes[1], "fidelity", "fidelity (cosine to unreduced)")):
+    panels = [("mean_r1", "mean Recall@1 (%)"), ("fidelity", "fidelity (cosine to unreduced)")]
+    if all("twin_mean" in r for r in rows):
+        panels.append(("twin_mean", "hard-negative twin accuracy (%, chance 50)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (key, title) in zip(axes, panels):
         for name, rs in series.items():
             rs = sorted(rs, key=lambda r: r["gflops"])
             style = {"marker": "*", "markersize": 12, "linestyle": "none"} if name == "unreduced" else {"marker": "o"}

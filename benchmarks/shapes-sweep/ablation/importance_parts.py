@@ -44,7 +44,7 @@ for mode, cfg in [("spec", {"method": "tome", "flops": level}),
                   ("match_only", {"method": "crossget", "flops": level}),
                   ("ensemble_only", {"method": "crossget", "flops": level})]:
     MODE["v"] = mode
-    base, row = evaluate_configs(model, inputs, split.txt2img, split.img2txts, [cfg], progress=False)
+    base, row = evaluate_configs(model, inputs, split, [cfg], progress=False)
     name = f"{cfg['method']} {cfg.get('importance', '')} {mode}"
     print(f"{name:40s} R@1 {row['mean_r1']:.1f} (unreduced {base['mean_r1']:.1f}) "
           f"fid {row['fidelity_image']:.4f} ratio {row['gflops_ratio']:.3f}", flush=True)

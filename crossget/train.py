@@ -148,7 +148,8 @@ class SceneHead(nn.Module):
     def forward(self, embeds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over cells and attributes; ``targets`` ``[B, 9, 5]`` long."""
         logits = self.proj(self.scale * embeds).view(embeds.shape[0], 9, -1).split(self.classes, dim=-1)
-        losses = [nn.functional.cross_entropy(l.flatten(0, 1), targets[..., k].flatten()) for k, l in enumerate(logits)]
+        losses = [nn.functional.cross_entropy(part.flatten(0, 1), targets[..., k].flatten())
+                  for k, part in enumerate(logits)]
         return torch.stack(losses).mean()
 
 
@@ -247,15 +248,21 @@ def train_base(
                 log["stopped_early_after_epoch"] = epoch
                 break
     log["train_seconds"] = time.perf_counter() - start
+    return save_trained(acc, model, out_dir, log, tokenizer, image_processor), log
+
+
+def save_trained(acc: Any, model: nn.Module, out_dir: str | os.PathLike, log: dict, *parts: Any) -> nn.Module:
+    """Unwrap ``model`` (eval mode); on the main process save it (safetensors), every part
+    (tokenizer, processor: anything with ``save_pretrained``) and ``log`` as ``training.json``."""
     model = acc.unwrap_model(model).eval()
     if acc.is_main_process:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        image_processor.save_pretrained(out)
+        for part in parts:
+            part.save_pretrained(out)
         (out / "training.json").write_text(json.dumps(log, indent=2))
-    return model, log
+    return model
 
 
 def train_cross_tokens(

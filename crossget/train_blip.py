@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -38,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .train import _accelerator, _cosine_lr
+from .train import _accelerator, _cosine_lr, save_trained
 
 TASKS = ("caption", "vqa")
 PROMPT = "a picture of "  # BLIP's captioning prompt; crossget eval caption's default
@@ -308,14 +307,7 @@ def train_blip(
                 break
     log["train_seconds"] = time.perf_counter() - start
     log["seconds_per_step"] = log["train_seconds"] / log.get("stopped_early_after_step", steps)
-    model = acc.unwrap_model(model).eval()
-    if acc.is_main_process:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
-        processor.save_pretrained(out)
-        (out / "training.json").write_text(json.dumps(log, indent=2))
-    return model, log
+    return save_trained(acc, model, out_dir, log, processor), log
 
 
 __all__ = ["BlipSmallConfig", "TextImageData", "blip_processor", "blip_tokenizer", "build_blip", "caption_data",

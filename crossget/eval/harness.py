@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.karpathy import RetrievalSplit
 from ..flops import count_flops
 from ..io import load_cross_tokens
 from ..patch import config, patch, unpatch
-from ..data.karpathy import RetrievalSplit
 from .retrieval import encode, fidelity, retrieval_metrics, twin_accuracy
 
 RESULT_KEYS = (

@@ -254,6 +254,8 @@ def train_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default=None, help="go on from this saved model (and its tokenizer) instead of scratch")
     p.add_argument("--scene-weight", type=float, default=0.0,
                    help="weight of the auxiliary loss that names each grid cell's contents (generated data only)")
+    p.add_argument("--sincos-positions", type=float, default=0.0,
+                   help="add 2-D sine-cosine codes of this amplitude to the vision position embeddings first")
 
 
 def train_base(args: argparse.Namespace) -> int:
@@ -278,7 +280,7 @@ def train_base(args: argparse.Namespace) -> int:
     pairs = pair_data(split, processor, cfg.max_text_len)
     _, log = run(pairs, processor.tokenizer, processor.image_processor, args.out, cfg, epochs=args.epochs,
                  batch_size=args.batch, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes, init_from=args.init,
-                 scene_weight=args.scene_weight)
+                 scene_weight=args.scene_weight, sincos_positions=args.sincos_positions)
     previous = os.path.join(args.init, "training.json") if args.init else None
     if previous and os.path.isfile(previous):
         with open(previous) as f:

@@ -153,6 +153,32 @@ class SceneHead(nn.Module):
         return torch.stack(losses).mean()
 
 
+def sincos_grid(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """2-D sine-cosine position codes (MAE): ``[grid * grid, dim]`` row-major, half the channels for
+    the row, half for the column; values in [-1, 1]."""
+    if dim % 4:
+        raise ValueError(f"dim must be a multiple of 4, got {dim}")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    pos = torch.arange(grid, dtype=torch.float64)[:, None] * omega  # [grid, dim/4]
+    axis = torch.cat([pos.sin(), pos.cos()], dim=1)  # [grid, dim/2]
+    rows, cols = axis[:, None].expand(grid, grid, -1), axis[None, :].expand(grid, grid, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim).float()
+
+
+@torch.no_grad()
+def add_sincos_positions(vision_model: nn.Module, amplitude: float) -> None:
+    """Add ``amplitude *`` :func:`sincos_grid` to a CLIP vision tower's learned patch position
+    embeddings (the CLS row unchanged); they stay trainable.
+
+    Trained by the contrastive loss alone, the default model's position embeddings kept no spatial
+    order (neighbouring patches' codes as alike as any two), so it could not tell where things are."""
+    emb = vision_model.embeddings
+    table = emb.position_embedding.weight
+    grid = emb.image_size // emb.patch_size
+    # temperature ~ 2 x grid: on a small grid, far-apart patches get unlike codes (cosine ~0 instead of 0.7)
+    table[1:] += amplitude * sincos_grid(grid, table.shape[1], temperature=2.0 * grid).to(table)
+
+
 def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups as in CLIP/open_clip: no decay on biases, norms and ``logit_scale`` (decay would
     pull the temperature towards 1)."""
@@ -178,12 +204,15 @@ def train_base(
     progress: bool = True,
     init_from: str | os.PathLike | None = None,
     scene_weight: float = 0.0,
+    sincos_positions: float = 0.0,
 ) -> tuple[nn.Module, dict]:
     """Train a ``CLIPModel`` from scratch (or go on from ``init_from``) with the CLIP loss;
     save it to ``out_dir``.
 
     ``scene_weight > 0`` adds ``scene_weight *`` :class:`SceneHead` loss (needs
     ``data.scene_targets``); the head is dropped afterwards, the saved model is a plain ``CLIPModel``.
+    ``sincos_positions > 0`` first adds 2-D sine-cosine codes of that amplitude to the vision
+    position embeddings (:func:`add_sincos_positions`).
 
     Returns ``(model, log)``; the log (also ``out_dir/training.json``) records the
     settings, losses per epoch and wall time.
@@ -202,6 +231,8 @@ def train_base(
     use_scene = scene_weight > 0
     if use_scene and data.scene_targets is None:
         raise ValueError("scene_weight > 0 needs data with scene targets (generated shapes data)")
+    if sincos_positions:
+        add_sincos_positions(model.vision_model, sincos_positions)
     groups = _decay_groups(model, weight_decay)
     if use_scene:
         head = SceneHead(model.config.projection_dim)
@@ -217,7 +248,7 @@ def train_base(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, total, max(1, total // 20)))
     log: dict[str, Any] = {"config": asdict(config), "epochs": epochs, "batch_size": batch_size, "lr": lr,
                            "weight_decay": weight_decay, "no_weight_decay": "biases, norms, logit_scale", "seed": seed,
-                           "init_from": str(init_from), "scene_weight": scene_weight, "epoch_loss": []}
+                           "init_from": str(init_from), "scene_weight": scene_weight, "sincos_positions": sincos_positions, "epoch_loss": []}
     if use_scene:
         log["epoch_scene_loss"] = []
     start = time.perf_counter()

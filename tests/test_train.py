@@ -80,13 +80,15 @@ def test_train_base_with_scene_loss_learns_and_saves_a_plain_clip(shapes_pairs, 
     pairs, processor = shapes_pairs
     assert pairs.scene_targets.shape == (24, 9, 5)
     model, log = train_base(pairs, processor.tokenizer, processor.image_processor, tmp_path, _tiny_base_config(),
-                            epochs=8, batch_size=12, lr=3e-3, progress=False, scene_weight=1.0)
+                            epochs=8, batch_size=12, lr=3e-3, progress=False, scene_weight=1.0,
+                            sincos_positions=0.5)
     assert log["epoch_scene_loss"][-1] < log["epoch_scene_loss"][0]
     assert log["epoch_loss"][-1] < log["epoch_loss"][0]
     saved = CLIPModel.from_pretrained(tmp_path)  # the scene head is not part of the model
     assert saved.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
-    assert json.loads((tmp_path / "training.json").read_text())["scene_weight"] == 1.0
+    saved_log = json.loads((tmp_path / "training.json").read_text())
+    assert saved_log["scene_weight"] == 1.0 and saved_log["sincos_positions"] == 0.5
 
 
 def test_train_base_scene_weight_needs_targets_and_is_not_negative(shapes_pairs, tmp_path):
@@ -112,3 +114,20 @@ def test_no_weight_decay_on_biases_norms_and_temperature():
     assert {names[id(p)] for p in no_decay["params"]} >= {"logit_scale", "vision_model.post_layernorm.weight"}
     assert all(p.ndim >= 2 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_sincos_positions_order_the_patch_grid():
+    from crossget.train import add_sincos_positions, sincos_grid
+
+    codes = torch.nn.functional.normalize(sincos_grid(6, 16, temperature=12.0), dim=-1)
+    cos = codes @ codes.T
+    assert codes.shape == (36, 16)
+    assert cos[0, 1] > cos[0, 3] > cos[0, 5] and cos[0, 6] > cos[0, 18]  # along a row, then a column
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_grid(6, 18)
+    model = make_clip()
+    table = model.vision_model.embeddings.position_embedding.weight
+    before = table.detach().clone()
+    add_sincos_positions(model.vision_model, 0.5)
+    assert torch.equal(table[0], before[0]) and not torch.equal(table[1:], before[1:])
+    assert table.requires_grad

@@ -248,7 +248,8 @@ def train_base(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, total, max(1, total // 20)))
     log: dict[str, Any] = {"config": asdict(config), "epochs": epochs, "batch_size": batch_size, "lr": lr,
                            "weight_decay": weight_decay, "no_weight_decay": "biases, norms, logit_scale", "seed": seed,
-                           "init_from": str(init_from), "scene_weight": scene_weight, "sincos_positions": sincos_positions, "epoch_loss": []}
+                           "init_from": str(init_from), "scene_weight": scene_weight,
+                           "sincos_positions": sincos_positions, "epoch_loss": []}
     if use_scene:
         log["epoch_scene_loss"] = []
     start = time.perf_counter()

@@ -504,6 +504,7 @@ def train_llava_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=_int_at_least(1), default=10)
     p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this much training")
     p.add_argument("--workers", type=_int_at_least(0), default=0, help="data loader processes (default 0)")
+    p.add_argument("--pad-square", action="store_true", help="pad images to squares first, as LLaVA-1.5 does")
     # no float16: AdamW on fp16 weights without a loss scaler turns untouched rows into NaN
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights")
     p.add_argument("--seed", type=int, default=0)
@@ -530,7 +531,7 @@ def train_llava(args: argparse.Namespace) -> int:
         model, processor, data, args.out, trainable=args.trainable, steps=args.steps, batch_size=args.batch,
         lr=args.lr, seed=args.seed, cross_weight=weight, resume=args.resume, max_minutes=args.max_minutes,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, max_length=args.max_length,
-        workers=args.workers,
+        workers=args.workers, pad_square=args.pad_square or None,
     )
     step = log["loss"][-1]["step"] if log["loss"] else log["resumed_at"]
     wrote = sorted(n for n in os.listdir(args.out) if n != "state")  # state/: what --resume reads

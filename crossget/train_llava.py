@@ -326,6 +326,7 @@ def train_llava(
     lora_alpha: int = 16,
     grad_clip: float | None = 1.0,
     workers: int = 0,
+    pad_square: bool | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train a ``LlavaForConditionalGeneration`` (patched with crossget, or not) on ``data``.
 
@@ -346,6 +347,7 @@ def train_llava(
     processor) at the end for ``"projector+lm"``; ``state/`` (trained weights in
     safetensors, optimizer and scheduler, step) for ``resume``; ``training.json`` (settings,
     losses every ``log_every`` steps, wall time). ``max_minutes`` stops early, checkpointed.
+    ``pad_square`` as in evaluation: True pads images to squares (LLaVA-1.5), None keeps the processor's.
 
     Returns ``(model, log)``, the model unwrapped and in eval mode.
 
@@ -372,7 +374,7 @@ def train_llava(
         lora = model.__dict__.get(LORA_ATTR) or add_lora(model, lora_rank, lora_alpha)
     params = _set_trainable(model, trainable)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    collate = LlavaCollator(processor, model, max_length)
+    collate = LlavaCollator(processor, model, max_length, pad_square)
 
     acc = _accelerator()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # LLaVA-1.5 uses no weight decay
@@ -385,7 +387,8 @@ def train_llava(
 
     log: dict[str, Any] = {
         "trainable": trainable, "steps": steps, "batch_size": batch_size, "processes": acc.num_processes, "lr": lr,
-        "seed": seed, "cross_weight": cross_weight if has_cross else None, "max_length": max_length, "lora": lora,
+        "seed": seed, "cross_weight": cross_weight if has_cross else None, "max_length": max_length,
+        "pad_square": pad_square, "lora": lora,
         "patch": config(acc.unwrap_model(model)) if is_patched(acc.unwrap_model(model)) else None,
         "data": str(data.path), "samples": len(data), "skipped_text_only": data.skipped,
         "loss": [], "train_seconds": 0.0, "resumed_at": 0,

@@ -203,11 +203,12 @@ def test_cli_end_to_end(files, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["train-llava", "--model", str(files / "model"), "--data", str(files / "conv.json"), "--images",
             str(files / "images"), "--method", "crossget", "--keep", "20", "--trainable", "cross", "--steps", "2",
-            "--batch", "2", "--threads", "1", "--log-every", "1", "--out", str(out)]
+            "--batch", "2", "--threads", "1", "--log-every", "1", "--pad-square", "--out", str(out)]
     assert LLAVA_TRAINABLE == TRAINABLE
     assert main(args) == 0
     log = json.loads((out / "training.json").read_text())
     assert [e["step"] for e in log["loss"]] == [1, 2] and (out / "cross_tokens.safetensors").is_file()
+    assert log["pad_square"] is True
     assert "cross_tokens.safetensors" in capsys.readouterr().out
     assert main([*args[:-2], "--steps", "3", "--out", str(out), "--resume"]) == 0
     assert json.loads((out / "training.json").read_text())["resumed_at"] == 2

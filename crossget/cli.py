@@ -474,6 +474,7 @@ def train(args: argparse.Namespace) -> int:
     pairs = PairData(t["pixel_values"], t["input_ids"], t["attention_mask"], split.txt2img, split.families)
     _, log = train_cross_tokens(model, pairs, args.out, cross_weight=args.cross_weight, steps=args.steps,
                                 batch_size=args.batch, lr=args.lr, all_weights=args.all_weights, resume=args.resume)
+    _save_training_log(args, log)
     print(f"wrote {os.path.join(args.out, 'cross_tokens.safetensors')}")
     return 0
 

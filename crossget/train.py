@@ -355,6 +355,7 @@ def train_cross_tokens(
             progress_file.write_text(json.dumps({"step": step}))
 
     batches = iter(())
+    start = time.perf_counter()
     with tqdm(total=steps, initial=done, desc="train-cross", disable=not progress or not acc.is_main_process) as bar:
         for step in range(done, steps):
             batch = next(batches, None)
@@ -373,6 +374,7 @@ def train_cross_tokens(
             bar.update()
             if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
                 save(step + 1)
+    log["train_seconds"] = time.perf_counter() - start
     model = acc.unwrap_model(model).eval()
     if acc.is_main_process:
         (out / "training.json").write_text(json.dumps(log, indent=2))

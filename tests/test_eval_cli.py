@@ -37,6 +37,8 @@ def test_train_eval_sweep_demo(tiny_setup, tmp_path):
                  "--out", str(tmp_path / "cross")]) == 0
     tokens = tmp_path / "cross" / "cross_tokens.safetensors"
     assert tokens.exists()
+    log = json.loads((tmp_path / "cross" / "training.json").read_text())
+    assert log["command"].startswith("crossget ") and log["threads"] == 1 and log["train_seconds"] > 0
     assert main(["eval", "retrieval", *common, "--method", "crossget", "--flops", "0.7", "--cross-tokens", str(tokens),
                  "--json", str(tmp_path / "one.json")]) == 0
     result = json.loads((tmp_path / "one.json").read_text())["results"][0]

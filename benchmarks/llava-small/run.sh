@@ -2,12 +2,9 @@
 # Build and train the tiny LLaVA on the shapes questions (shipped CLIP tower, 4 x 256 Llama), then
 # answer 1000 test questions unreduced and with every method at 36 / 72 / 108 of 144 visual tokens:
 #   bash benchmarks/llava-small/run.sh      (about 22 min training, ~25 min evaluation, one core)
-set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-B=.venv/bin/crossget
+# The committed results used the stage-2 default model (shipped until 2026-11-26); a rerun uses the current one.
+source "$(dirname "${BASH_SOURCE[0]}")/../shapes-data.sh"   # repo root, $B, the data
 OUT=benchmarks/llava-small
-[ -f data/shapes/dataset_shapes.json ] || $B data --out data/shapes --train 8000 --val 400 --test 1000 --image-size 96
-[ -f data/shapes-qa/test/questions.json ] || $B data-qa --data data/shapes/dataset_shapes.json --out data/shapes-qa
 $B init-llava --out runs/llava-small --qa data/shapes-qa --by-image data/shapes-qa/train/llava_conversations.json
 $B train-llava --model runs/llava-small --data runs/llava-small/train_by_image.json --images data/shapes/images \
     --method none --trainable projector+lm --steps 150 --batch 32 --lr 3e-3 --threads 1 --max-minutes 22 --out runs/llava-small-train

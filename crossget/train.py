@@ -221,6 +221,11 @@ def train_base(
     """
     from transformers import CLIPModel
 
+    if scene_weight < 0:
+        raise ValueError(f"scene_weight must be >= 0, got {scene_weight}")
+    use_scene = scene_weight > 0
+    if use_scene and data.scene_targets is None:
+        raise ValueError("scene_weight > 0 needs data with scene targets (generated shapes data)")
     config = config or BaseModelConfig()
     torch.manual_seed(seed)
     if init_from is not None:
@@ -228,11 +233,6 @@ def train_base(
     else:
         ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
         model = CLIPModel(config.clip_config(len(tokenizer), *ids))
-    if scene_weight < 0:
-        raise ValueError(f"scene_weight must be >= 0, got {scene_weight}")
-    use_scene = scene_weight > 0
-    if use_scene and data.scene_targets is None:
-        raise ValueError("scene_weight > 0 needs data with scene targets (generated shapes data)")
     if sincos_positions:
         add_sincos_positions(model.vision_model, sincos_positions)
     groups = _decay_groups(model, weight_decay)

@@ -256,6 +256,8 @@ def train_base_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the auxiliary loss that names each grid cell's contents (generated data only)")
     p.add_argument("--sincos-positions", type=float, default=0.0,
                    help="add 2-D sine-cosine codes of this amplitude to the vision position embeddings first")
+    p.add_argument("--scene-only-steps", type=int, default=0,
+                   help="train the scene loss alone for this many first steps (needs --scene-weight)")
 
 
 def train_base(args: argparse.Namespace) -> int:
@@ -280,7 +282,8 @@ def train_base(args: argparse.Namespace) -> int:
     pairs = pair_data(split, processor, cfg.max_text_len)
     _, log = run(pairs, processor.tokenizer, processor.image_processor, args.out, cfg, epochs=args.epochs,
                  batch_size=args.batch, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes, init_from=args.init,
-                 scene_weight=args.scene_weight, sincos_positions=args.sincos_positions)
+                 scene_weight=args.scene_weight, sincos_positions=args.sincos_positions,
+                 scene_only_steps=args.scene_only_steps)
     previous = os.path.join(args.init, "training.json") if args.init else None
     if previous and os.path.isfile(previous):
         with open(previous) as f:

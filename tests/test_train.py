@@ -89,6 +89,29 @@ def test_train_base_with_scene_loss_learns_and_saves_a_plain_clip(shapes_pairs, 
     assert all(torch.equal(v, saved.state_dict()[k]) for k, v in model.state_dict().items())
     saved_log = json.loads((tmp_path / "training.json").read_text())
     assert saved_log["scene_weight"] == 1.0 and saved_log["sincos_positions"] == 0.5
+    assert saved_log["scene_head_reads"].startswith("vision tower pooled CLS state")
+
+
+def test_scene_only_steps_leave_the_text_tower_alone(shapes_pairs, tmp_path):
+    from transformers import CLIPModel
+
+    from crossget.train import train_base
+
+    pairs, processor = shapes_pairs
+    config = _tiny_base_config()
+    train_base(pairs, processor.tokenizer, processor.image_processor, tmp_path / "init", config, epochs=1,
+               batch_size=12, progress=False)
+    before = CLIPModel.from_pretrained(tmp_path / "init").state_dict()
+    # 2 epochs x 2 batches, all scene-only; no weight decay, so only gradients move weights
+    model, log = train_base(pairs, processor.tokenizer, processor.image_processor, tmp_path / "out", config, epochs=2,
+                            batch_size=12, lr=3e-3, weight_decay=0.0, progress=False, init_from=tmp_path / "init",
+                            scene_weight=1.0, scene_only_steps=4)
+    after = model.state_dict()
+    text = [k for k in before if k.startswith(("text_model.", "text_projection.", "visual_projection.", "logit_scale"))]
+    vision = [k for k in before if k.startswith("vision_model.encoder.")]
+    assert text and all(torch.equal(before[k], after[k]) for k in text)
+    assert any(not torch.equal(before[k], after[k]) for k in vision)
+    assert log["scene_only_steps"] == 4
 
 
 def test_train_base_scene_weight_needs_targets_and_is_not_negative(shapes_pairs, tmp_path):
@@ -102,6 +125,8 @@ def test_train_base_scene_weight_needs_targets_and_is_not_negative(shapes_pairs,
         train_base(replace(pairs, scene_targets=None), *args, epochs=1, scene_weight=1.0, progress=False)
     with pytest.raises(ValueError, match=">= 0"):
         train_base(pairs, *args, epochs=1, scene_weight=-1.0, progress=False)
+    with pytest.raises(ValueError, match="scene_only_steps"):
+        train_base(pairs, *args, epochs=1, scene_only_steps=3, progress=False)
 
 
 def test_no_weight_decay_on_biases_norms_and_temperature():

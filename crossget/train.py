@@ -274,7 +274,8 @@ def train_base(
                 loss = out.loss
                 losses.append(loss.item())  # the CLIP loss alone, comparable across runs
                 if step < scene_only_steps:
-                    loss = 0.0 * loss  # keeps every parameter in the graph (DDP) but trains the scene loss only
+                    # scene loss only; every parameter stays in the graph (DDP); weight decay still applies
+                    loss = 0.0 * loss
                 if use_scene:
                     # the vision tower's pooled CLS state, before the projection (transformers 5 puts the
                     # projected one in vision_model_output.pooler_output)

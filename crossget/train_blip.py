@@ -180,17 +180,15 @@ def vqa_data(questions: str | os.PathLike, annotations: str | os.PathLike | None
     """VQAv2 files (``crossget.eval.vqa.load_vqa``); the target is each question's ``multiple_choice_answer``
     (for the shapes files, also every human answer). ``annotations`` default: ``annotations.json`` beside."""
     from .data.shapes_qa import IMAGE_PATTERN
-    from .eval.blip_common import read_json
     from .eval.vqa import load_vqa
 
     questions = Path(questions)
     annotations = Path(annotations) if annotations else questions.with_name("annotations.json")
     v = load_vqa(questions, annotations, image_root, image_pattern or IMAGE_PATTERN)
-    mc = {a["question_id"]: str(a.get("multiple_choice_answer") or a["answers"][0]["answer"])
-          for a in read_json(annotations, "VQA annotation file")["annotations"]}
     paths = sorted(set(v.image_paths))
     index = {p: i for i, p in enumerate(paths)}
-    return TextImageData(paths, list(v.questions), [index[p] for p in v.image_paths], [mc[q] for q in v.question_ids])
+    return TextImageData(paths, list(v.questions), [index[p] for p in v.image_paths],
+                         [v.multiple_choice[q] for q in v.question_ids])
 
 
 def batches(data: TextImageData, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:

@@ -339,6 +339,17 @@ def test_vqa_file_errors(vqa_files, tmp_path):
     assert vqa.load_vqa(bad, image_pattern="{image_id}.jpg", check=False).image_paths == [tmp_path / "3.jpg"]
 
 
+def test_vqa_keeps_the_multiple_choice_answer(vqa_files, tmp_path):
+    _, questions, qs = vqa_files
+    ann = _annotations(tmp_path / "ann.json", qs, [["b", "a", "a"], ["no"] * 3, ["c"] * 3, ["yes"] * 3])
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["multiple_choice_answer"] = "a"  # the consensus, not the first human answer
+    del data["annotations"][1]["multiple_choice_answer"]  # without it: the first human answer
+    ann.write_text(json.dumps(data))
+    v = vqa.load_vqa(questions, ann, check=False)
+    assert [v.multiple_choice[q["question_id"]] for q in qs] == ["a", "no", "c", "yes"]
+
+
 # --------------------------------------------------------------------------- NLVR2
 def test_nlvr2_hand_made():
     assert nlvr2.image_pair("dev-850-0-3") == ("dev-850-0-img0.png", "dev-850-0-img1.png")

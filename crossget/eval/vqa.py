@@ -154,6 +154,7 @@ class VQASet:
     answers: dict[Any, list[str]] | None = None
     answer_types: dict[Any, str] = field(default_factory=dict)
     question_types: dict[Any, str] = field(default_factory=dict)
+    multiple_choice: dict[Any, str] = field(default_factory=dict)  # the consensus answer (training target)
     source: str = ""
 
     def __len__(self) -> int:
@@ -225,6 +226,8 @@ def _add_annotations(data: VQASet, path: Path) -> None:
     data.answers = {q: [str(a["answer"]) for a in by_id[q]["answers"]] for q in data.question_ids}
     data.answer_types = {q: str(by_id[q].get("answer_type", "")) for q in data.question_ids}
     data.question_types = {q: str(by_id[q].get("question_type", "")) for q in data.question_ids}
+    data.multiple_choice = {q: str(by_id[q].get("multiple_choice_answer") or data.answers[q][0])
+                            for q in data.question_ids}
 
 
 def vqa_scores(predictions: Mapping[Any, str], data: VQASet) -> dict[str, Any]:

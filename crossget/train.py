@@ -250,6 +250,7 @@ def train_base(
     model, opt = acc.prepare(model, opt)
     if use_scene:
         head = acc.prepare(head)
+        post_layernorm = acc.unwrap_model(model).vision_model.post_layernorm
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = data.pixel_values.shape[0] // batch_size
     total = epochs * steps_per_epoch
@@ -280,7 +281,7 @@ def train_base(
                     # the vision tower's pooled CLS state, before the projection (transformers 5 puts the
                     # projected one in vision_model_output.pooler_output)
                     cls = out.vision_model_output.last_hidden_state[:, 0]
-                    scene = head(acc.unwrap_model(model).vision_model.post_layernorm(cls), targets)
+                    scene = head(post_layernorm(cls), targets)
                     scene_losses.append(scene.item())
                     loss = loss + scene_weight * scene
                 acc.backward(loss)

@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from crossget.data.karpathy import load_karpathy, preprocess
+from crossget.data.karpathy import image_loader, load_karpathy
 from crossget.data.shapes import scene_targets
 from crossget.default import load_default
 
@@ -21,8 +21,7 @@ from crossget.default import load_default
 def features(model, processor, data: str, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """pooled ``[n, W]``, projected embeddings ``[n, D]``, occupancy ``[n, 9]`` (0/1)."""
     s = load_karpathy(data, split=split, limit=n)
-    pixels = preprocess(s, processor, 40, progress=False)["pixel_values"]
-    pooled = torch.cat([model.vision_model(pixel_values=p).pooler_output for p in pixels.split(250)])
+    pooled = torch.cat([model.vision_model(**b).pooler_output for b in image_loader(s, processor, batch_size=250)])
     occupied = torch.from_numpy(scene_targets(s.scenes))[..., 0] > 0
     return pooled, model.visual_projection(pooled), occupied.long()
 

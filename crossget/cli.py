@@ -257,7 +257,9 @@ def train_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sincos-positions", type=float, default=0.0,
                    help="add 2-D sine-cosine codes of this amplitude to the vision position embeddings first")
     p.add_argument("--scene-only-steps", type=int, default=0,
-                   help="train the scene loss alone for this many first steps (needs --scene-weight)")
+                   help="train the scene losses alone for this many first steps (needs a scene weight)")
+    p.add_argument("--text-scene-weight", type=float, default=0.0,
+                   help="weight of the same loss read from the text tower's pooled EOT state (generated data only)")
 
 
 def train_base(args: argparse.Namespace) -> int:
@@ -283,7 +285,7 @@ def train_base(args: argparse.Namespace) -> int:
     _, log = run(pairs, processor.tokenizer, processor.image_processor, args.out, cfg, epochs=args.epochs,
                  batch_size=args.batch, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes, init_from=args.init,
                  scene_weight=args.scene_weight, sincos_positions=args.sincos_positions,
-                 scene_only_steps=args.scene_only_steps)
+                 scene_only_steps=args.scene_only_steps, text_scene_weight=args.text_scene_weight)
     previous = os.path.join(args.init, "training.json") if args.init else None
     if previous and os.path.isfile(previous):
         with open(previous) as f:

@@ -155,6 +155,15 @@ class SceneHead(nn.Module):
         return torch.stack(losses).mean()
 
 
+def text_pooled_state(text_model: nn.Module, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The text tower's pooled EOT state ``[B, W]`` (after its final LayerNorm, before the projection),
+    picked as ``CLIPTextTransformer`` picks it: transformers 5 puts the projected one in
+    ``text_model_output.pooler_output``."""
+    ids = input_ids.to(torch.int)
+    eos = ids.argmax(-1) if text_model.eos_token_id == 2 else (ids == text_model.eos_token_id).int().argmax(-1)
+    return last_hidden_state[torch.arange(len(ids), device=ids.device), eos]
+
+
 def sincos_grid(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """2-D sine-cosine position codes (MAE): ``[grid * grid, dim]`` row-major, half the channels for
     the row, half for the column; values in [-1, 1]."""
@@ -209,6 +218,7 @@ def train_base(
     scene_weight: float = 0.0,
     sincos_positions: float = 0.0,
     scene_only_steps: int = 0,
+    text_scene_weight: float = 0.0,
 ) -> tuple[nn.Module, dict]:
     """Train a ``CLIPModel`` from scratch (or go on from ``init_from``) with the CLIP loss;
     save it to ``out_dir``.
@@ -217,21 +227,24 @@ def train_base(
     ``data.scene_targets``); the head is dropped afterwards, the saved model is a plain ``CLIPModel``.
     ``sincos_positions > 0`` first adds 2-D sine-cosine codes of that amplitude to the vision
     position embeddings (:func:`add_sincos_positions`). The first ``scene_only_steps`` steps train
-    the scene loss alone: with the CLIP loss beside it from the start, the scene loss of the default
-    model had not left its plateau after 350 steps (README).
+    the scene losses alone: with the CLIP loss beside it from the start, the scene loss of the default
+    model had not left its plateau after 350 steps (README). ``text_scene_weight > 0`` adds the same
+    loss read from the text tower's pooled EOT state (a second head): the caption names the scene, so
+    the text side learns position and texture words too, instead of waiting for the contrastive loss
+    to teach them.
 
     Returns ``(model, log)``; the log (also ``out_dir/training.json``) records the
     settings, losses per epoch and wall time.
     """
     from transformers import CLIPModel
 
-    if scene_weight < 0:
-        raise ValueError(f"scene_weight must be >= 0, got {scene_weight}")
-    use_scene = scene_weight > 0
-    if use_scene and data.scene_targets is None:
-        raise ValueError("scene_weight > 0 needs data with scene targets (generated shapes data)")
-    if scene_only_steps < 0 or (scene_only_steps and not use_scene):
-        raise ValueError(f"scene_only_steps must be >= 0 and needs scene_weight > 0, got {scene_only_steps}")
+    if scene_weight < 0 or text_scene_weight < 0:
+        raise ValueError(f"scene weights must be >= 0, got {scene_weight} and {text_scene_weight}")
+    use_scene, use_text_scene = scene_weight > 0, text_scene_weight > 0
+    if (use_scene or use_text_scene) and data.scene_targets is None:
+        raise ValueError("a scene weight > 0 needs data with scene targets (generated shapes data)")
+    if scene_only_steps < 0 or (scene_only_steps and not (use_scene or use_text_scene)):
+        raise ValueError(f"scene_only_steps must be >= 0 and needs a scene weight > 0, got {scene_only_steps}")
     config = config or BaseModelConfig()
     torch.manual_seed(seed)
     if init_from is not None:
@@ -245,12 +258,18 @@ def train_base(
     if use_scene:
         head = SceneHead(model.config.vision_config.hidden_size)
         groups += _decay_groups(head, weight_decay)
+    if use_text_scene:
+        text_head = SceneHead(model.config.text_config.hidden_size)
+        groups += _decay_groups(text_head, weight_decay)
     acc = _accelerator()
     opt = torch.optim.AdamW(groups, lr=lr)
     model, opt = acc.prepare(model, opt)
     if use_scene:
         head = acc.prepare(head)
         post_layernorm = acc.unwrap_model(model).vision_model.post_layernorm
+    if use_text_scene:
+        text_head = acc.prepare(text_head)
+        text_model = acc.unwrap_model(model).text_model
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = data.pixel_values.shape[0] // batch_size
     total = epochs * steps_per_epoch
@@ -259,16 +278,19 @@ def train_base(
                            "weight_decay": weight_decay, "no_weight_decay": "biases, norms, logit_scale", "seed": seed,
                            "init_from": str(init_from), "scene_weight": scene_weight,
                            "sincos_positions": sincos_positions, "scene_only_steps": scene_only_steps,
-                           "epoch_loss": []}
+                           "text_scene_weight": text_scene_weight, "epoch_loss": []}
     if use_scene:
         log["scene_head_reads"] = "vision tower pooled CLS state (post_layernorm, before the projection)"
         log["epoch_scene_loss"] = []
+    if use_text_scene:
+        log["text_scene_head_reads"] = "text tower pooled EOT state (final_layer_norm, before the projection)"
+        log["epoch_text_scene_loss"] = []
     start, step = time.perf_counter(), 0
     model.train()
     with tqdm(total=total, desc="train-base", disable=not progress or not acc.is_main_process) as bar:
         for epoch in range(epochs):
-            losses, scene_losses = [], []
-            for batch in data.batches(batch_size, g, scene_targets=use_scene):
+            losses, scene_losses, text_scene_losses = [], [], []
+            for batch in data.batches(batch_size, g, scene_targets=use_scene or use_text_scene):
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 targets = batch.pop("scene_targets", None)
                 out = model(**batch, return_loss=True)
@@ -284,17 +306,26 @@ def train_base(
                     scene = head(post_layernorm(cls), targets)
                     scene_losses.append(scene.item())
                     loss = loss + scene_weight * scene
+                if use_text_scene:
+                    text_state = text_pooled_state(text_model, out.text_model_output.last_hidden_state,
+                                                   batch["input_ids"])
+                    text_scene = text_head(text_state, targets)
+                    text_scene_losses.append(text_scene.item())
+                    loss = loss + text_scene_weight * text_scene
                 acc.backward(loss)
                 opt.step()
                 sched.step()
                 opt.zero_grad()
                 step += 1
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}",
-                                **({"scene": f"{scene_losses[-1]:.3f}"} if use_scene else {}))
+                                **({"scene": f"{scene_losses[-1]:.3f}"} if use_scene else {}),
+                                **({"text_scene": f"{text_scene_losses[-1]:.3f}"} if use_text_scene else {}))
                 bar.update()
             log["epoch_loss"].append(sum(losses) / max(1, len(losses)))
             if use_scene:
                 log["epoch_scene_loss"].append(sum(scene_losses) / max(1, len(scene_losses)))
+            if use_text_scene:
+                log["epoch_text_scene_loss"].append(sum(text_scene_losses) / max(1, len(text_scene_losses)))
             if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
                 log["stopped_early_after_epoch"] = epoch
                 break

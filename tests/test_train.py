@@ -114,6 +114,24 @@ def test_scene_only_steps_leave_the_text_tower_alone(shapes_pairs, tmp_path):
     assert log["scene_only_steps"] == 4
 
 
+def test_text_scene_loss_reads_the_pooled_eot_state_and_learns(shapes_pairs, tmp_path):
+    from transformers import CLIPModel
+
+    from crossget.train import text_pooled_state, train_base
+
+    pairs, processor = shapes_pairs
+    model = CLIPModel(_tiny_base_config().clip_config(len(processor.tokenizer), processor.tokenizer.bos_token_id,
+                                                      processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id))
+    ids, mask = pairs.input_ids[:5], pairs.attention_mask[:5]
+    text = model.text_model(input_ids=ids, attention_mask=mask)  # the tower's own pooling, unprojected
+    assert torch.equal(text_pooled_state(model.text_model, text.last_hidden_state, ids), text.pooler_output)
+    _, log = train_base(pairs, processor.tokenizer, processor.image_processor, tmp_path, _tiny_base_config(),
+                        epochs=8, batch_size=12, lr=3e-3, progress=False, text_scene_weight=1.0)
+    assert log["epoch_text_scene_loss"][-1] < log["epoch_text_scene_loss"][0]
+    assert "epoch_scene_loss" not in log and log["text_scene_head_reads"].startswith("text tower pooled EOT")
+    assert json.loads((tmp_path / "training.json").read_text())["text_scene_weight"] == 1.0
+
+
 def test_train_base_scene_weight_needs_targets_and_is_not_negative(shapes_pairs, tmp_path):
     from dataclasses import replace
 
@@ -125,6 +143,10 @@ def test_train_base_scene_weight_needs_targets_and_is_not_negative(shapes_pairs,
         train_base(replace(pairs, scene_targets=None), *args, epochs=1, scene_weight=1.0, progress=False)
     with pytest.raises(ValueError, match=">= 0"):
         train_base(pairs, *args, epochs=1, scene_weight=-1.0, progress=False)
+    with pytest.raises(ValueError, match=">= 0"):
+        train_base(pairs, *args, epochs=1, text_scene_weight=-1.0, progress=False)
+    with pytest.raises(ValueError, match="scene targets"):
+        train_base(replace(pairs, scene_targets=None), *args, epochs=1, text_scene_weight=1.0, progress=False)
     with pytest.raises(ValueError, match="scene_only_steps"):
         train_base(pairs, *args, epochs=1, scene_only_steps=3, progress=False)
 

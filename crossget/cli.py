@@ -193,7 +193,7 @@ def demo(args: argparse.Namespace) -> int:
     from .eval.harness import evaluate_configs, results_table, write_results
 
     torch.set_num_threads(args.threads)
-    model, split, inputs = _model_and_inputs(args)
+    model, _, split, inputs = _model_and_inputs(args)
     print(f"{len(split)} test images, {len(split.captions)} captions, {args.threads} threads")
     configs = [{"method": "tome", "flops": args.flops}, {"method": "crossget", "flops": args.flops}]
     trained = _cross_tokens_path(args)
@@ -338,7 +338,7 @@ def train_blip(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- evaluation
 def _model_and_inputs(args: argparse.Namespace):
-    """The model (default or a directory), its processor and the preprocessed test split."""
+    """The model (default or a directory), its processor, the split and its preprocessed inputs."""
     from .data.karpathy import load_karpathy, preprocess
     from .default import default_annotation, load_default
 
@@ -346,7 +346,7 @@ def _model_and_inputs(args: argparse.Namespace):
     annotation = default_annotation() if args.data == "default" else args.data
     split = load_karpathy(annotation, split=args.split, limit=args.limit)
     max_len = model.config.text_config.max_position_embeddings
-    return model, split, preprocess(split, processor, max_len)
+    return model, processor, split, preprocess(split, processor, max_len)
 
 
 def _eval_common(p: argparse.ArgumentParser) -> None:
@@ -386,7 +386,7 @@ def eval_retrieval(args: argparse.Namespace) -> int:
     if args.method != "none" and args.r is None and args.flops is None:
         raise ValueError("give --r or --flops for a reducing method")
     torch.set_num_threads(args.threads)
-    model, split, inputs = _model_and_inputs(args)
+    model, _, split, inputs = _model_and_inputs(args)
     cfg = {"method": args.method, "r": args.r, "flops": args.flops, "cross_tokens": _cross_tokens_path(args)}
     rows = evaluate_configs(model, inputs, split, [cfg], args.batch)
     print(results_table(rows))
@@ -433,7 +433,7 @@ def eval_sweep(args: argparse.Namespace) -> int:
     from .eval.plot import plot_sweep
 
     torch.set_num_threads(args.threads)
-    model, split, inputs = _model_and_inputs(args)
+    model, _, split, inputs = _model_and_inputs(args)
     trained = _cross_tokens_path(args)
     configs = []
     for level in args.levels:
@@ -460,7 +460,9 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cross-weight", type=float, default=0.5, help="w in (1 - w) L_task + w L_cross")
     p.add_argument("--steps", type=_int_at_least(1), default=300)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--all-weights", action="store_true", help="fine-tune every weight, not only the cross tokens")
+    p.add_argument("--all-weights", action="store_true",
+                   help="fine-tune every weight too (saved to OUT/model), not only the cross tokens")
+    p.add_argument("--weights-lr", type=float, default=1e-4, help="learning rate of the weights with --all-weights")
     p.add_argument("--out", default="runs/cross-tokens", help="checkpoints and cross_tokens.safetensors")
     p.add_argument("--no-resume", dest="resume", action="store_false")
 
@@ -473,14 +475,16 @@ def train(args: argparse.Namespace) -> int:
     from .train import PairData, train_cross_tokens
 
     torch.set_num_threads(args.threads)
-    model, split, t = _model_and_inputs(args)
+    model, processor, split, t = _model_and_inputs(args)
     patch(model, r=args.r, flops=None if args.r is not None else args.flops, method=args.method,
           towers=("vision",))
     pairs = PairData(t["pixel_values"], t["input_ids"], t["attention_mask"], split.txt2img, split.families)
     _, log = train_cross_tokens(model, pairs, args.out, cross_weight=args.cross_weight, steps=args.steps,
-                                batch_size=args.batch, lr=args.lr, all_weights=args.all_weights, resume=args.resume)
+                                batch_size=args.batch, lr=args.lr, all_weights=args.all_weights,
+                                weights_lr=args.weights_lr, resume=args.resume, model_parts=(processor,))
     _save_training_log(args, log)
-    print(f"wrote {os.path.join(args.out, 'cross_tokens.safetensors')}")
+    print(f"wrote {os.path.join(args.out, 'cross_tokens.safetensors')}"
+          + (f" and the fine-tuned model to {os.path.join(args.out, 'model')}" if args.all_weights else ""))
     return 0
 
 

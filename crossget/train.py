@@ -357,17 +357,22 @@ def train_cross_tokens(
     batch_size: int = 64,
     lr: float = 1e-2,
     all_weights: bool = False,
+    weights_lr: float = 1e-4,
     checkpoint_every: int = 100,
     resume: bool = True,
     seed: int = 0,
     progress: bool = True,
+    model_parts: tuple[Any, ...] = (),
 ) -> tuple[nn.Module, dict]:
     """Learn the cross tokens of a model patched with ``method="crossget"`` (SPEC §3).
 
     Loss ``(1 - cross_weight) * CLIP loss + cross_weight * cross_token_loss``. Only the
-    cross tokens train unless ``all_weights``. Every ``checkpoint_every`` steps the cross
-    tokens (``cross_tokens.safetensors``) and the trainer state (``state/``, through
-    ``accelerate``) are written to ``out_dir``; with ``resume`` a run continues from them.
+    cross tokens train (at ``lr``) unless ``all_weights``, which fine-tunes every other weight too,
+    at ``weights_lr``, as the paper fine-tunes CLIP with CrossGET. Every ``checkpoint_every`` steps
+    the cross tokens (``cross_tokens.safetensors``) and the trainer state (``state/``, through
+    ``accelerate``) are written to ``out_dir``; with ``all_weights`` also the model, without its
+    cross tokens, as a plain ``CLIPModel`` in ``out_dir/model`` with every ``model_parts`` (tokenizer,
+    processor). With ``resume`` a run continues from them.
 
     Raises:
         ValueError: the model is not patched with cross tokens, or a bad weight.
@@ -383,9 +388,11 @@ def train_cross_tokens(
         p.requires_grad_(all_weights)
     for t in thetas:
         t.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
+    theta_ids = {id(t) for t in thetas}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in theta_ids]
     acc = _accelerator()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([{"params": thetas, "lr": lr}] + ([{"params": weights, "lr": weights_lr}] if weights else []),
+                            weight_decay=0.0)
     model, opt = acc.prepare(model, opt)
     done = 0
     progress_file = out / "progress.json"
@@ -394,7 +401,8 @@ def train_cross_tokens(
         done = json.loads(progress_file.read_text())["step"]
     g = torch.Generator().manual_seed(seed + done)
     log: dict[str, Any] = {"cross_weight": cross_weight, "steps": steps, "batch_size": batch_size, "lr": lr,
-                           "all_weights": all_weights, "seed": seed, "resumed_at": done, "loss": []}
+                           "all_weights": all_weights, **({"weights_lr": weights_lr} if all_weights else {}), "seed": seed,
+                           "resumed_at": done, "loss": []}
     model.train()
 
     def save(step: int) -> None:
@@ -402,6 +410,8 @@ def train_cross_tokens(
         acc.save_state(str(out / "state"))
         if acc.is_main_process:
             save_cross_tokens(acc.unwrap_model(model), out / "cross_tokens.safetensors")
+            if all_weights:
+                _save_without_cross_tokens(acc.unwrap_model(model), out / "model", model_parts)
             progress_file.write_text(json.dumps({"step": step}))
 
     batches = iter(())
@@ -432,6 +442,16 @@ def train_cross_tokens(
 
 
 __all__ = ["BaseModelConfig", "PairData", "base_processor", "pair_data", "train_base", "train_cross_tokens"]
+
+
+def _save_without_cross_tokens(model: nn.Module, out: Path, parts: tuple[Any, ...]) -> None:
+    """``model`` as the stock class would save it: the cross tokens live in their own file."""
+    from .patch.common import CROSS_PARAM
+
+    weights = {k: v for k, v in model.state_dict().items() if CROSS_PARAM not in k}
+    model.save_pretrained(out, state_dict=weights, safe_serialization=True)
+    for part in parts:
+        part.save_pretrained(out)
 
 
 def base_processor(captions: list[str], image_size: int):

@@ -57,6 +57,19 @@ def test_train_eval_sweep_demo(tiny_setup, tmp_path):
     assert main(["demo", *common, "--json", str(tmp_path / "demo.json")]) == 0
 
 
+def test_train_all_weights_then_eval_the_fine_tuned_model(tiny_setup, tmp_path):
+    root, ann = tiny_setup
+    common = ["--data", str(ann), "--threads", "1", "--batch", "8"]
+    out = tmp_path / "ft"
+    assert main(["train", "--model", str(root / "model"), *common, "--split", "train", "--flops", "0.7", "--steps", "2",
+                 "--all-weights", "--weights-lr", "1e-3", "--out", str(out)]) == 0
+    assert json.loads((out / "training.json").read_text())["weights_lr"] == 1e-3
+    # the fine-tuned model folder is complete (weights + processor) and evaluates with its cross tokens
+    assert main(["eval", "retrieval", "--model", str(out / "model"), *common, "--method", "crossget", "--flops", "0.7",
+                 "--cross-tokens", str(out / "cross_tokens.safetensors"), "--json", str(tmp_path / "ft.json")]) == 0
+    assert json.loads((tmp_path / "ft.json").read_text())["results"][0]["gflops_ratio"] < 0.85
+
+
 def test_eval_errors_name_the_problem(tiny_setup, tmp_path, capsys):
     root, ann = tiny_setup
     with pytest.raises(SystemExit):

@@ -42,6 +42,25 @@ def test_cross_token_training_lowers_the_loss_and_moves_only_theta(tmp_path):
     assert (tmp_path / "cross_tokens.safetensors").exists()
 
 
+def test_all_weights_training_saves_a_stock_model_beside_the_cross_tokens(tmp_path):
+    from transformers import CLIPModel
+
+    model = make_clip()
+    crossget.patch(model, r=4, method="crossget", towers=("vision", "text"))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "cross_tokens" not in k}
+    model, log = train_cross_tokens(model, tiny_pairs(), tmp_path, steps=3, batch_size=8, lr=0.05,
+                                    all_weights=True, weights_lr=1e-3, progress=False)
+    assert log["all_weights"] and log["weights_lr"] == 1e-3
+    after = {k: v for k, v in model.state_dict().items() if "cross_tokens" not in k}
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    saved = CLIPModel.from_pretrained(tmp_path / "model")  # loads as the stock class, no cross tokens
+    assert saved.state_dict().keys() == after.keys()
+    assert all(torch.equal(saved.state_dict()[k], v) for k, v in after.items())
+    loaded = crossget.load_cross_tokens(saved, tmp_path / "cross_tokens.safetensors")
+    assert all(torch.equal(loaded_st.cross_tokens, st.cross_tokens)
+               for loaded_st, st in zip(crossget.states(loaded).values(), crossget.states(model).values()))
+
+
 def test_cross_token_training_resumes(tmp_path):
     model = make_clip()
     crossget.patch(model, r=4, method="crossget", towers=("vision", "text"))

@@ -260,6 +260,8 @@ def train_base_arguments(p: argparse.ArgumentParser) -> None:
                    help="train the scene losses alone for this many first steps (needs a scene weight)")
     p.add_argument("--text-scene-weight", type=float, default=0.0,
                    help="weight of the same loss read from the text tower's pooled EOT state (generated data only)")
+    p.add_argument("--text-warmup-steps", type=int, default=0,
+                   help="first train the text tower on that loss alone for this many steps (needs --text-scene-weight)")
 
 
 def train_base(args: argparse.Namespace) -> int:
@@ -285,7 +287,8 @@ def train_base(args: argparse.Namespace) -> int:
     _, log = run(pairs, processor.tokenizer, processor.image_processor, args.out, cfg, epochs=args.epochs,
                  batch_size=args.batch, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes, init_from=args.init,
                  scene_weight=args.scene_weight, sincos_positions=args.sincos_positions,
-                 scene_only_steps=args.scene_only_steps, text_scene_weight=args.text_scene_weight)
+                 scene_only_steps=args.scene_only_steps, text_scene_weight=args.text_scene_weight,
+                 text_warmup_steps=args.text_warmup_steps)
     previous = os.path.join(args.init, "training.json") if args.init else None
     if previous and os.path.isfile(previous):
         with open(previous) as f:

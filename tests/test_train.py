@@ -151,6 +151,29 @@ def test_text_scene_loss_reads_the_pooled_eot_state_and_learns(shapes_pairs, tmp
     assert json.loads((tmp_path / "training.json").read_text())["text_scene_weight"] == 1.0
 
 
+def test_text_warmup_trains_only_the_text_tower_on_the_caption_scene_loss(shapes_pairs, tmp_path):
+    from transformers import CLIPModel
+
+    from crossget.train import SceneHead, _text_scene_warmup, train_base
+
+    pairs, processor = shapes_pairs
+    config, tok = _tiny_base_config(), processor.tokenizer
+    torch.manual_seed(0)
+    model = CLIPModel(config.clip_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    head = SceneHead(config.text_width)
+    log = _text_scene_warmup(model.text_model, head, pairs, 200, 12, 3e-3, 0.0, torch.Generator().manual_seed(0),
+                             progress=False)
+    means = log["text_warmup_loss_per_100_steps"]
+    assert log["text_warmup_steps"] == 200 and len(means) == 2 and means[1] < means[0]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("text_model."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("text_model.encoder."))
+    _, log = train_base(pairs, tok, processor.image_processor, tmp_path, config, epochs=1, batch_size=12,
+                        progress=False, text_scene_weight=1.0, text_warmup_steps=3)
+    assert log["text_warmup_steps"] == 3 and len(log["text_warmup_loss_per_100_steps"]) == 1
+
+
 def test_train_base_scene_weight_needs_targets_and_is_not_negative(shapes_pairs, tmp_path):
     from dataclasses import replace
 
@@ -168,6 +191,8 @@ def test_train_base_scene_weight_needs_targets_and_is_not_negative(shapes_pairs,
         train_base(replace(pairs, scene_targets=None), *args, epochs=1, text_scene_weight=1.0, progress=False)
     with pytest.raises(ValueError, match="scene_only_steps"):
         train_base(pairs, *args, epochs=1, scene_only_steps=3, progress=False)
+    with pytest.raises(ValueError, match="text_warmup_steps"):
+        train_base(pairs, *args, epochs=1, scene_weight=1.0, text_warmup_steps=3, progress=False)
 
 
 def test_no_weight_decay_on_biases_norms_and_temperature():

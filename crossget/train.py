@@ -344,9 +344,10 @@ def _text_scene_warmup(text_model: nn.Module, head: SceneHead, data: PairData, s
                        lr: float, weight_decay: float, g: torch.Generator, progress: bool) -> dict:
     """Train ``text_model`` and ``head`` on the caption scene loss alone for ``steps`` steps (constant
     ``lr``), before the model is handed to accelerate. Every process sees the same batches (same
-    seed), so replicas stay equal. Returns log entries: the mean loss of each 100 steps."""
+    seed), so replicas stay equal. Returns log entries: the mean loss of each 100 steps and the time
+    (not part of ``train_seconds``)."""
     opt = torch.optim.AdamW(_decay_groups(text_model, weight_decay) + _decay_groups(head, weight_decay), lr=lr)
-    losses, means, step = [], [], 0
+    losses, means, step, start = [], [], 0, time.perf_counter()
     with tqdm(total=steps, desc="text warm-up", disable=not progress) as bar:
         while step < steps:
             for batch in data.batches(batch_size, g, scene_targets=True):
@@ -365,7 +366,8 @@ def _text_scene_warmup(text_model: nn.Module, head: SceneHead, data: PairData, s
                     losses = []
                 if step == steps:
                     break
-    return {"text_warmup_steps": steps, "text_warmup_loss_per_100_steps": means}
+    return {"text_warmup_steps": steps, "text_warmup_loss_per_100_steps": means,
+            "text_warmup_seconds": time.perf_counter() - start}
 
 
 def save_trained(acc: Any, model: nn.Module, out_dir: str | os.PathLike, log: dict, *parts: Any) -> nn.Module:

@@ -166,6 +166,7 @@ def test_text_warmup_trains_only_the_text_tower_on_the_caption_scene_loss(shapes
                              progress=False)
     means = log["text_warmup_loss_per_100_steps"]
     assert log["text_warmup_steps"] == 200 and len(means) == 2 and means[1] < means[0]
+    assert log["text_warmup_seconds"] > 0
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("text_model."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("text_model.encoder."))

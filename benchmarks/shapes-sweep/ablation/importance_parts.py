@@ -37,7 +37,7 @@ model_dir, limit, level = sys.argv[1], sys.argv[2], float(sys.argv[3])
 args = build_parser().parse_args(["demo", "--model", model_dir, "--data", "data/shapes/dataset_shapes.json",
                                   "--limit", limit, "--threads", "1"])
 torch.set_num_threads(1)
-model, split, inputs = _model_and_inputs(args)
+model, _, split, inputs = _model_and_inputs(args)
 for mode, cfg in [("spec", {"method": "tome", "flops": level}),
                   ("spec", {"method": "crossget", "flops": level, "importance": "none"}),
                   ("spec", {"method": "crossget", "flops": level}),

@@ -407,9 +407,9 @@ def train_cross_tokens(
     cross tokens train (at ``lr``) unless ``all_weights``, which fine-tunes every other weight too,
     at ``weights_lr``, as the paper fine-tunes CLIP with CrossGET. Every ``checkpoint_every`` steps
     the cross tokens (``cross_tokens.safetensors``) and the trainer state (``state/``, through
-    ``accelerate``) are written to ``out_dir``; with ``all_weights`` also the model, without its
-    cross tokens, as a plain ``CLIPModel`` in ``out_dir/model`` with every ``model_parts`` (tokenizer,
-    processor). With ``resume`` a run continues from them.
+    ``accelerate``) are written to ``out_dir``; with ``resume`` a run continues from them. With
+    ``all_weights`` the finished run also writes the model, without its cross tokens, as a plain
+    ``CLIPModel`` in ``out_dir/model`` with every ``model_parts`` (tokenizer, processor).
 
     Raises:
         ValueError: the model is not patched with cross tokens, or a bad weight.
@@ -447,7 +447,7 @@ def train_cross_tokens(
         acc.save_state(str(out / "state"))
         if acc.is_main_process:
             save_cross_tokens(acc.unwrap_model(model), out / "cross_tokens.safetensors")
-            if all_weights:
+            if all_weights and step == steps:  # checkpoints hold the weights in state/ already
                 _save_without_cross_tokens(acc.unwrap_model(model), out / "model", model_parts)
             progress_file.write_text(json.dumps({"step": step}))
 

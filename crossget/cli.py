@@ -57,6 +57,21 @@ def _ratio(s: str) -> float:
     return v
 
 
+def _torch_device(s: str) -> str:
+    """A device torch knows and this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    import torch
+
+    try:
+        device = torch.device(s)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a torch device") from e
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{s!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{s!r}: MPS is not available on this machine")
+    return s
+
+
 def _choice(choices: Sequence[str]) -> Callable[[str], str]:
     def convert(s: str) -> str:
         if s not in choices:
@@ -78,7 +93,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, batch: int, rounds: int, o
     p.add_argument("--rounds", type=_int_at_least(1), default=rounds, help=f"timed rounds (default {rounds})")
     p.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed rounds first (default 1)")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip batch-1 latency timing")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", type=_torch_device, default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default=out, help="output directory for results.json and results.md"
                    + (f" (default {out})" if out else " (default benchmarks/<model>-<tower>)"))
 
@@ -181,6 +196,7 @@ def _bench_llava(args: argparse.Namespace) -> int:
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
     _eval_common(p)
+    _eval_device(p)
     p.add_argument("--flops", type=_ratio, default=0.58, help="GFLOPs target of the reduced rows (default 0.58)")
     p.add_argument("--cross-tokens", default="default", help="trained cross tokens (default: the model's own)")
     p.add_argument("--json", default="runs/demo/demo.json", help="where the table goes (JSON + .md)")
@@ -349,7 +365,9 @@ def _model_and_inputs(args: argparse.Namespace):
     annotation = default_annotation() if args.data == "default" else args.data
     split = load_karpathy(annotation, split=args.split, limit=args.limit)
     max_len = model.config.text_config.max_position_embeddings
-    return model, processor, split, preprocess(split, processor, max_len)
+    inputs = preprocess(split, processor, max_len)
+    device = getattr(args, "device", "cpu")  # evaluation only: training places the model through accelerate
+    return model.to(device), processor, split, {k: v.to(device) for k, v in inputs.items()}
 
 
 def _eval_common(p: argparse.ArgumentParser) -> None:
@@ -359,6 +377,10 @@ def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_int_at_least(1), default=None, help="first N images of the split")
     p.add_argument("--batch", type=_int_at_least(1), default=64)
     p.add_argument("--threads", type=_int_at_least(1), default=2)
+
+
+def _eval_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_torch_device, default="cpu", help="torch device, e.g. cuda (default cpu)")
 
 
 def _cross_tokens_path(args: argparse.Namespace) -> str | None:
@@ -373,6 +395,7 @@ def _cross_tokens_path(args: argparse.Namespace) -> str | None:
 
 def eval_retrieval_arguments(p: argparse.ArgumentParser) -> None:
     _eval_common(p)
+    _eval_device(p)
     p.add_argument("--method", choices=("none", "tome", "crossget"), default="crossget")
     p.add_argument("--r", type=_non_negative_int, default=None, help="tokens removed per vision layer")
     p.add_argument("--flops", type=_ratio, default=None, help="target GFLOPs ratio, e.g. 0.58")
@@ -421,6 +444,7 @@ def vars_meta(args: argparse.Namespace) -> dict:
 
 def eval_sweep_arguments(p: argparse.ArgumentParser) -> None:
     _eval_common(p)
+    _eval_device(p)
     p.add_argument("--levels", type=_comma_list(_ratio, "ratios"), default=[0.8, 0.7, 0.58, 0.5],
                    help="GFLOPs targets (default 0.8,0.7,0.58,0.5)")
     p.add_argument("--cross-tokens", default="default", help="trained cross tokens (default: the model's own)")
@@ -607,7 +631,7 @@ def _blip_eval_common(p: argparse.ArgumentParser, data_help: str) -> None:
                    help="towers to reduce, e.g. vision,text (default vision)")
     p.add_argument("--batch", type=_int_at_least(1), default=16)
     p.add_argument("--threads", type=_int_at_least(1), default=2)
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", type=_torch_device, default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", default=None, help="write the result JSON here")
 
 
@@ -714,7 +738,7 @@ def _llava_eval_arguments(p: argparse.ArgumentParser, questions_help: str, annot
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
     p.add_argument("--limit", type=_int_at_least(1), default=None, help="first N questions")
     p.add_argument("--pad-square", action="store_true", help="pad images to squares first, as LLaVA-1.5 does")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", type=_torch_device, default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--threads", type=_int_at_least(1), default=2)
     p.add_argument("--answers", default=None, help="LLaVA answers JSONL (default: <json>.answers.jsonl)")

@@ -267,9 +267,9 @@ def train_base(
         text_head = SceneHead(model.config.text_config.hidden_size)
         groups += _decay_groups(text_head, weight_decay)
     g = torch.Generator().manual_seed(seed)
-    warmup_log = _text_scene_warmup(model.text_model, text_head, data, text_warmup_steps, batch_size, lr,
-                                    weight_decay, g, progress) if text_warmup_steps else {}
     acc = _accelerator()
+    warmup_log = _text_scene_warmup(model.text_model, text_head, data, text_warmup_steps, batch_size, lr,
+                                    weight_decay, g, progress, acc.device) if text_warmup_steps else {}
     opt = torch.optim.AdamW(groups, lr=lr)
     model, opt = acc.prepare(model, opt)
     if use_scene:
@@ -341,16 +341,20 @@ def train_base(
 
 
 def _text_scene_warmup(text_model: nn.Module, head: SceneHead, data: PairData, steps: int, batch_size: int,
-                       lr: float, weight_decay: float, g: torch.Generator, progress: bool) -> dict:
+                       lr: float, weight_decay: float, g: torch.Generator, progress: bool,
+                       device: torch.device | str = "cpu") -> dict:
     """Train ``text_model`` and ``head`` on the caption scene loss alone for ``steps`` steps (constant
-    ``lr``), before the model is handed to accelerate. Every process sees the same batches (same
-    seed), so replicas stay equal. Returns log entries: the mean loss of each 100 steps and the time
-    (not part of ``train_seconds``)."""
+    ``lr``) on ``device`` (they are moved there), before the model is handed to accelerate. Every
+    process sees the same batches (same seed), so replicas stay equal. Returns log entries: the mean
+    loss of each 100 steps and the time (not part of ``train_seconds``)."""
+    text_model.to(device)
+    head.to(device)
     opt = torch.optim.AdamW(_decay_groups(text_model, weight_decay) + _decay_groups(head, weight_decay), lr=lr)
     losses, means, step, start = [], [], 0, time.perf_counter()
     with tqdm(total=steps, desc="text warm-up", disable=not progress) as bar:
         while step < steps:
             for batch in data.batches(batch_size, g, scene_targets=True):
+                batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "scene_targets")}
                 out = text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 loss = head(text_pooled_state(text_model, out.last_hidden_state, batch["input_ids"]),
                             batch["scene_targets"])

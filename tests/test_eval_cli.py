@@ -82,3 +82,19 @@ def test_eval_errors_name_the_problem(tiny_setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "retrieval", "--model", str(root / "model"), "--data", str(ann), "--method", "tome"])
     assert "--r or --flops" in capsys.readouterr().err
+    for bad, words in (("gpu0", "not a torch device"), ("cuda:99", "CUDA devices")):
+        with pytest.raises(SystemExit):
+            main(["eval", "retrieval", "--model", str(root / "model"), "--data", str(ann), "--method", "none",
+                  "--device", bad])
+        assert words in capsys.readouterr().err
+
+
+def test_eval_on_an_explicit_device_matches_the_default(tiny_setup, tmp_path):
+    root, ann = tiny_setup
+    common = ["eval", "retrieval", "--model", str(root / "model"), "--data", str(ann), "--threads", "1",
+              "--method", "tome", "--flops", "0.7"]
+    assert main([*common, "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*common, "--device", "cpu", "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert b["meta"]["device"] == "cpu"
+    assert a["results"][0]["t2i_r1"] == b["results"][0]["t2i_r1"] and a["results"][0]["gflops"] == b["results"][0]["gflops"]

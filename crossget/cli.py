@@ -261,7 +261,7 @@ def data_qa(args: argparse.Namespace) -> int:
 def train_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/shapes/dataset_shapes.json", help="Karpathy-format annotation file")
     p.add_argument("--out", default="crossget/assets/default", help="where the model is saved")
-    p.add_argument("--epochs", type=_int_at_least(1), default=14)
+    p.add_argument("--epochs", type=_int_at_least(1), default=8)
     p.add_argument("--batch", type=_int_at_least(2), default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)

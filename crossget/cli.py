@@ -229,13 +229,15 @@ def data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", type=_int_at_least(0), default=1000, help="test images (default 1000)")
     p.add_argument("--image-size", type=_int_at_least(32), default=96, help="pixels (default 96)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=_int_at_least(1), default=1, help="processes drawing images (same files for any number)")
 
 
 def data(args: argparse.Namespace) -> int:
     """Generate the shapes retrieval data set (PNG images + Karpathy-format JSON)."""
     from .data.shapes import generate_dataset
 
-    path = generate_dataset(args.out, args.train, args.val, args.test, args.image_size, seed=args.seed)
+    path = generate_dataset(args.out, args.train, args.val, args.test, args.image_size, seed=args.seed,
+                            workers=args.workers)
     print(f"wrote {path}")
     return 0
 

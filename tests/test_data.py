@@ -60,6 +60,16 @@ def test_same_seed_identical_bytes_other_seed_differs(shapes, tmp_path):
     assert a.keys() == b.keys() and all(a[k] != b[k] for k in a)
 
 
+def test_workers_write_the_same_files(tmp_path):
+    # 10 and 7 images: the last family of those splits is cut, which the parallel path makes again
+    one = generate_dataset(tmp_path / "one", 10, 3, 7, image_size=SIZE, seed=3)
+    two = generate_dataset(tmp_path / "two", 10, 3, 7, image_size=SIZE, seed=3, workers=2)
+    assert one.read_bytes() == two.read_bytes()
+    assert _files(one.parent) == _files(two.parent)
+    with pytest.raises(ValueError, match="workers"):
+        generate_dataset(tmp_path / "bad", 1, 0, 0, image_size=SIZE, workers=0)
+
+
 def test_test_split_does_not_depend_on_train_size(data, tmp_path):
     bigger = json.loads(_generate(tmp_path, n_train=15).read_text())
     test = lambda d: [(im["objects"], [s["raw"] for s in im["sentences"]]) for im in d["images"] if im["split"] == "test"]

@@ -88,13 +88,3 @@ def test_eval_errors_name_the_problem(tiny_setup, tmp_path, capsys):
                   "--device", bad])
         assert words in capsys.readouterr().err
 
-
-def test_eval_on_an_explicit_device_matches_the_default(tiny_setup, tmp_path):
-    root, ann = tiny_setup
-    common = ["eval", "retrieval", "--model", str(root / "model"), "--data", str(ann), "--threads", "1",
-              "--method", "tome", "--flops", "0.7"]
-    assert main([*common, "--json", str(tmp_path / "a.json")]) == 0
-    assert main([*common, "--device", "cpu", "--json", str(tmp_path / "b.json")]) == 0
-    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
-    assert b["meta"]["device"] == "cpu"
-    assert a["results"][0]["t2i_r1"] == b["results"][0]["t2i_r1"] and a["results"][0]["gflops"] == b["results"][0]["gflops"]

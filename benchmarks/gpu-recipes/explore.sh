@@ -1,16 +1,16 @@
 #!/bin/bash
 # Train-base recipes side by side on one GPU (one process each), then a 0.58-GFLOPs sweep of each.
 # Usage, from the repo root: bash benchmarks/gpu-recipes/explore.sh benchmarks/gpu-recipes/round1.txt
-# (a line per run: NAME train-base-arguments; seed 0 unless given). Needs the data's JSON; renders its
-# images in parallel if they are missing. OUT (default /tmp/out) gets summary.md and results.tgz.
+# (a line per run: NAME train-base-arguments; seed 0 unless given). Generates the shapes data in 16
+# processes if its images are missing. OUT (default /tmp/out) gets summary.md and results.tgz.
 JOBS_FILE=${1:?a jobs file}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 OUT=${OUT:-/tmp/out}; W=${WORK:-/tmp/gpu}; mkdir -p $OUT $W
-DATA=${DATA:-data/shapes/dataset_shapes.json}; DEV=${DEV:-cuda}; HERE=$(dirname "$0")
+DATA=${DATA:-data/shapes/dataset_shapes.json}; DEV=${DEV:-cuda}
 cg() { python3 -c 'import sys; from crossget.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 python3 -c "import torch,transformers,accelerate;print(torch.__version__,transformers.__version__,accelerate.__version__,torch.cuda.is_available() and torch.cuda.get_device_name())"
 t0=$(date +%s)
-[ -d "$(dirname $DATA)/images" ] || python3 $HERE/gen_images.py $DATA 16 || exit 1
+[ -d "$(dirname $DATA)/images" ] || cg data --out "$(dirname $DATA)" --train 8000 --val 400 --test 1000 --image-size 96 --workers 16 || exit 1
 echo "data ready after $(( $(date +%s) - t0 )) s"
 names=()
 while read -r name args; do

@@ -30,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -509,6 +511,39 @@ def _family_rng(seed: int, split: str, family: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), family]))
 
 
+def _family_members(seed: int, split: str, settings: tuple, index: int, n_left: int | None) -> list[tuple]:
+    """Family ``index`` of ``split``, cut to ``n_left`` members (``None``: whole), as
+    ``(image, captions, scene, variant)`` each. ``settings``: ``(image_size, family_size, n_entities,
+    captions_per_image, noise, max_distractors)``. Depends on nothing but its arguments, so families
+    can be made in any order and process."""
+    image_size, family_size, n_entities, captions_per_image, noise, max_distractors = settings
+    rng = _family_rng(seed, split, index)
+    family = sample_family(rng, family_size, n_entities)[: family_size if n_left is None else n_left]
+    scenes = [s for s, _ in family]
+    return [
+        (render_scene(scene, image_size, rng, noise, max_distractors),
+         make_captions(scene, scenes[:k] + scenes[k + 1 :], rng, captions_per_image), scene, variant)
+        for k, (scene, variant) in enumerate(family)
+    ]
+
+
+def _split_families(n: int, make: Callable[..., list], pool, chunk: int) -> Iterator[list]:
+    """The families of one split in order, ``n`` images in all. With a ``pool``, ``chunk`` families
+    are made at a time, whole; only the last family can be cut short, and it is made again cut."""
+    made, index = 0, 0
+    while made < n:
+        starts = range(index, index + (chunk if pool else 1))
+        batch = list(pool.map(make, starts, [None] * len(starts))) if pool else [make(index, n - made)]
+        for family in batch:
+            if made + len(family) > n:  # cut: the members' captions only tell apart the ones kept
+                family = make(index, n - made)
+            yield family
+            made += len(family)
+            index += 1
+            if made >= n:
+                return
+
+
 def generate_dataset(
     out_dir: str | Path,
     n_train: int,
@@ -521,6 +556,7 @@ def generate_dataset(
     captions_per_image: int = 5,
     noise: float = 4.0,
     max_distractors: int = 4,
+    workers: int = 1,
 ) -> Path:
     """Write ``out_dir/images/*.png`` and ``out_dir/dataset_shapes.json`` (Karpathy format); return the JSON path.
 
@@ -530,47 +566,47 @@ def generate_dataset(
         image_size: side in pixels (112 with patch 8 -> 196 patch tokens).
         family_size: 1 disables twins (hard negatives).
         n_entities: inclusive range of entities per scene (2..3 fit the 3x3 grid and a caption).
+        workers: processes that draw families (every family has its own random stream, so the
+            files are the same for any number).
     """
     if image_size < 48:
         raise ValueError(f"image_size must be >= 48 to draw the 3x3 grid, got {image_size}")
     if family_size < 1 or not 2 <= n_entities[0] <= n_entities[1] <= 4:
         raise ValueError(f"need family_size >= 1 and 2 <= n_entities[0] <= n_entities[1] <= 4, got {family_size}, {n_entities}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     images: list[dict] = []
     sentid = 0
     family_id = 0
-    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        made, index = 0, 0
-        while made < n:
-            rng = _family_rng(seed, split, index)
-            family = sample_family(rng, family_size, n_entities)[: n - made]
-            scenes = [s for s, _ in family]
-            for k, (scene, variant) in enumerate(family):
-                imgid = len(images)
-                filename = IMAGE_PATTERN.format(image_id=imgid)
-                Image.fromarray(render_scene(scene, image_size, rng, noise, max_distractors)).save(out_dir / "images" / filename)
-                raws = make_captions(scene, scenes[:k] + scenes[k + 1 :], rng, captions_per_image)
-                sentences = [
-                    {"tokens": tokenize(raw), "raw": raw, "imgid": imgid, "sentid": sentid + i} for i, raw in enumerate(raws)
-                ]
-                images.append(
-                    {
-                        "filepath": "images",
-                        "sentids": [s["sentid"] for s in sentences],
-                        "filename": filename,
-                        "imgid": imgid,
-                        "split": split,
-                        "sentences": sentences,
-                        "family": family_id,
-                        "variant": variant,
-                        "objects": [asdict(e) for e in scene],
-                    }
-                )
-                sentid += len(sentences)
-            made += len(family)
-            index += 1
-            family_id += 1
+    settings = (image_size, family_size, n_entities, captions_per_image, noise, max_distractors)
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        for split, n in zip(SPLITS, (n_train, n_val, n_test)):
+            make = partial(_family_members, seed, split, settings)
+            for family in _split_families(n, make, pool, 8 * workers):
+                for image, raws, scene, variant in family:
+                    imgid = len(images)
+                    filename = IMAGE_PATTERN.format(image_id=imgid)
+                    Image.fromarray(image).save(out_dir / "images" / filename)
+                    sentences = [
+                        {"tokens": tokenize(raw), "raw": raw, "imgid": imgid, "sentid": sentid + i} for i, raw in enumerate(raws)
+                    ]
+                    images.append(
+                        {
+                            "filepath": "images",
+                            "sentids": [s["sentid"] for s in sentences],
+                            "filename": filename,
+                            "imgid": imgid,
+                            "split": split,
+                            "sentences": sentences,
+                            "family": family_id,
+                            "variant": variant,
+                            "objects": [asdict(e) for e in scene],
+                        }
+                    )
+                    sentid += len(sentences)
+                family_id += 1
     path = out_dir / "dataset_shapes.json"
     path.write_text(json.dumps({"images": images, "dataset": "shapes"}))
     return path

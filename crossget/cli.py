@@ -30,6 +30,15 @@ def _comma_list(convert: Callable[[str], object], what: str) -> Callable[[str], 
     return parse
 
 
+def _int_range(s: str) -> tuple[int, int]:
+    """'2-3' -> (2, 3); a single integer n -> (n, n)."""
+    try:
+        low, _, high = s.partition("-")
+        return int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN-MAX integers such as 2-3, got {s!r}") from None
+
+
 def _non_negative_int(s: str) -> int:
     v = int(s)
     if v < 0:
@@ -230,6 +239,10 @@ def data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=_int_at_least(32), default=96, help="pixels (default 96)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_int_at_least(1), default=1, help="processes drawing images (same files for any number)")
+    p.add_argument("--object-scale", type=float, default=1.0, help="shape size factor, 1 to 1.25 (default 1)")
+    p.add_argument("--clutter", type=_int_at_least(0), default=0, help="coloured specks per image (default 0)")
+    p.add_argument("--entities", type=_int_range, default=(2, 3), metavar="MIN-MAX",
+                   help="entities per scene, 2 to 4 (default 2-3)")
 
 
 def data(args: argparse.Namespace) -> int:
@@ -237,6 +250,7 @@ def data(args: argparse.Namespace) -> int:
     from .data.shapes import generate_dataset
 
     path = generate_dataset(args.out, args.train, args.val, args.test, args.image_size, seed=args.seed,
+                            n_entities=args.entities, object_scale=args.object_scale, clutter=args.clutter,
                             workers=args.workers)
     print(f"wrote {path}")
     return 0

@@ -77,3 +77,28 @@ def test_bad_arguments_exit_with_a_message(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert "crossget bench: error:" in err and message in err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_data_knobs_reach_the_generator(tmp_path):
+    out = tmp_path / "d"
+    assert main(["data", "--out", str(out), "--train", "3", "--val", "0", "--test", "0", "--image-size", "48",
+                 "--entities", "3-3", "--object-scale", "1.2", "--clutter", "5"]) == 0
+    images = json.loads((out / "dataset_shapes.json").read_text())["images"]
+    assert len(images) == 3 and {len(im["objects"]) for im in images} == {3}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--entities", "two"], "MIN-MAX integers"),
+        (["--entities", "3-5"], "n_entities"),
+        (["--object-scale", "2"], "object_scale"),
+        (["--clutter", "-2"], "--clutter"),
+    ],
+)
+def test_bad_data_arguments_exit_with_a_message(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["data", "--out", str(tmp_path / "d"), "--train", "1", "--val", "0", "--test", "0", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "crossget data: error:" in err and message in err

@@ -176,11 +176,39 @@ def test_textures_keep_the_mean_colour(texture):
     assert np.abs(a[around].mean(axis=(0, 1)) - b[around].mean(axis=(0, 1))).max() < 1.0  # same mean colour
 
 
+def test_object_scale_and_clutter_cover_more_patches():
+    """The harder-data knobs: larger shapes cover more pixels; clutter adds specks in the shapes' colours."""
+    scene = (Entity("circle", "red", "large", 1, "plain", 0, 0), Entity("square", "blue", "small", 3, "plain", 2, 2))
+
+    def draw(scale: float = 1.0, clutter: int = 0) -> np.ndarray:
+        return render_scene(scene, 96, np.random.default_rng(5), noise=0, max_distractors=0,
+                            object_scale=scale, clutter=clutter).astype(float)
+
+    def bright(img: np.ndarray) -> int:  # background is dark (< 110), shapes and clutter are not
+        return int((img.max(axis=2) > 110).sum())
+
+    plain, big, cluttered = draw(), draw(scale=1.25), draw(clutter=30)
+    assert bright(big) > 1.4 * bright(plain)
+    assert bright(plain) < bright(cluttered) < bright(plain) + 30 * 9  # specks are 1-3 px a side
+    # the specks are hues of the palette, not grey
+    extra = (cluttered.max(axis=2) > 110) & (plain.max(axis=2) <= 110)
+    assert (cluttered[extra].max(axis=1) - cluttered[extra].min(axis=1)).mean() > 40
+
+
+def test_three_entities_every_scene(tmp_path):
+    images = json.loads(generate_dataset(tmp_path, 6, 0, 3, image_size=48, n_entities=(3, 3)).read_text())["images"]
+    assert {len(im["objects"]) for im in images} == {3}
+
+
 def test_generator_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         generate_dataset(tmp_path, 1, 0, 0, image_size=16)
     with pytest.raises(ValueError, match="n_entities"):
         generate_dataset(tmp_path, 1, 0, 0, n_entities=(1, 3))
+    with pytest.raises(ValueError, match="object_scale"):
+        generate_dataset(tmp_path, 1, 0, 0, object_scale=1.5)
+    with pytest.raises(ValueError, match="clutter"):
+        generate_dataset(tmp_path, 1, 0, 0, clutter=-1)
 
 
 # -------------------------------------------------------------------------------------------- loader

@@ -422,8 +422,9 @@ CLUSTERS = {
 }
 
 
-def _entity_alpha(e: Entity, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Soft coverage mask ``[size, size]`` in [0, 1] of all shapes of an entity (supersampled, box-filtered)."""
+def _entity_alpha(e: Entity, size: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """Soft coverage mask ``[size, size]`` in [0, 1] of all shapes of an entity (supersampled, box-filtered);
+    ``scale`` multiplies shape sizes and cluster spacing."""
     cell = size / 3
     ss = SUPERSAMPLE
     canvas = Image.new("L", (size * ss, size * ss), 0)
@@ -431,11 +432,11 @@ def _entity_alpha(e: Entity, size: int, rng: np.random.Generator) -> np.ndarray:
     cx = (e.col + 0.5 + rng.uniform(-0.07, 0.07)) * cell
     cy = (e.row + 0.5 + rng.uniform(-0.07, 0.07)) * cell
     if e.size == "large":
-        _draw_shape(draw, e.shape, cx * ss, cy * ss, cell * rng.uniform(0.62, 0.74) * ss)
+        _draw_shape(draw, e.shape, cx * ss, cy * ss, cell * rng.uniform(0.62, 0.74) * scale * ss)
     else:
         layouts = CLUSTERS[e.count]
         layout = layouts[int(rng.integers(len(layouts)))]
-        spacing, d = cell * 0.33, cell * rng.uniform(0.22, 0.26)
+        spacing, d = cell * 0.33 * scale, cell * rng.uniform(0.22, 0.26) * scale
         # keep the whole cluster inside the image
         ex = max(abs(ox) for ox, _ in layout) * spacing + d / 2 + 1
         ey = max(abs(oy) for _, oy in layout) * spacing + d / 2 + 1
@@ -466,8 +467,9 @@ def _texture(e: Entity, alpha: np.ndarray, size: int, rng: np.random.Generator) 
     return np.where(dark, -1.0, f / (1 - f)).astype(np.float32) * min(1.0, (1 - f) / f)
 
 
-def _background(size: int, rng: np.random.Generator, max_distractors: int) -> np.ndarray:
-    """Dark tinted background ``[size, size, 3]`` float: flat, gradient or blotchy, plus grey specks."""
+def _background(size: int, rng: np.random.Generator, max_distractors: int, clutter: int = 0) -> np.ndarray:
+    """Dark tinted background ``[size, size, 3]`` float: flat, gradient or blotchy, plus grey specks and
+    ``clutter`` specks in the shapes' colours (dimmed), which look like bits of small shapes to a merge."""
     base = rng.uniform(25, 70) + rng.uniform(-8, 8, size=3)
     img = np.broadcast_to(base, (size, size, 3)).astype(np.float32)
     x, y = _grid(size)
@@ -487,16 +489,23 @@ def _background(size: int, rng: np.random.Generator, max_distractors: int) -> np
         else:
             w, h = (int(rng.integers(4, 9)), 1) if rng.random() < 0.5 else (1, int(rng.integers(4, 9)))
         img[py : py + h, px : px + w] = g
+    colours = list(COLOURS.values())
+    for _ in range(clutter):
+        c = np.asarray(colours[int(rng.integers(len(colours)))], np.float32) * rng.uniform(0.6, 1.0)
+        px, py = (int(v) for v in rng.integers(0, size - 3, size=2))
+        w, h = (int(v) for v in rng.integers(1, 4, size=2))
+        img[py : py + h, px : px + w] = c
     return img
 
 
 def render_scene(
-    scene: Scene, size: int, rng: np.random.Generator, noise: float = 4.0, max_distractors: int = 4
+    scene: Scene, size: int, rng: np.random.Generator, noise: float = 4.0, max_distractors: int = 4,
+    object_scale: float = 1.0, clutter: int = 0,
 ) -> np.ndarray:
     """Draw a scene: uint8 array ``[size, size, 3]``. Positions, sizes and texture phases jitter with ``rng``."""
-    img = _background(size, rng, max_distractors)
+    img = _background(size, rng, max_distractors, clutter)
     for e in scene:
-        alpha = _entity_alpha(e, size, rng)
+        alpha = _entity_alpha(e, size, rng, object_scale)
         mod = _texture(e, alpha, size, rng)
         colour = np.asarray(COLOURS[e.colour], np.float32) + TEXTURE_DELTA * mod[..., None]
         img = img * (1 - alpha[..., None]) + colour * alpha[..., None]
@@ -514,14 +523,14 @@ def _family_rng(seed: int, split: str, family: int) -> np.random.Generator:
 def _family_members(seed: int, split: str, settings: tuple, index: int, n_left: int | None) -> list[tuple]:
     """Family ``index`` of ``split``, cut to ``n_left`` members (``None``: whole), as
     ``(image, captions, scene, variant)`` each. ``settings``: ``(image_size, family_size, n_entities,
-    captions_per_image, noise, max_distractors)``. Depends on nothing but its arguments, so families
+    captions_per_image, noise, max_distractors, object_scale, clutter)``. Depends on nothing but its arguments, so families
     can be made in any order and process."""
-    image_size, family_size, n_entities, captions_per_image, noise, max_distractors = settings
+    image_size, family_size, n_entities, captions_per_image, noise, max_distractors, object_scale, clutter = settings
     rng = _family_rng(seed, split, index)
     family = sample_family(rng, family_size, n_entities)[: family_size if n_left is None else n_left]
     scenes = [s for s, _ in family]
     return [
-        (render_scene(scene, image_size, rng, noise, max_distractors),
+        (render_scene(scene, image_size, rng, noise, max_distractors, object_scale, clutter),
          make_captions(scene, scenes[:k] + scenes[k + 1 :], rng, captions_per_image), scene, variant)
         for k, (scene, variant) in enumerate(family)
     ]
@@ -556,6 +565,8 @@ def generate_dataset(
     captions_per_image: int = 5,
     noise: float = 4.0,
     max_distractors: int = 4,
+    object_scale: float = 1.0,
+    clutter: int = 0,
     workers: int = 1,
 ) -> Path:
     """Write ``out_dir/images/*.png`` and ``out_dir/dataset_shapes.json`` (Karpathy format); return the JSON path.
@@ -566,6 +577,9 @@ def generate_dataset(
         image_size: side in pixels (112 with patch 8 -> 196 patch tokens).
         family_size: 1 disables twins (hard negatives).
         n_entities: inclusive range of entities per scene (2..3 fit the 3x3 grid and a caption).
+        object_scale: multiplies shape sizes (1..1.25: larger shapes cover more patches, so a merge
+            at a given cost has to touch more of them).
+        clutter: coloured specks per image (see ``_background``).
         workers: processes that draw families (every family has its own random stream, so the
             files are the same for any number).
     """
@@ -575,12 +589,14 @@ def generate_dataset(
         raise ValueError(f"need family_size >= 1 and 2 <= n_entities[0] <= n_entities[1] <= 4, got {family_size}, {n_entities}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if not 1.0 <= object_scale <= 1.25 or clutter < 0:
+        raise ValueError(f"need 1 <= object_scale <= 1.25 and clutter >= 0, got {object_scale}, {clutter}")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     images: list[dict] = []
     sentid = 0
     family_id = 0
-    settings = (image_size, family_size, n_entities, captions_per_image, noise, max_distractors)
+    settings = (image_size, family_size, n_entities, captions_per_image, noise, max_distractors, object_scale, clutter)
     with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         for split, n in zip(SPLITS, (n_train, n_val, n_test)):
             make = partial(_family_members, seed, split, settings)

@@ -22,12 +22,11 @@ The JSON matches ``dataset_coco.json`` (``filepath`` + ``filename``) and adds th
 that Karpathy loaders ignore: ``family``, ``variant`` ("base" or a member of ``VARIANTS``) and
 ``objects`` (the scene). Same arguments -> byte-identical JSON and PNG files.
 
-    python -m crossget.data.shapes data/shapes --train 4000 --val 500 --test 1000
+    crossget data --out data/shapes --train 8000 --val 400 --test 1000 --image-size 96
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -558,7 +557,7 @@ def generate_dataset(
     n_train: int,
     n_val: int,
     n_test: int,
-    image_size: int = 112,
+    image_size: int = 96,
     seed: int = 0,
     family_size: int = 3,
     n_entities: tuple[int, int] = (2, 3),
@@ -574,7 +573,7 @@ def generate_dataset(
     Args:
         n_train, n_val, n_test: images per split; a split is filled with whole families of
             ``family_size`` (base + twins), the last one cut short if needed.
-        image_size: side in pixels (112 with patch 8 -> 196 patch tokens).
+        image_size: side in pixels (96 with patch 8 -> 144 patch tokens, as the default model).
         family_size: 1 disables twins (hard negatives).
         n_entities: inclusive range of entities per scene (2..3 fit the 3x3 grid and a caption).
         object_scale: multiplies shape sizes (1..1.25: larger shapes cover more patches, so a merge
@@ -626,22 +625,3 @@ def generate_dataset(
     path = out_dir / "dataset_shapes.json"
     path.write_text(json.dumps({"images": images, "dataset": "shapes"}))
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    """CLI: ``python -m crossget.data.shapes OUT_DIR --train N --val N --test N [--size 112] [--seed 0]``."""
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("out_dir")
-    p.add_argument("--train", type=int, default=4000)
-    p.add_argument("--val", type=int, default=500)
-    p.add_argument("--test", type=int, default=1000)
-    p.add_argument("--size", type=int, default=112)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--family-size", type=int, default=3)
-    a = p.parse_args(argv)
-    path = generate_dataset(a.out_dir, a.train, a.val, a.test, image_size=a.size, seed=a.seed, family_size=a.family_size)
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

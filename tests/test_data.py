@@ -200,6 +200,11 @@ def test_three_entities_every_scene(tmp_path):
     assert {len(im["objects"]) for im in images} == {3}
 
 
+def test_json_records_the_generator_settings(data):
+    assert data["generator"] == {"seed": 0, "image_size": SIZE, "family_size": 3, "n_entities": [2, 3], "captions_per_image": 5,
+                                 "noise": 4.0, "max_distractors": 4, "object_scale": 1.0, "clutter": 0}
+
+
 def test_generator_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         generate_dataset(tmp_path, 1, 0, 0, image_size=16)

@@ -17,6 +17,8 @@ What makes it hard for token merging: the captions hinge on exactly what merging
   of patches cannot tell plain from striped; neither can it count three small shapes in one cell.
 - Backgrounds are noisy or blotchy and carry small grey distractor specks, so background tokens are
   not all identical.
+- Harder variants (``object_scale``, ``clutter``, ``n_entities``): larger shapes, specks in the
+  shapes' own colours, more entities per scene. The JSON's ``generator`` field records the settings.
 
 The JSON matches ``dataset_coco.json`` (``filepath`` + ``filename``) and adds three fields per image
 that Karpathy loaders ignore: ``family``, ``variant`` ("base" or a member of ``VARIANTS``) and
@@ -623,5 +625,8 @@ def generate_dataset(
                     sentid += len(sentences)
                 family_id += 1
     path = out_dir / "dataset_shapes.json"
-    path.write_text(json.dumps({"images": images, "dataset": "shapes"}))
+    generator = {"seed": seed, "image_size": image_size, "family_size": family_size, "n_entities": list(n_entities),
+                 "captions_per_image": captions_per_image, "noise": noise, "max_distractors": max_distractors,
+                 "object_scale": object_scale, "clutter": clutter}  # how to make these files again
+    path.write_text(json.dumps({"images": images, "dataset": "shapes", "generator": generator}))
     return path

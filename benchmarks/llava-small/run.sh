@@ -2,7 +2,7 @@
 # Build and train the tiny LLaVA on the shapes questions (shipped CLIP tower, 4 x 256 Llama), then
 # answer 1000 test questions unreduced and with every method at 36 / 72 / 108 of 144 visual tokens:
 #   bash benchmarks/llava-small/run.sh      (about 22 min training, ~25 min evaluation, one core)
-# The committed results used the stage-2 default model (shipped until 2026-11-26); a rerun uses the current one.
+# The committed results used the current default model (stage 9); the method runs were stopped after five (README).
 source "$(dirname "${BASH_SOURCE[0]}")/../shapes-data.sh"   # repo root, $B, the data
 OUT=benchmarks/llava-small
 $B init-llava --out runs/llava-small --qa data/shapes-qa --by-image data/shapes-qa/train/llava_conversations.json

@@ -2,7 +2,7 @@
 # Train the small BLIP captioner and VQA model on the shapes data (vision tower from the shipped
 # CLIP), then score unreduced, ToMe and CrossGET at 0.58 of the vision GFLOPs:
 #   bash benchmarks/blip-shapes/run.sh      (about 25 + 25 min training, ~20 min evaluation, one core)
-# The committed results used the stage-2 default model (shipped until 2026-11-26); a rerun uses the current one.
+# The committed results used the current default model (stage 9).
 source "$(dirname "${BASH_SOURCE[0]}")/../shapes-data.sh"   # repo root, $B, the data
 OUT=benchmarks/blip-shapes
 $B train-blip --task caption --data data/shapes/dataset_shapes.json --out runs/blip-shapes-caption --steps 550 --batch 32 --threads 1 --max-minutes 25

@@ -102,7 +102,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, batch: int, rounds: int, o
     p.add_argument("--rounds", type=_int_at_least(1), default=rounds, help=f"timed rounds (default {rounds})")
     p.add_argument("--warmup", type=_int_at_least(0), default=1, help="untimed rounds first (default 1)")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip batch-1 latency timing")
-    p.add_argument("--device", type=_torch_device, default="cpu", help="torch device (default cpu)")
+    _device_argument(p)
     p.add_argument("--out", default=out, help="output directory for results.json and results.md"
                    + (f" (default {out})" if out else " (default benchmarks/<model>-<tower>)"))
 
@@ -205,7 +205,7 @@ def _bench_llava(args: argparse.Namespace) -> int:
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
     _eval_common(p)
-    _eval_device(p)
+    _device_argument(p)
     p.add_argument("--flops", type=_ratio, default=0.58, help="GFLOPs target of the reduced rows (default 0.58)")
     p.add_argument("--cross-tokens", default="default", help="trained cross tokens (default: the model's own)")
     p.add_argument("--json", default="runs/demo/demo.json", help="where the table goes (JSON + .md)")
@@ -395,7 +395,7 @@ def _eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_int_at_least(1), default=2)
 
 
-def _eval_device(p: argparse.ArgumentParser) -> None:
+def _device_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=_torch_device, default="cpu", help="torch device, e.g. cuda (default cpu)")
 
 
@@ -411,7 +411,7 @@ def _cross_tokens_path(args: argparse.Namespace) -> str | None:
 
 def eval_retrieval_arguments(p: argparse.ArgumentParser) -> None:
     _eval_common(p)
-    _eval_device(p)
+    _device_argument(p)
     p.add_argument("--method", choices=("none", "tome", "crossget"), default="crossget")
     p.add_argument("--r", type=_non_negative_int, default=None, help="tokens removed per vision layer")
     p.add_argument("--flops", type=_ratio, default=None, help="target GFLOPs ratio, e.g. 0.58")
@@ -460,7 +460,7 @@ def vars_meta(args: argparse.Namespace) -> dict:
 
 def eval_sweep_arguments(p: argparse.ArgumentParser) -> None:
     _eval_common(p)
-    _eval_device(p)
+    _device_argument(p)
     p.add_argument("--levels", type=_comma_list(_ratio, "ratios"), default=[0.8, 0.7, 0.58, 0.5],
                    help="GFLOPs targets (default 0.8,0.7,0.58,0.5)")
     p.add_argument("--cross-tokens", default="default", help="trained cross tokens (default: the model's own)")
@@ -647,7 +647,7 @@ def _blip_eval_common(p: argparse.ArgumentParser, data_help: str) -> None:
                    help="towers to reduce, e.g. vision,text (default vision)")
     p.add_argument("--batch", type=_int_at_least(1), default=16)
     p.add_argument("--threads", type=_int_at_least(1), default=2)
-    p.add_argument("--device", type=_torch_device, default="cpu", help="torch device (default cpu)")
+    _device_argument(p)
     p.add_argument("--json", default=None, help="write the result JSON here")
 
 
@@ -754,7 +754,7 @@ def _llava_eval_arguments(p: argparse.ArgumentParser, questions_help: str, annot
     p.add_argument("--max-new-tokens", type=_int_at_least(1), default=128)
     p.add_argument("--limit", type=_int_at_least(1), default=None, help="first N questions")
     p.add_argument("--pad-square", action="store_true", help="pad images to squares first, as LLaVA-1.5 does")
-    p.add_argument("--device", type=_torch_device, default="cpu", help="torch device (default cpu)")
+    _device_argument(p)
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--threads", type=_int_at_least(1), default=2)
     p.add_argument("--answers", default=None, help="LLaVA answers JSONL (default: <json>.answers.jsonl)")

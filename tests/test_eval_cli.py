@@ -87,4 +87,3 @@ def test_eval_errors_name_the_problem(tiny_setup, tmp_path, capsys):
             main(["eval", "retrieval", "--model", str(root / "model"), "--data", str(ann), "--method", "none",
                   "--device", bad])
         assert words in capsys.readouterr().err
-

@@ -521,18 +521,33 @@ def _family_rng(seed: int, split: str, family: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, SPLITS.index(split), family]))
 
 
-def _family_members(seed: int, split: str, settings: tuple, index: int, n_left: int | None) -> list[tuple]:
+@dataclass(frozen=True)
+class DrawSettings:
+    """How every family of a data set is drawn (``generate_dataset``'s arguments); the JSON keeps
+    them as ``generator``, so the files can be made again."""
+
+    seed: int
+    image_size: int
+    family_size: int
+    n_entities: tuple[int, int]
+    captions_per_image: int
+    noise: float
+    max_distractors: int
+    object_scale: float
+    clutter: int
+
+
+def _family_members(settings: DrawSettings, split: str, index: int, n_left: int | None) -> list[tuple]:
     """Family ``index`` of ``split``, cut to ``n_left`` members (``None``: whole), as
-    ``(image, captions, scene, variant)`` each. ``settings``: ``(image_size, family_size, n_entities,
-    captions_per_image, noise, max_distractors, object_scale, clutter)``. Depends on nothing but its arguments, so families
+    ``(image, captions, scene, variant)`` each. Depends on nothing but its arguments, so families
     can be made in any order and process."""
-    image_size, family_size, n_entities, captions_per_image, noise, max_distractors, object_scale, clutter = settings
-    rng = _family_rng(seed, split, index)
-    family = sample_family(rng, family_size, n_entities)[: family_size if n_left is None else n_left]
+    st = settings
+    rng = _family_rng(st.seed, split, index)
+    family = sample_family(rng, st.family_size, st.n_entities)[: st.family_size if n_left is None else n_left]
     scenes = [s for s, _ in family]
     return [
-        (render_scene(scene, image_size, rng, noise, max_distractors, object_scale, clutter),
-         make_captions(scene, scenes[:k] + scenes[k + 1 :], rng, captions_per_image), scene, variant)
+        (render_scene(scene, st.image_size, rng, st.noise, st.max_distractors, st.object_scale, st.clutter),
+         make_captions(scene, scenes[:k] + scenes[k + 1 :], rng, st.captions_per_image), scene, variant)
         for k, (scene, variant) in enumerate(family)
     ]
 
@@ -597,10 +612,11 @@ def generate_dataset(
     images: list[dict] = []
     sentid = 0
     family_id = 0
-    settings = (image_size, family_size, n_entities, captions_per_image, noise, max_distractors, object_scale, clutter)
+    settings = DrawSettings(seed, image_size, family_size, tuple(n_entities), captions_per_image, noise, max_distractors,
+                            object_scale, clutter)
     with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
         for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-            make = partial(_family_members, seed, split, settings)
+            make = partial(_family_members, settings, split)
             for family in _split_families(n, make, pool, 8 * workers):
                 for image, raws, scene, variant in family:
                     imgid = len(images)
@@ -625,8 +641,5 @@ def generate_dataset(
                     sentid += len(sentences)
                 family_id += 1
     path = out_dir / "dataset_shapes.json"
-    generator = {"seed": seed, "image_size": image_size, "family_size": family_size, "n_entities": list(n_entities),
-                 "captions_per_image": captions_per_image, "noise": noise, "max_distractors": max_distractors,
-                 "object_scale": object_scale, "clutter": clutter}  # how to make these files again
-    path.write_text(json.dumps({"images": images, "dataset": "shapes", "generator": generator}))
+    path.write_text(json.dumps({"images": images, "dataset": "shapes", "generator": asdict(settings)}))
     return path

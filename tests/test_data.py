@@ -200,9 +200,14 @@ def test_three_entities_every_scene(tmp_path):
     assert {len(im["objects"]) for im in images} == {3}
 
 
-def test_json_records_the_generator_settings(data):
+def test_json_records_the_generator_settings(data, tmp_path):
     assert data["generator"] == {"seed": 0, "image_size": SIZE, "family_size": 3, "n_entities": [2, 3], "captions_per_image": 5,
                                  "noise": 4.0, "max_distractors": 4, "object_scale": 1.0, "clutter": 0}
+    # what is recorded is enough to make the same files again
+    first = generate_dataset(tmp_path / "a", 4, 0, 3, image_size=48, seed=2, object_scale=1.1, clutter=3, n_entities=(3, 3))
+    recorded = json.loads(first.read_text())["generator"]
+    again = generate_dataset(tmp_path / "b", 4, 0, 3, **recorded)
+    assert again.read_bytes() == first.read_bytes() and _files(again.parent) == _files(first.parent)
 
 
 def test_generator_rejects_bad_arguments(tmp_path):

@@ -5,11 +5,11 @@
     crossget.unpatch(model)
 """
 
-from .io import load_cross_tokens, save_cross_tokens
-from .loss import cross_token_alignment, cross_token_loss
-from .merge import Merge, bipartite_soft_matching, complete_graph_soft_matching
-from .patch import config, is_patched, patch, sources, states, tokens_per_layer, unpatch
-from .patch.llava import adapt_processor, image_tokens
+from crossget.api import config, is_patched, patch, sources, states, tokens_per_layer, unpatch
+from crossget.families.llava import adapt_processor, image_tokens
+from crossget.io import load_cross_tokens, save_cross_tokens
+from crossget.loss import cross_token_alignment, cross_token_loss
+from crossget.merge import Merge, bipartite_soft_matching, complete_graph_soft_matching
 
 __version__ = "0.1.0"
 

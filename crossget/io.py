@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .patch import config, is_patched, patch_from_config, states
+from crossget.api import config, is_patched, patch_from_config, states
 
 FORMAT = "crossget.cross_tokens.v1"
 

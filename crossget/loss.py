@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .patch import _family, joint_projection, states
+from crossget.api import _family, joint_projection, states
 
 
 def cross_token_alignment(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

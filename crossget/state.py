@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .merge import (
+from crossget.merge import (
     Merge,
     attention_bias,
     bipartite_soft_matching,

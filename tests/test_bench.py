@@ -1,4 +1,4 @@
-"""crossget.bench and crossget.memory on tiny random CLIP models (structure only, never times)."""
+"""crossget.tools.bench and crossget.tools.memory on tiny random CLIP models (structure only, never times)."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import crossget
-from crossget.bench import (
+from crossget.tools.bench import (
     SUMMARY_KEYS,
     build_configs,
     forward_for,
@@ -14,7 +14,7 @@ from crossget.bench import (
     make_inputs,
     run_benchmark,
 )
-from crossget.memory import PeakMemory
+from crossget.tools.memory import PeakMemory
 
 
 def _run(model, tower="vision", configs=None, **kw):

@@ -7,8 +7,8 @@ from test_llava import make_llava
 from torch.utils.flop_counter import FlopCounterMode
 
 import crossget
-from crossget import bench_llava
-from crossget.eval.llava.arch import llava15_config, llava_flops
+from crossget.tools import bench_llava
+from crossget.tools.eval.llava.arch import llava15_config, llava_flops
 
 
 def test_lm_flops_match_the_whole_model_count():
@@ -84,7 +84,7 @@ def test_tiny_run_writes_results(tmp_path):
     ],
 )
 def test_cli_errors(argv, message, capsys):
-    from crossget.cli import main
+    from crossget.tools.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -93,7 +93,7 @@ def test_cli_errors(argv, message, capsys):
 
 def test_cli_runs_the_llava_benchmark(monkeypatch, capsys, tmp_path):
     """The command hands its options to run_llava_benchmark (the real run is heavy)."""
-    from crossget.cli import main
+    from crossget.tools.cli import main
 
     seen = {}
 

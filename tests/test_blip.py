@@ -21,14 +21,14 @@ from transformers import (
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
 import crossget
-from crossget.patch.blip import (
+from crossget.families.blip import (
     BlipTextCrossAttention,
     CrossGETBlipAttention,
     CrossGETBlipEncoderLayer,
     CrossGETBlipTextLayer,
     encoder_bias,
 )
-from crossget.patch.blip2 import CrossGETBlip2EncoderLayer
+from crossget.families.blip2 import CrossGETBlip2EncoderLayer
 
 BOS, SEP, ENC, PAD = 50, 51, 52, 0
 N_IMAGE = 65  # 32 px / 4 px patches + CLS
@@ -514,7 +514,7 @@ def test_cross_tokens_steer_the_merges(pixels):
 # --------------------------------------------------------------------------- benchmark architectures
 @pytest.mark.parametrize("spec, prompt", [("blip-tiny", 1), ("blip2-tiny", 4 + 1)])
 def test_bench_captioning_architectures(spec, prompt):
-    from crossget.bench import forward_for, load_model, make_inputs, run_benchmark
+    from crossget.tools.bench import forward_for, load_model, make_inputs, run_benchmark
 
     model = load_model(spec, "caption")
     inputs = make_inputs(model, "caption", batch=2)

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from crossget.bench import load_model
-from crossget.cli import COMMANDS, main
+from crossget.tools.bench import load_model
+from crossget.tools.cli import COMMANDS, main
 
 FAST = ["--rounds", "1", "--warmup", "0", "--threads", "1", "--batch", "2"]
 
@@ -30,7 +30,7 @@ def test_subcommand_help(capsys, command, option):
 
 
 def test_console_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "crossget.cli", "bench", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "crossget.tools.cli", "bench", "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "--methods" in out.stdout
 

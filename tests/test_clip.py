@@ -12,7 +12,7 @@ from transformers import (
 )
 
 import crossget
-from crossget.patch.clip import CrossGETCLIPAttention, CrossGETCLIPEncoderLayer
+from crossget.families.clip import CrossGETCLIPAttention, CrossGETCLIPEncoderLayer
 
 
 def run(model, images, ids, mask, **kw):
@@ -310,7 +310,7 @@ def test_flops_target_counts_the_cross_token(images):
 def test_cross_token_does_not_keep_layer_outputs_alive(images):
     """The cross token's per-layer outputs must not be views of the layer outputs: with views,
     every layer's whole hidden state stayed alive to the end of the forward (2x peak memory)."""
-    from crossget.memory import PeakMemory
+    from crossget.tools.memory import PeakMemory
 
     tower = CLIPVisionModel(make_clip(layers=24).config.vision_config).eval()
     peaks = {}

@@ -1,4 +1,4 @@
-"""crossget.data: the shapes generator (determinism, format, hard negatives), the Karpathy loader, the tokenizer."""
+"""crossget.tools.data: the shapes generator (determinism, format, hard negatives), the Karpathy loader, the tokenizer."""
 
 import json
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from crossget.data.karpathy import PairCollator, PairDataset, load_karpathy, processor_parts, twin_pairs
-from crossget.data.shapes import (
+from crossget.tools.data.karpathy import PairCollator, PairDataset, load_karpathy, processor_parts, twin_pairs
+from crossget.tools.data.shapes import (
     NUMBERS,
     POSITIONS,
     RELATIONS,
@@ -25,7 +25,7 @@ from crossget.data.shapes import (
     sample_family,
     tokenize,
 )
-from crossget.data.tokenizer import build_word_tokenizer
+from crossget.tools.data.tokenizer import build_word_tokenizer
 
 SIZE = 64
 TEMPLATES = (_cap_absolute, _cap_relation, _cap_mixed, _cap_counting)
@@ -321,7 +321,7 @@ def test_pair_collator_uses_the_processor(shapes):
 
 
 def test_scene_targets_name_each_cell():
-    from crossget.data.shapes import COLOURS, SCENE_CLASSES, SHAPES, scene_targets
+    from crossget.tools.data.shapes import COLOURS, SCENE_CLASSES, SHAPES, scene_targets
 
     scene = [{"shape": "cross", "colour": "red", "size": "small", "count": 3, "texture": "plain", "row": 2, "col": 1},
              {"shape": "circle", "colour": "cyan", "size": "large", "count": 1, "texture": "dotted", "row": 0, "col": 0}]

@@ -22,11 +22,11 @@ from transformers import (
     BlipProcessor,
 )
 
-from crossget.cli import main
-from crossget.data.karpathy import load_karpathy
-from crossget.eval import caption, itm_retrieval, nlvr2, vqa
-from crossget.eval.blip_common import apply_method, load_blip
-from crossget.eval.retrieval import retrieval_metrics
+from crossget.tools.cli import main
+from crossget.tools.data.karpathy import load_karpathy
+from crossget.tools.eval import caption, itm_retrieval, nlvr2, vqa
+from crossget.tools.eval.blip_common import apply_method, load_blip
+from crossget.tools.eval.retrieval import retrieval_metrics
 
 WORDS = ("a an the picture of photo red blue green yellow square circle big small on left right is there "
          "what color shape how many two one yes no are both images in . , ? !").split()
@@ -461,7 +461,7 @@ def test_cli(models, karpathy, coco_captions, vqa_files, nlvr2_file, tmp_path, c
 
 # --------------------------------------------------------------------------- patched models
 def _patchable(model) -> bool:
-    from crossget.patch import _family
+    from crossget.api import _family
 
     try:
         _family(model)

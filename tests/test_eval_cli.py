@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from crossget.cli import main
-from crossget.data.karpathy import load_karpathy
-from crossget.data.shapes import generate_dataset
-from crossget.train import BaseModelConfig, base_processor
+from crossget.tools.cli import main
+from crossget.tools.data.karpathy import load_karpathy
+from crossget.tools.data.shapes import generate_dataset
+from crossget.tools.train.clip import BaseModelConfig, base_processor
 
 
 @pytest.fixture(scope="module")

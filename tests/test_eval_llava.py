@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from crossget.cli import main
-from crossget.eval.llava import (
+from crossget.tools.cli import main
+from crossget.tools.eval.llava import (
     MC_PROMPT,
     SHORT_ANSWER,
     build_prompt,

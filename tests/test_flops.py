@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import flop_registry
 
 import crossget
-from crossget.bench import load_model, make_inputs
 from crossget.flops import count_flops, model_gflops
+from crossget.tools.bench import load_model, make_inputs
 
 
 def test_cpu_sdpa_formula_is_registered():

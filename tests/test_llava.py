@@ -17,7 +17,7 @@ from transformers import (
 
 import crossget
 from crossget import state as state_module
-from crossget.patch import llava
+from crossget.families import llava
 from crossget.state import TowerSettings, TowerState
 
 IMG = 99  # image token id

@@ -1,4 +1,4 @@
-"""The tiny LLaVA of crossget.llava_small (crossget init-llava): the shipped CLIP's vision tower copied
+"""The tiny LLaVA of crossget.tools.llava_small (crossget init-llava): the shipped CLIP's vision tower copied
 exactly, placeholders matching the image features (stock and reduced), LLaVA prompts without unknown
 tokens, a from_pretrained round trip that crossget's evaluation and training load, multi-turn regrouping."""
 
@@ -11,14 +11,14 @@ from PIL import Image
 from transformers import CLIPModel
 
 import crossget
-from crossget.cli import main
-from crossget.data.shapes import sample_scene
-from crossget.data.shapes_qa import image_questions, llava_conversations
-from crossget.default import ASSETS
-from crossget.eval.llava import build_prompt, load_llava
-from crossget.eval.llava.data import SHORT_ANSWER
-from crossget.llava_small import build_llava_small, by_image, qa_texts
-from crossget.train_llava import LlavaCollator, LlavaConversations
+from crossget.tools.cli import main
+from crossget.tools.data.shapes import sample_scene
+from crossget.tools.data.shapes_qa import image_questions, llava_conversations
+from crossget.tools.default import ASSETS
+from crossget.tools.eval.llava import build_prompt, load_llava
+from crossget.tools.eval.llava.data import SHORT_ANSWER
+from crossget.tools.llava_small import build_llava_small, by_image, qa_texts
+from crossget.tools.train.llava import LlavaCollator, LlavaConversations
 
 SMALL = ["--lm-width", "32", "--lm-layers", "3", "--lm-heads", "2", "--lm-intermediate", "64"]
 

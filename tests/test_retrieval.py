@@ -1,13 +1,13 @@
-"""crossget.eval.retrieval: Recall@K on hand-made similarities, ties, twin accuracy, fidelity, end to end."""
+"""crossget.tools.eval.retrieval: Recall@K on hand-made similarities, ties, twin accuracy, fidelity, end to end."""
 
 import pytest
 import torch
 
-from crossget.data.karpathy import RetrievalSplit, load_karpathy, preprocess
-from crossget.data.shapes import generate_dataset
-from crossget.data.tokenizer import build_word_tokenizer
-from crossget.eval import retrieval
-from crossget.eval.retrieval import (
+from crossget.tools.data.karpathy import RetrievalSplit, load_karpathy, preprocess
+from crossget.tools.data.shapes import generate_dataset
+from crossget.tools.data.tokenizer import build_word_tokenizer
+from crossget.tools.eval import retrieval
+from crossget.tools.eval.retrieval import (
     encode,
     encode_split,
     evaluate,

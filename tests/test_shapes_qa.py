@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from crossget.cli import main
-from crossget.data import shapes_qa
-from crossget.data.shapes import Entity, generate_dataset, sample_scene
-from crossget.eval import caption, vqa
-from crossget.eval.llava.data import load_vqa_annotations, load_vqa_questions
+from crossget.tools.cli import main
+from crossget.tools.data import shapes_qa
+from crossget.tools.data.shapes import Entity, generate_dataset, sample_scene
+from crossget.tools.eval import caption, vqa
+from crossget.tools.eval.llava.data import load_vqa_annotations, load_vqa_questions
 
 CIRCLES = Entity("circle", "red", "small", 3, "plain", 0, 0)  # three small red circles, top left
 SQUARE = Entity("square", "blue", "large", 1, "striped", 1, 1)  # striped blue square, center

@@ -7,7 +7,7 @@ import torch
 from conftest import make_clip, make_texts
 
 import crossget
-from crossget.train import PairData, _one_caption_per_image, train_cross_tokens
+from crossget.tools.train.clip import PairData, _one_caption_per_image, train_cross_tokens
 
 
 def tiny_pairs(n_img: int = 16) -> PairData:
@@ -73,7 +73,7 @@ def test_cross_token_training_resumes(tmp_path):
 
 # ------------------------------------------------------------------------------- base model training
 def _tiny_base_config():
-    from crossget.train import BaseModelConfig
+    from crossget.tools.train.clip import BaseModelConfig
 
     return BaseModelConfig(image_size=48, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
                            text_width=32, text_layers=2, text_heads=2, max_text_len=48, projection_dim=16)
@@ -81,9 +81,9 @@ def _tiny_base_config():
 
 @pytest.fixture(scope="module")
 def shapes_pairs(tmp_path_factory):
-    from crossget.data.karpathy import load_karpathy
-    from crossget.data.shapes import generate_dataset
-    from crossget.train import base_processor, pair_data
+    from crossget.tools.data.karpathy import load_karpathy
+    from crossget.tools.data.shapes import generate_dataset
+    from crossget.tools.train.clip import base_processor, pair_data
 
     ann = generate_dataset(tmp_path_factory.mktemp("shapes"), 24, 3, 3, image_size=48, seed=0)
     split = load_karpathy(ann, split="train")
@@ -94,7 +94,7 @@ def shapes_pairs(tmp_path_factory):
 def test_train_base_with_scene_loss_learns_and_saves_a_plain_clip(shapes_pairs, tmp_path):
     from transformers import CLIPModel
 
-    from crossget.train import train_base
+    from crossget.tools.train.clip import train_base
 
     pairs, processor = shapes_pairs
     assert pairs.scene_targets.shape == (24, 9, 5)
@@ -114,7 +114,7 @@ def test_train_base_with_scene_loss_learns_and_saves_a_plain_clip(shapes_pairs, 
 def test_scene_only_steps_leave_the_text_tower_alone(shapes_pairs, tmp_path):
     from transformers import CLIPModel
 
-    from crossget.train import train_base
+    from crossget.tools.train.clip import train_base
 
     pairs, processor = shapes_pairs
     config = _tiny_base_config()
@@ -136,7 +136,7 @@ def test_scene_only_steps_leave_the_text_tower_alone(shapes_pairs, tmp_path):
 def test_text_scene_loss_reads_the_pooled_eot_state_and_learns(shapes_pairs, tmp_path):
     from transformers import CLIPModel
 
-    from crossget.train import text_pooled_state, train_base
+    from crossget.tools.train.clip import text_pooled_state, train_base
 
     pairs, processor = shapes_pairs
     model = CLIPModel(_tiny_base_config().clip_config(len(processor.tokenizer), processor.tokenizer.bos_token_id,
@@ -154,7 +154,7 @@ def test_text_scene_loss_reads_the_pooled_eot_state_and_learns(shapes_pairs, tmp
 def test_text_warmup_trains_only_the_text_tower_on_the_caption_scene_loss(shapes_pairs, tmp_path):
     from transformers import CLIPModel
 
-    from crossget.train import SceneHead, _text_scene_warmup, train_base
+    from crossget.tools.train.clip import SceneHead, _text_scene_warmup, train_base
 
     pairs, processor = shapes_pairs
     config, tok = _tiny_base_config(), processor.tokenizer
@@ -178,7 +178,7 @@ def test_text_warmup_trains_only_the_text_tower_on_the_caption_scene_loss(shapes
 def test_train_base_scene_weight_needs_targets_and_is_not_negative(shapes_pairs, tmp_path):
     from dataclasses import replace
 
-    from crossget.train import train_base
+    from crossget.tools.train.clip import train_base
 
     pairs, processor = shapes_pairs
     args = (processor.tokenizer, processor.image_processor, tmp_path, _tiny_base_config())
@@ -197,7 +197,7 @@ def test_train_base_scene_weight_needs_targets_and_is_not_negative(shapes_pairs,
 
 
 def test_no_weight_decay_on_biases_norms_and_temperature():
-    from crossget.train import _decay_groups
+    from crossget.tools.train.clip import _decay_groups
 
     model = make_clip()
     decay, no_decay = _decay_groups(model, 0.05)
@@ -209,7 +209,7 @@ def test_no_weight_decay_on_biases_norms_and_temperature():
 
 
 def test_sincos_positions_order_the_patch_grid():
-    from crossget.train import add_sincos_positions, sincos_grid
+    from crossget.tools.train.clip import add_sincos_positions, sincos_grid
 
     codes = torch.nn.functional.normalize(sincos_grid(6, 16, temperature=12.0), dim=-1)
     cos = codes @ codes.T

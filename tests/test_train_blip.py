@@ -8,13 +8,13 @@ import torch
 from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering, CLIPConfig, CLIPModel
 
 import crossget
-from crossget.cli import main
-from crossget.data.shapes import generate_dataset
-from crossget.data.shapes_qa import IMAGE_PATTERN, write_qa
-from crossget.data.tokenizer import build_word_tokenizer
-from crossget.eval import caption, vqa
-from crossget.eval.blip_common import load_blip
-from crossget.train_blip import (
+from crossget.tools.cli import main
+from crossget.tools.data.shapes import generate_dataset
+from crossget.tools.data.shapes_qa import IMAGE_PATTERN, write_qa
+from crossget.tools.data.tokenizer import build_word_tokenizer
+from crossget.tools.eval import caption, vqa
+from crossget.tools.eval.blip_common import load_blip
+from crossget.tools.train.blip import (
     BlipSmallConfig,
     blip_processor,
     blip_tokenizer,

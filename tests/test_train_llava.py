@@ -1,4 +1,4 @@
-"""LLaVA training (crossget.train_llava): data, prompts and labels, the three trainable sets,
+"""LLaVA training (crossget.tools.train.llava): data, prompts and labels, the three trainable sets,
 checkpoints, resume, errors and the CLI, on a tiny random LLaVA saved to disk."""
 
 import json
@@ -11,8 +11,8 @@ from test_llava import IMG, make_llava
 from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 
 import crossget
-from crossget.cli import LLAVA_TRAINABLE, main
-from crossget.train_llava import TRAINABLE, LlavaCollator, LlavaConversations, load_lora, train_llava
+from crossget.tools.cli import LLAVA_TRAINABLE, main
+from crossget.tools.train.llava import TRAINABLE, LlavaCollator, LlavaConversations, load_lora, train_llava
 
 WORDS = ["what", "colour", "is", "it", "the", "image", "red", "green", "blue", "yellow", "and", "shape", "a", "square"]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 20)}

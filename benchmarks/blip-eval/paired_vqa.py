@@ -13,8 +13,8 @@ import time
 import torch
 from transformers import BlipForQuestionAnswering
 
-from crossget.eval.blip_common import apply_method, load_blip, open_rgb
-from crossget.eval.vqa import generate_answers, load_vqa, vqa_inputs
+from crossget.tools.eval.blip_common import apply_method, load_blip, open_rgb
+from crossget.tools.eval.vqa import generate_answers, load_vqa, vqa_inputs
 
 root = sys.argv[1] if len(sys.argv) > 1 else "/tmp/blip-eval"
 torch.set_num_threads(1)

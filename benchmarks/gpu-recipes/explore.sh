@@ -9,7 +9,7 @@ JOBS_FILE=${1:?a jobs file}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 OUT=${OUT:-/tmp/out}; W=${WORK:-/tmp/gpu}; mkdir -p $OUT $W
 DATA=${DATA:-data/shapes/dataset_shapes.json}; DEV=${DEV:-cuda}
-cg() { python3 -c 'import sys; from crossget.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+cg() { python3 -c 'import sys; from crossget.tools.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 python3 -c "import torch,transformers,accelerate;print(torch.__version__,transformers.__version__,accelerate.__version__,torch.cuda.is_available() and torch.cuda.get_device_name())"
 t0=$(date +%s)
 SIZES="--train ${NTRAIN:-8000} --val ${NVAL:-400} --test ${NTEST:-1000} --image-size 96"

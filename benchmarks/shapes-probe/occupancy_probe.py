@@ -12,9 +12,9 @@ import json
 
 import torch
 
-from crossget.data.karpathy import image_loader, load_karpathy
-from crossget.data.shapes import scene_targets
-from crossget.default import load_default
+from crossget.tools.data.karpathy import image_loader, load_karpathy
+from crossget.tools.data.shapes import scene_targets
+from crossget.tools.default import load_default
 
 
 @torch.no_grad()

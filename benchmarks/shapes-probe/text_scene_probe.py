@@ -1,6 +1,6 @@
 """Can a model's text tower learn *where* the caption puts things? The scene loss on captions alone.
 
-Trains the text tower of MODEL_DIR with a fresh :class:`~crossget.train.SceneHead` on its pooled EOT
+Trains the text tower of MODEL_DIR with a fresh :class:`~crossget.tools.train.clip.SceneHead` on its pooled EOT
 state (each grid cell's colour, shape, size, texture and count, the image's scene targets) for STEPS
 steps of 64 training captions, no CLIP loss, one thread; prints the batch loss and the loss on 500
 held-out captions every 100 steps. A loss near 0.855 is the plateau of naming the objects but not
@@ -15,9 +15,9 @@ import time
 import torch
 from transformers import CLIPModel, CLIPProcessor
 
-from crossget.data.karpathy import load_karpathy
-from crossget.data.shapes import scene_targets
-from crossget.train import SceneHead, text_pooled_state
+from crossget.tools.data.karpathy import load_karpathy
+from crossget.tools.data.shapes import scene_targets
+from crossget.tools.train.clip import SceneHead, text_pooled_state
 
 
 def main() -> None:

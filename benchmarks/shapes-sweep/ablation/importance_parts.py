@@ -12,8 +12,8 @@ import sys
 import torch
 
 import crossget.state as st
-from crossget.cli import _model_and_inputs, build_parser
-from crossget.eval.harness import evaluate_configs
+from crossget.tools.cli import _model_and_inputs, build_parser
+from crossget.tools.eval.harness import evaluate_configs
 
 spec_matching = st.complete_graph_soft_matching
 MODE = {"v": "spec"}

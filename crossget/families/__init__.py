@@ -1,0 +1,1 @@
+"""Model families: where each supported Hugging Face model merges."""

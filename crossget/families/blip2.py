@@ -1,0 +1,108 @@
+"""BLIP-2 (Hugging Face transformers >= 5.6): the vision tower merges, the Q-Former reads
+the merged image tokens with proportional attention.
+
+Patched: ``Blip2ForConditionalGeneration``, ``Blip2Model``, ``Blip2ForImageTextRetrieval``,
+``Blip2VisionModelWithProjection`` and ``Blip2VisionModel``.
+
+- Vision tower (pre-LN ViT, CLS pooled): the layer of BLIP and CLIP; upstream's attention
+  hard-codes ``attention_mask=None``, the patched one takes the mask (eager, sdpa, ...).
+- Q-Former: every cross-attention to the image adds ``log(size)`` of each image token. A
+  forward pre-hook on ``model.qformer`` puts the 4D float bias ``[B, 1, 1, K]`` into its
+  ``encoder_attention_mask`` (the callers build a mask of ones themselves); the Q-Former
+  passes a ready 4D mask through unchanged, to eager and sdpa alike.
+- The Q-Former always emits ``num_query_tokens`` outputs, so the language model, its
+  prompt and its KV cache never see the reduction; they are not patched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.blip_2 import modeling_blip_2 as hf
+
+from crossget.families.base import Tower
+from crossget.families.blip import (
+    OUTPUT_ATTR,
+    _vision_inputs,
+    encoder_cost,
+    fused_qkv_attention,
+    inject_bias,
+    record_output,
+)
+from crossget.families.clip import CrossGETCLIPEncoderLayer
+
+__all__ = ["SUPPORTED", "encoder_cost", "install_glue", "joint_projection", "towers", "uninstall_glue"]
+
+GLUE_ATTR = "_crossget_glue"
+
+
+class CrossGETBlip2Attention(hf.Blip2Attention):
+    """BLIP-2 vision attention that takes a mask (upstream passes None) and shows its keys."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        return fused_qkv_attention(self, hidden_states, attention_mask, **kwargs)
+
+
+class CrossGETBlip2EncoderLayer(hf.Blip2EncoderLayer):
+    """Pre-LN vision layer with token reduction between attention and MLP (SPEC §1)."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        # CLIP's layer structure (layer_norm1, self_attn, layer_norm2, mlp); upstream passes no mask
+        return CrossGETCLIPEncoderLayer.forward(self, hidden_states, attention_mask, **kwargs)
+
+
+SUPPORTED = (
+    hf.Blip2ForConditionalGeneration,
+    hf.Blip2Model,
+    hf.Blip2ForImageTextRetrieval,
+    hf.Blip2VisionModelWithProjection,
+    hf.Blip2VisionModel,
+)
+
+
+def _vision(model: nn.Module) -> hf.Blip2VisionModel:
+    return model if isinstance(model, hf.Blip2VisionModel) else model.vision_model
+
+
+def towers(model: nn.Module) -> dict[str, Tower]:
+    """The one reducible encoder of a BLIP-2 model, its vision tower (the Q-Former's query
+    tokens and the language model are never reduced)."""
+    vision = _vision(model)
+    return {
+        "vision": Tower(
+            kind="vision",
+            module=vision,
+            encoder=vision.encoder,
+            layers=list(vision.encoder.layers),
+            layer_class=CrossGETBlip2EncoderLayer,
+            attention_class=CrossGETBlip2Attention,
+            attention_attr="self_attn",
+            causal=False,
+            restore_length=False,
+            read_inputs=_vision_inputs,
+            hidden=vision.config.hidden_size,
+            heads=vision.config.num_attention_heads,
+        )
+    }
+
+
+def joint_projection(model: nn.Module, kind: str) -> None:
+    """BLIP-2's joint space is reached through the Q-Former, not from a vision token: None."""
+    return None
+
+
+def install_glue(model: nn.Module) -> None:
+    """Record the vision output and inject its ``log(size)`` bias into the Q-Former's
+    cross-attention mask. Undone by :func:`uninstall_glue`."""
+    vision = _vision(model)
+    handles = [record_output(vision)]
+    qformer = getattr(model, "qformer", None)
+    if qformer is not None:
+        handles.append(inject_bias(qformer, vision))
+    model.__dict__[GLUE_ATTR] = handles
+
+
+def uninstall_glue(model: nn.Module) -> None:
+    for h in model.__dict__.pop(GLUE_ATTR, ()):
+        h.remove()
+    _vision(model).__dict__.pop(OUTPUT_ATTR, None)

@@ -1,0 +1,221 @@
+"""Shared pieces of the BLIP evaluation harnesses (``itm_retrieval``, ``caption``, ``vqa``, ``nlvr2``).
+
+Loading a local BLIP model and its processor, reading the data files with errors that name the
+path, patching for one config, timing the model calls, counting GFLOPs against the unreduced
+model, and writing the result JSON. Each harness module only adds its data format, its model
+calls and its metric.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from crossget.api import config, is_patched, patch, unpatch
+from crossget.flops import count_flops
+
+METHODS = ("none", "tome", "crossget")
+
+
+# --------------------------------------------------------------------------- files
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parsed JSON of ``path``.
+
+    Raises:
+        FileNotFoundError: no such file (names the path and what it should be).
+        ValueError: not valid JSON.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a valid {what}: invalid JSON ({err})") from None
+
+
+def malformed(path: str | os.PathLike, what: str, problem: str) -> ValueError:
+    """The error for a file that parses but does not have the expected fields."""
+    return ValueError(f"{path} is not a valid {what}: {problem}")
+
+
+def require_fields(entry: Any, fields: Sequence[str], path: str | os.PathLike, what: str, where: str) -> None:
+    """Check that ``entry`` is an object holding ``fields``; the error names ``path`` and ``where``."""
+    if not isinstance(entry, dict):
+        raise malformed(path, what, f"{where} is not an object")
+    for key in fields:
+        if key not in entry:
+            raise malformed(path, what, f'{where} has no "{key}"')
+
+
+def check_images(paths: Sequence[Path], source: str | os.PathLike) -> None:
+    """Fail up front if images are missing (names a few and where they were looked for)."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3])
+        more = ", ..." if len(missing) > 3 else ""
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images named by {source} are missing: {shown}{more}")
+
+
+def open_rgb(path: Path):
+    """A PIL RGB image; FileNotFoundError/ValueError name the path."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"not an image file: {path}") from None
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON (parent folders made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+# --------------------------------------------------------------------------- models
+def load_blip(path: str | os.PathLike, cls: type) -> tuple[nn.Module, Any]:
+    """``(model, processor)`` of a local BLIP folder (``save_pretrained`` layout), model in eval mode.
+
+    The folder's ``config.json`` must name ``cls`` among its ``architectures``: loading another head
+    into ``cls`` would silently start the missing modules from random weights.
+
+    Raises:
+        FileNotFoundError: no model at ``path``.
+        TypeError: the folder holds another architecture.
+    """
+    from transformers import AutoProcessor
+
+    path = Path(path)
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"no model at {path} (expected config.json and model.safetensors)")
+    archs = read_json(cfg, "model config").get("architectures") or []
+    if cls.__name__ not in archs:
+        raise TypeError(f"{path} holds {', '.join(archs) or 'an unnamed architecture'}; this evaluation needs "
+                        f"{cls.__name__}")
+    model = cls.from_pretrained(path).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def check_model(model: nn.Module, cls: type) -> None:
+    """TypeError unless ``model`` is a ``cls`` (a patched model still is)."""
+    if not isinstance(model, cls):
+        raise TypeError(f"expected a {cls.__name__}, got {type(model).__name__}")
+
+
+def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def apply_method(
+    model: nn.Module,
+    method: str,
+    r: int | None = None,
+    flops: float | None = None,
+    towers: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Patch ``model`` for one config (``none`` = the stock model) and describe it for the result JSON.
+
+    Raises:
+        ValueError: unknown method, or a reducing method without ``r``/``flops``.
+        TypeError: ``crossget.patch`` does not support the model class.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "none":
+        if is_patched(model):
+            unpatch(model)
+        return {"method": "none", "r": None, "flops_target": None, "schedule": {}}
+    if r is None and flops is None:
+        raise ValueError(f"method {method!r} needs r (tokens per layer) or flops (a target GFLOPs ratio)")
+    kwargs: dict[str, Any] = {"r": r} if r is not None else {"flops": flops}
+    if towers:
+        kwargs["towers"] = tuple(towers)
+    patch(model, method=method, **kwargs)
+    cfg = config(model)
+    return {"method": method, "r": r, "flops_target": flops, "schedule": cfg["r"], "towers": cfg["towers"],
+            "flops_estimate": cfg.get("flops_estimate")}
+
+
+class ModelClock:
+    """Wall time spent inside ``with clock:`` blocks (the model calls, not file reading or metrics);
+    synchronises CUDA so GPU time is counted where it is spent."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def _sync(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> ModelClock:
+        self._sync()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.seconds += time.perf_counter() - self._t0
+
+    def rate(self, count: int) -> float:
+        """``count`` per second of model time (0 if nothing was timed)."""
+        return count / self.seconds if self.seconds > 0 else 0.0
+
+
+def gflops_of(fn: Callable[..., Any], *args, **kwargs) -> float:
+    """GFLOPs of one call (no gradients), measured with :func:`crossget.flops.count_flops`."""
+    with torch.inference_mode():
+        return count_flops(fn, *args, **kwargs) / 1e9
+
+
+def run_config(
+    model: nn.Module,
+    evaluate: Callable[[], dict[str, Any]],
+    measure_gflops: Callable[[], float],
+    method: str = "none",
+    r: int | None = None,
+    flops: float | None = None,
+    towers: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Evaluate one config of a stock model: GFLOPs of the unreduced model first (one sample,
+    ``measure_gflops``), then patch and ``evaluate()``; adds the config and ``gflops_ratio``.
+
+    ``evaluate()`` must return ``gflops`` (per sample, measured on the model as configured).
+    """
+    if is_patched(model):
+        raise ValueError("run_config needs the stock model (it measures the unreduced GFLOPs first); call unpatch")
+    reference = measure_gflops()
+    described = apply_method(model, method, r, flops, towers)
+    result = evaluate()
+    result.update(described)
+    result["gflops_unreduced"] = reference
+    result["gflops_ratio"] = result["gflops"] / reference if reference else None
+    return result
+
+
+def summary_line(result: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """One human-readable line of the main numbers of a result."""
+    parts = []
+    for k in keys:
+        v = result.get(k)
+        if isinstance(v, float):
+            parts.append(f"{k} {v:.4g}")
+        elif v is not None:
+            parts.append(f"{k} {v}")
+    return ", ".join(parts)

@@ -1,0 +1,1 @@
+"""Training commands: cross tokens, the default CLIP, BLIP and LLaVA models."""

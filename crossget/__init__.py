@@ -1,21 +1,39 @@
 """crossget: CrossGET token merging for Hugging Face vision-language transformers.
 
     import crossget
-    crossget.patch(model, r=16)            # or flops=0.58, method="tome"
+    crossget.patch(model, r=16)            # or flops=0.58, method="tome", keep=64 (LLaVA)
+    crossget.config(model)                 # the resolved PatchConfig
     crossget.unpatch(model)
 """
 
-from crossget.api import config, is_patched, patch, sources, states, tokens_per_layer, unpatch
+from crossget.api import (
+    config,
+    cross_token_loss,
+    is_patched,
+    joint_projection,
+    patch,
+    patch_from_config,
+    sources,
+    states,
+    tokens_per_layer,
+    unpatch,
+)
+from crossget.config import METHODS, PatchConfig
 from crossget.families.llava import adapt_processor, image_tokens
-from crossget.io import load_cross_tokens, save_cross_tokens
-from crossget.loss import cross_token_alignment, cross_token_loss
-from crossget.merge import Merge, bipartite_soft_matching, complete_graph_soft_matching
+from crossget.io import apply, load_cross_tokens, save_cross_tokens
+from crossget.loss import cross_token_alignment
+from crossget.merge import Merge
+from crossget.methods.crossget import complete_graph_soft_matching
+from crossget.methods.tome import bipartite_soft_matching
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "METHODS",
     "Merge",
+    "PatchConfig",
     "adapt_processor",
+    "apply",
     "bipartite_soft_matching",
     "complete_graph_soft_matching",
     "config",
@@ -23,8 +41,10 @@ __all__ = [
     "cross_token_loss",
     "image_tokens",
     "is_patched",
+    "joint_projection",
     "load_cross_tokens",
     "patch",
+    "patch_from_config",
     "save_cross_tokens",
     "sources",
     "states",

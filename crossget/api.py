@@ -1,49 +1,31 @@
 """``crossget.patch(model, ...)`` / ``crossget.unpatch(model)`` for every supported family.
 
-Each family module (``clip``, ...) exposes ``SUPPORTED`` (model classes), ``towers(model)``
-(:class:`~crossget.families.base.Tower` records by kind), ``encoder_cost`` and
-``joint_projection``; everything else is shared. A family that needs model-level glue
-beyond its towers (BLIP: bias into cross-attention masks) also has
-``install_glue(model)`` / ``uninstall_glue(model)``. A family whose budget is not a
-per-layer schedule of its towers (LLaVA: visual tokens for the language model) has
-``patch_model`` / ``unpatch_model`` / ``tokens_per_layer``, which these functions defer to.
+The keywords build one :class:`~crossget.config.PatchConfig`; the registry
+(:func:`crossget.families.registry.family_of`) finds the model's family, which checks
+that it takes every keyword given (an error names the family otherwise) and patches.
+What the family resolved (per-layer schedules, visual-token counts, FLOPs estimate) is
+what :func:`config` reports and :func:`patch_from_config` replays.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from types import ModuleType
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from crossget.families import blip, blip2, clip, llava
-from crossget.families.base import install, uninstall
+from crossget.config import PatchConfig, RValue, as_config
+from crossget.families.registry import family_of
+from crossget.loss import cross_token_alignment
 from crossget.merge import sources_from_token_map
-from crossget.schedule import RSpec, resolve_r, solve_flops, token_counts
-from crossget.state import METHODS, METRICS, TowerSettings, TowerState
-
-IMPORTANCE = ("cross", "none")  # what patch() offers; LLaVA's family sets "attention" itself
-FAMILIES: tuple[ModuleType, ...] = (llava, clip, blip, blip2)
-CONFIG_ATTR = "_crossget_config"
-
-
-def _family(model: nn.Module) -> ModuleType:
-    for fam in FAMILIES:
-        if isinstance(model, fam.SUPPORTED):
-            return fam
-    names = ", ".join(cls.__name__ for fam in FAMILIES for cls in fam.SUPPORTED)
-    raise TypeError(f"crossget cannot patch {type(model).__name__}; supported classes: {names}")
-
-
-def _default_towers(found: Mapping[str, Any]) -> tuple[str, ...]:
-    return ("vision",) if "vision" in found else tuple(found)
+from crossget.record import mark, record, unmark
+from crossget.state import TowerState
 
 
 def patch(
     model: nn.Module,
-    r: RSpec | Mapping[str, RSpec] | None = None,
+    r: RValue = None,
     *,
     flops: float | None = None,
     method: str = "crossget",
@@ -54,31 +36,37 @@ def patch(
     trace_sources: bool = False,
     keep: int | None = None,
     importance: str = "cross",
+    fastv_layer: int | None = None,
+    contextual: int | None = None,
 ) -> nn.Module:
-    """Make ``model`` merge tokens while it runs; in place, returns ``model``.
+    """Make ``model`` reduce its tokens while it runs; in place, returns ``model``.
 
     Args:
-        model: a supported Hugging Face model (e.g. ``CLIPModel``, ``CLIPVisionModel``).
+        model: a supported Hugging Face model (``CLIPModel``, ``BlipForRetrieval``,
+            ``LlavaForConditionalGeneration``, ...; :data:`crossget.families.registry.FAMILIES`).
         r: tokens each layer removes: an int, a per-layer list, or ``{tower: r}``.
         flops: instead of ``r``, a target fraction in (0, 1] of the unreduced model's
-            FLOPs (all towers that run), solved into a per-layer schedule.
-        method: ``"crossget"`` (complete-graph matching + cross-guided ensemble),
-            ``"tome"`` (bipartite matching, the baseline) or ``"none"`` (patched, no merging).
+            FLOPs (all towers that run), solved into a per-layer schedule (docs/method.md §7).
+        method: one of :data:`crossget.config.METHODS` that the family runs:
+            ``"crossget"`` (complete-graph matching + cross-guided ensemble), ``"tome"``
+            (bipartite matching), ``"none"`` (patched, no reduction); LLaVA also
+            ``"fastv"`` and ``"visionzip"``.
         towers: which towers to reduce: ``("vision",)`` (default when there is one),
             ``("text",)`` or ``("vision", "text")``.
-        prop_attn: add ``log(size)`` to attention logits of merged keys (SPEC §6).
+        prop_attn: add ``log(size)`` to attention logits of merged keys (docs/method.md §6).
         metric: ``"keys"`` (heads concatenated; CrossGET's default) or ``"keys_mean"``
             (ToMe's default).
         text_len: text length assumed when solving ``flops`` (default: the text
-            tower's maximum, 77 for CLIP).
+            tower's maximum, 77 for CLIP; LLaVA: 64 prompt tokens).
         trace_sources: track which input tokens each output token covers, for
             :func:`sources` (text towers always track it, to restore their length).
         keep: instead of ``r``, the visual tokens per image that reach a language model
-            (LLaVA; see :mod:`crossget.families.llava`, which also adds ``method="fastv"``
-            and ``"visionzip"``).
-        importance: for ``method="crossget"``: ``"cross"`` (SPEC §3, cross-token guidance)
-            or ``"none"`` (complete-graph matching and size-weighted averaging without any
-            cross token: an ablation of the guidance).
+            (LLaVA).
+        importance: for ``method="crossget"``: ``"cross"`` (docs/method.md §3,
+            cross-token guidance), ``"attention"`` (LLaVA's rule) or ``"none"``
+            (complete-graph matching without any cross token: an ablation).
+        fastv_layer: FastV's K, the LM layer after which visual tokens are pruned (LLaVA).
+        contextual: VisionZip's contextual tokens out of ``keep`` (LLaVA).
 
     With ``method="crossget"`` every tower gets cross tokens (``theta``, zeros: training
     free); towers not in ``towers`` run them with ``r = 0`` so the cross-token loss
@@ -87,133 +75,65 @@ def patch(
 
     Raises:
         TypeError: unsupported model class.
-        ValueError: bad ``r``, ``flops``, ``method``, ``towers`` or ``metric``.
+        ValueError: a bad value, or a keyword the model's family does not take.
     """
-    fam = _family(model)
-    if hasattr(fam, "patch_model"):
-        model.__dict__[CONFIG_ATTR] = fam.patch_model(
-            model, r, flops=flops, keep=keep, method=method, towers=towers, prop_attn=prop_attn,
-            metric=metric, text_len=text_len, trace_sources=trace_sources, importance=importance,
-        )
-        return model
-    if importance not in IMPORTANCE:
-        raise ValueError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
-    if keep is not None:
-        raise ValueError(f"keep= counts visual tokens fed to a language model (LLaVA), not for {type(model).__name__}")
-    found = fam.towers(model)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    metric = metric or ("keys_mean" if method == "tome" else "keys")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    reduced = tuple(towers) if towers is not None else _default_towers(found)
-    if isinstance(towers, str) or not reduced or any(t not in found for t in reduced):
-        raise ValueError(f"towers must name some of {tuple(found)}, got {towers!r}")
-    if r is not None and flops is not None:
-        raise ValueError("give either r= or flops=, not both")
-    if r is None and flops is None:
-        if method != "none":
-            raise ValueError("give r= (tokens per layer) or flops= (target FLOPs ratio)")
-        r = 0
+    cfg = PatchConfig(
+        method=method, r=r, flops=flops, keep=keep, towers=towers, prop_attn=prop_attn, metric=metric,
+        importance=importance, text_len=text_len, trace_sources=trace_sources, fastv_layer=fastv_layer,
+        contextual=contextual,
+    )
+    return _patch(model, cfg)
 
-    if flops is not None:
-        costs = {k: fam.encoder_cost(t.module, k, text_len) for k, t in found.items()}
-        cross = method == "crossget" and importance != "none"  # every tower then carries a cross token
-        match = {"crossget": "complete", "tome": "bipartite"}.get(method)
-        added = {
-            k: {"extra": int(cross), "match": match,
-                "metric_dim": t.hidden // t.heads if metric == "keys_mean" else t.hidden}
-            for k, t in found.items()
-        }
-        schedules, estimate = solve_flops(flops, costs, reduced, added)
-    else:
-        estimate = None
-        schedules = {}
-        for k in reduced:
-            r_k = r[k] if isinstance(r, Mapping) else r
-            schedules[k] = resolve_r(r_k, len(found[k].layers), name=f"r for the {k} tower")
-        if isinstance(r, Mapping) and set(r) - set(reduced):
-            raise ValueError(f"r names towers {sorted(set(r) - set(reduced))} that are not reduced: {reduced}")
 
-    # reconfiguring: fresh classes and hooks, trained cross tokens carried over
-    thetas = {kind: uninstall(tower) for kind, tower in found.items()}
-    _glue(fam, model, install=False)
-    for kind, tower in found.items():
-        if kind in schedules:
-            sched = schedules[kind]
-        elif method == "crossget" and importance != "none":
-            sched = [0] * len(tower.layers)
-        else:
-            continue
-        settings = TowerSettings(kind, sched, method, prop_attn, metric, trace_sources, importance=importance)
-        install(tower, settings, thetas[kind])
-    _glue(fam, model, install=True)
-    model.__dict__[CONFIG_ATTR] = {
-        "method": method,
-        "towers": list(reduced),
-        "r": {k: list(v) for k, v in schedules.items()},
-        "flops": flops,
-        "flops_estimate": estimate,
-        "prop_attn": prop_attn,
-        "metric": metric,
-        "trace_sources": trace_sources,
-        "importance": importance,
-    }
+def _patch(model: nn.Module, cfg: PatchConfig) -> nn.Module:
+    fam = family_of(model)
+    fam.check(cfg)
+    mark(model, config=fam.patch(model, cfg))
     return model
 
 
-def _glue(fam: ModuleType, model: nn.Module, install: bool) -> None:
-    """The family's model-level glue, if it has any (see the module docstring)."""
-    fn = getattr(fam, "install_glue" if install else "uninstall_glue", None)
-    if fn is not None:
-        fn(model)
-
-
-def patch_from_config(model: nn.Module, saved: Mapping[str, Any]) -> nn.Module:
-    """Patch ``model`` as described by a :func:`config` dict (e.g. one saved with cross tokens)."""
-    patch(
-        model,
-        r={k: saved["r"][k] for k in saved["towers"]},
-        method=saved["method"],
-        towers=saved["towers"],
-        prop_attn=saved["prop_attn"],
-        metric=saved["metric"],
-        trace_sources=saved.get("trace_sources", False),
-        importance=saved.get("importance", "cross"),
-    )
-    # the schedule came from a FLOPs target: keep saying so
-    model.__dict__[CONFIG_ATTR].update(flops=saved.get("flops"), flops_estimate=saved.get("flops_estimate"))
+def patch_from_config(model: nn.Module, saved: PatchConfig | Mapping[str, Any]) -> nn.Module:
+    """Patch ``model`` as a :func:`config` (or its ``to_dict()``, e.g. saved with cross
+    tokens) describes: the resolved budget is replayed (``r`` if it has one, else
+    ``keep``), and the FLOPs target it came from is kept in the config."""
+    cfg = as_config(saved)
+    replay = cfg.replace(flops=None, flops_estimate=None)
+    if cfg.r is not None:
+        replay = replay.replace(keep=None)
+    elif cfg.keep is None:
+        replay = cfg  # nothing resolved yet: a config written by hand
+    _patch(model, replay)
+    if replay is not cfg:
+        mark(model, config=config(model).replace(flops=cfg.flops, flops_estimate=cfg.flops_estimate))
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the stock model (classes, forwards, no hooks, no cross-token parameters)."""
-    fam = _family(model)
-    if hasattr(fam, "unpatch_model"):
-        fam.unpatch_model(model)
-        model.__dict__.pop(CONFIG_ATTR, None)
-        return model
-    for tower in fam.towers(model).values():
-        uninstall(tower)
-    _glue(fam, model, install=False)
-    model.__dict__.pop(CONFIG_ATTR, None)
+    family_of(model).unpatch(model)
+    unmark(model, fields=("config",))
     return model
 
 
 def is_patched(model: nn.Module) -> bool:
-    return CONFIG_ATTR in model.__dict__
+    rec = record(model)
+    return rec is not None and rec.config is not None
 
 
-def config(model: nn.Module) -> dict:
-    """The settings of the last :func:`patch` (method, per-tower schedules, ...)."""
+def config(model: nn.Module) -> PatchConfig:
+    """The resolved settings of the last :func:`patch` (method, per-tower schedules, ...).
+
+    Raises:
+        ValueError: the model is not patched.
+    """
     if not is_patched(model):
         raise ValueError(f"{type(model).__name__} is not patched by crossget")
-    return dict(model.__dict__[CONFIG_ATTR])
+    return record(model).config
 
 
 def states(model: nn.Module) -> dict[str, TowerState]:
     """Per-tower state of the last forward (sizes, token map, cross tokens)."""
-    return {k: t.state for k, t in _family(model).towers(model).items() if t.state is not None}
+    return family_of(model).states(model)
 
 
 def sources(model: nn.Module, tower: str = "vision") -> torch.Tensor:
@@ -232,18 +152,22 @@ def tokens_per_layer(model: nn.Module, text_len: int | None = None) -> dict[str,
     Vision counts are exact; text counts assume an unpadded text of ``text_len``
     tokens (default: the tower's maximum).
     """
-    fam = _family(model)
-    if hasattr(fam, "tokens_per_layer"):
-        return fam.tokens_per_layer(model, text_len)
-    out = {}
-    for kind, tower in fam.towers(model).items():
-        if tower.state is None:
-            continue
-        cost = fam.encoder_cost(tower.module, kind, text_len)
-        r = tower.state.settings.r if tower.state.settings.method != "none" else [0] * len(tower.layers)
-        out[kind] = [m for _, m in token_counts(cost.n_tokens, r, cost.protected)]
-    return out
+    return family_of(model).tokens_per_layer(model, text_len)
 
 
-def joint_projection(model: nn.Module, kind: str):
-    return _family(model).joint_projection(model, kind)
+def joint_projection(model: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``[*, C] -> [*, P]``: the detached projection of ``kind``'s tokens into the joint space."""
+    return family_of(model).joint_projection(model, kind)
+
+
+def cross_token_loss(model: nn.Module) -> torch.Tensor:
+    """Cross-token alignment loss (docs/method.md §3) of the last forward: the model's
+    image and text cross tokens, paired by its family, through
+    :func:`crossget.loss.cross_token_alignment`. Add it to the task loss while training
+    the cross tokens.
+
+    Raises:
+        ValueError: the model is not patched with cross tokens in both modalities, or no
+            forward ran.
+    """
+    return cross_token_alignment(*family_of(model).cross_token_pairs(model))

@@ -1,15 +1,20 @@
-"""Saving and loading trained cross tokens with the patch settings (safetensors)."""
+"""Trained cross tokens on disk (safetensors, with the patch settings), and :func:`apply`:
+put a model in the state a saved configuration describes."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from crossget.api import config, is_patched, patch_from_config, states
+from crossget.api import config, is_patched, patch_from_config, states, unpatch
+from crossget.config import PatchConfig, as_config
 
 FORMAT = "crossget.cross_tokens.v1"
 
@@ -25,7 +30,7 @@ def save_cross_tokens(model: nn.Module, path: str | os.PathLike) -> None:
     }
     if not tensors:
         raise ValueError("the model has no cross tokens (patch it with method='crossget')")
-    meta = {"format": FORMAT, "config": json.dumps(config(model))}
+    meta = {"format": FORMAT, "config": json.dumps(config(model).to_dict())}
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
@@ -42,8 +47,6 @@ def load_cross_tokens(model: nn.Module, path: str | os.PathLike, repatch: bool =
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no cross-token file at {path}")
-    from safetensors import safe_open
-
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
@@ -61,4 +64,31 @@ def load_cross_tokens(model: nn.Module, path: str | os.PathLike, repatch: bool =
             raise ValueError(f"{path}: {kind} cross tokens are {tuple(value.shape)}, the model needs {tuple(theta.shape)}")
         with torch.no_grad():
             theta.copy_(value)
+    return model
+
+
+def apply(
+    model: nn.Module,
+    cfg: PatchConfig | Mapping[str, Any] | None,
+    cross_tokens: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Put ``model`` in the state ``cfg`` describes, from the stock model up: None or
+    ``method="none"`` give the stock model; otherwise the model is patched as
+    :func:`crossget.patch_from_config` replays ``cfg``, with cross tokens from
+    ``cross_tokens`` (a :func:`save_cross_tokens` file) or else zeros (training free;
+    nothing carries over from an earlier configuration). Every benchmark, evaluation
+    and training command configures its models through this one function.
+
+    Raises:
+        ValueError: ``cross_tokens`` for a configuration without cross tokens.
+    """
+    if (cfg is None or as_config(cfg).method == "none") and cross_tokens is not None:
+        raise ValueError("cross tokens need a method that uses them (method='crossget')")
+    if is_patched(model):
+        unpatch(model)
+    if cfg is None or as_config(cfg).method == "none":
+        return model
+    patch_from_config(model, cfg)
+    if cross_tokens is not None:
+        load_cross_tokens(model, cross_tokens, repatch=False)
     return model

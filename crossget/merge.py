@@ -1,27 +1,29 @@
-"""Token matching and merging: pure, batched torch functions (no model code here).
+"""Token merging: pure, batched torch functions shared by every method (no model code here).
 
-Two matchers share one return convention, a :class:`Merge` that applies the chosen
-groups to any ``[B, N, D]`` tensor:
-
-- :func:`complete_graph_soft_matching`: CrossGET's matching (SPEC §4) with the
-  importance-weighted ensemble (SPEC §5);
-- :func:`bipartite_soft_matching`: ToMe's alternating A/B matching (SPEC §8), the baseline.
+A matcher (:func:`crossget.methods.crossget.complete_graph_soft_matching`,
+:func:`crossget.methods.tome.bipartite_soft_matching`) returns a :class:`Merge`, which
+applies the chosen groups to any ``[B, N, D]`` tensor; :class:`TokenBookkeeping` applies
+it to the per-token facts a forward tracks (sizes, positions, padding, protected tokens,
+the token map). Also here: the additive attention mask of merged tokens
+(docs/method.md §6) and the helpers matchers share.
 
 Shapes: ``B`` batch, ``N`` tokens in, ``N - r`` tokens out, ``C``/``D`` channels.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 __all__ = [
     "Merge",
+    "TokenBookkeeping",
     "attention_bias",
-    "bipartite_soft_matching",
-    "complete_graph_soft_matching",
+    "clamp_r",
+    "cosine_similarity",
+    "gather_tokens",
+    "protected_mask",
     "sources_from_token_map",
 ]
 
@@ -76,7 +78,7 @@ class Merge:
         """Ensemble ``x`` ``[B, N + E, D]`` with token sizes ``size`` ``[B, N, 1]`` (ones if None).
 
         Each group ``G`` becomes ``sum s_i w_i x_i / sum s_i w_i`` and has size ``sum s_i``
-        (SPEC §5). ``E`` trailing tokens that took no part in matching (a cross token)
+        (docs/method.md §5). ``E`` trailing tokens that took no part in matching (a cross token)
         pass through unchanged, after the merged ones. Returns
         ``(x [B, N - r + E, D], size [B, N - r, 1])``; sizes are float32 (bfloat16 is
         not exact above 256).
@@ -140,6 +142,59 @@ class Merge:
         return slot
 
 
+@dataclass
+class TokenBookkeeping:
+    """What one forward knows about its current tokens; :meth:`apply` updates it for a merge.
+
+    Attributes (``B`` batch, ``N`` current tokens, ``N0`` tokens at the encoder input):
+        size: ``[B, N, 1]`` input tokens each token covers (None: all ones, nothing merged).
+        valid: ``[B, N]`` bool, real (not padding) tokens; None: all real.
+        pos: ``[B, N]`` largest original position covered (causal text); None otherwise.
+        protected: ``[B, N]`` bool, never merged (CLS / EOT).
+        token_map: ``[B, N0]`` output index of every input token (None: not tracked).
+        merged: whether any merge happened.
+    """
+
+    protected: torch.Tensor
+    valid: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+    token_map: torch.Tensor | None = None
+    size: torch.Tensor | None = None
+    merged: bool = False
+
+    @classmethod
+    def start(
+        cls, x: torch.Tensor, anchor: torch.Tensor | None, valid: torch.Tensor | None, causal: bool, track: bool
+    ) -> TokenBookkeeping:
+        """Fresh bookkeeping for encoder input ``x`` ``[B, N0, C]``; ``anchor`` ``[B]``
+        (default token 0) is protected; ``track`` keeps the token map."""
+        b, n, _ = x.shape
+        dev = x.device
+        anchor = anchor if anchor is not None else torch.zeros(b, dtype=torch.long, device=dev)
+        protected = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        protected[torch.arange(b, device=dev), anchor] = True
+        return cls(
+            protected=protected,
+            valid=valid,
+            pos=torch.arange(n, device=dev).expand(b, n) if causal else None,
+            token_map=torch.arange(n, device=dev).expand(b, n) if track else None,
+        )
+
+    def apply(self, merge: Merge, x: torch.Tensor) -> torch.Tensor:
+        """Merge ``x`` ``[B, N, C]`` and update every fact; returns ``[B, N - r, C]``."""
+        x, self.size = merge(x, self.size)
+        # protected and padding flags are equal within a group: the kept token's value holds
+        self.protected = merge.keep_only(self.protected)
+        if self.valid is not None:
+            self.valid = merge.keep_only(self.valid)
+        if self.pos is not None:
+            self.pos = merge.amax(self.pos)  # strict causality: a group is as late as its last token
+        if self.token_map is not None:
+            self.token_map = merge.slots().gather(1, self.token_map)
+        self.merged = True
+        return x
+
+
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[b, index[b, j]]`` for ``x`` ``[B, N, D]`` and ``index`` ``[B, M]``: ``[B, M, D]``."""
     b, n, d = x.shape
@@ -153,11 +208,11 @@ def _flat(index: torch.Tensor, n: int) -> torch.Tensor:
     return (index + offsets).flatten()
 
 
-def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def expand_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return index.unsqueeze(-1).expand(-1, -1, like.shape[-1])
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+def cosine_similarity(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, Na, Nb]`` cosine similarities of the rows of ``a`` ``[B, Na, C]`` and ``b``
     (``b=None``: of ``a`` with itself).
 
@@ -177,7 +232,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     return prod.mul_(inv_a.unsqueeze(2) * inv_b.unsqueeze(1))
 
 
-def _protected_mask(
+def protected_mask(
     protected: torch.Tensor | None, b: int, n: int, device: torch.device
 ) -> torch.Tensor:
     if protected is None:
@@ -190,7 +245,7 @@ def _protected_mask(
     return protected.expand(b, n)
 
 
-def _check_inputs(metric: torch.Tensor, r: int, groups: torch.Tensor | None) -> None:
+def check_match_inputs(metric: torch.Tensor, r: int, groups: torch.Tensor | None) -> None:
     if metric.dim() != 3:
         raise ValueError(f"metric must be [B, N, C], got {tuple(metric.shape)}")
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
@@ -199,8 +254,8 @@ def _check_inputs(metric: torch.Tensor, r: int, groups: torch.Tensor | None) -> 
         raise ValueError(f"groups must be [B, N]={tuple(metric.shape[:2])}, got {tuple(groups.shape)}")
 
 
-def _clamp_r(r: int, n_free: torch.Tensor, n_finite: torch.Tensor | None) -> int:
-    """SPEC §4: ``r <= floor((N - P) / 2)``, for the row with the most protected tokens.
+def clamp_r(r: int, n_free: torch.Tensor, n_finite: torch.Tensor | None) -> int:
+    """docs/method.md §4: ``r <= floor((N - P) / 2)``, for the row with the most protected tokens.
 
     With groups (padding) a row may also run out of tokens that have a partner in
     their own group; r then shrinks for the whole batch so that no token ever joins a
@@ -212,111 +267,6 @@ def _clamp_r(r: int, n_free: torch.Tensor, n_finite: torch.Tensor | None) -> int
     return max(r, 0)
 
 
-def complete_graph_soft_matching(
-    metric: torch.Tensor,
-    r: int,
-    importance: torch.Tensor | None = None,
-    protected: torch.Tensor | None = None,
-    groups: torch.Tensor | None = None,
-) -> Merge:
-    """CrossGET complete-graph soft matching (SPEC §4) with the cross-guided ensemble (§5).
-
-    Args:
-        metric: ``[B, N, C]`` matching features (the layer's keys); cosine similarity is used.
-        r: tokens to remove, clamped to ``floor((N - P) / 2)``.
-        importance: ``[B, N]`` cross-guided importance ``I_i`` or None (``I = 0``).
-        protected: bool ``[N]`` or ``[B, N]``; never a source nor a destination.
-        groups: optional int ``[B, N]``; tokens only merge within their group (padding
-            vs real text tokens).
-
-    Returns:
-        A :class:`Merge` whose ensemble weights are ``exp(importance)``.
-    """
-    _check_inputs(metric, r, groups)
-    b, n, _ = metric.shape
-    protected = _protected_mask(protected, b, n, metric.device)
-    if importance is not None and importance.shape != (b, n):
-        raise ValueError(f"importance must be [B, N]={(b, n)}, got {tuple(importance.shape)}")
-    with torch.no_grad():
-        metric = metric.float()
-        sim = _cosine(metric)  # [B, N, N]
-        # -inf on the diagonal and on protected rows and columns (in-place adds: bool
-        # masks over [B, N, N] are several times slower on CPU)
-        sim.diagonal(dim1=1, dim2=2).fill_(-math.inf)
-        if protected.any():
-            neg = torch.zeros(b, n, device=metric.device).masked_fill_(protected, -math.inf)
-            sim.add_(neg.unsqueeze(1)).add_(neg.unsqueeze(2))
-        if groups is not None:
-            sim.masked_fill_(groups.unsqueeze(1) != groups.unsqueeze(2), -math.inf)
-
-        # Rank tokens by their best edge; keep only edges towards later-ranked tokens,
-        # so sources point "down" the ranking and no chains or cycles can form.
-        # Mutual best pairs tie exactly; stable sorts break ties by token index.
-        order = sim.amax(dim=-1).argsort(dim=-1, descending=True, stable=True)  # [B, N]
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=metric.device).expand(b, -1))
-        earlier = rank.unsqueeze(1) <= rank.unsqueeze(2)  # [B, i, j]: rank(j) <= rank(i)
-        best_later = sim.masked_fill(earlier, -math.inf).amax(dim=-1)  # [B, N]
-
-        score = -best_later
-        if importance is not None:
-            score = score + importance.float()
-        n_finite = torch.isfinite(score).sum(-1) if groups is not None else None
-        r = _clamp_r(r, (~protected).sum(-1), n_finite)
-
-        candidates = score.argsort(dim=-1, stable=True)  # ascending: least important, most redundant first
-        src, rest = candidates[:, :r], candidates[:, r:]
-        keep = rest.sort(dim=-1).values  # surviving tokens in their original order
-        # Each source joins its most similar surviving token (plain S: protected
-        # columns are -inf, sources are excluded by gathering only surviving columns).
-        dst = sim.gather(1, _expand(src, sim)).gather(2, keep.unsqueeze(1).expand(-1, r, -1))
-        dst = dst.argmax(dim=-1)  # [B, r] slot in keep
-
-    weight = None if importance is None else importance.exp().unsqueeze(-1)
-    return Merge(keep=keep, src=src, dst=dst, weight=weight)
-
-
-def bipartite_soft_matching(
-    metric: torch.Tensor,
-    r: int,
-    protected: torch.Tensor | None = None,
-    groups: torch.Tensor | None = None,
-) -> Merge:
-    """ToMe bipartite soft matching (Bolya et al., ICLR 2023), the baseline (SPEC §8).
-
-    Tokens alternate into sets A (even) and B (odd); each A token's best B match is
-    scored and the ``r`` best edges merge (size-weighted average). Protected tokens
-    are neither sources nor destinations. Args and return as
-    :func:`complete_graph_soft_matching` (without importance).
-    """
-    _check_inputs(metric, r, groups)
-    b, n, _ = metric.shape
-    protected = _protected_mask(protected, b, n, metric.device)
-    with torch.no_grad():
-        a_idx = torch.arange(0, n, 2, device=metric.device)
-        b_idx = torch.arange(1, n, 2, device=metric.device)
-        sim = _cosine(metric[:, a_idx], metric[:, b_idx])  # [B, Na, Nb]
-        blocked = protected[:, a_idx].unsqueeze(2) | protected[:, b_idx].unsqueeze(1)
-        if groups is not None:
-            blocked = blocked | (groups[:, a_idx].unsqueeze(2) != groups[:, b_idx].unsqueeze(1))
-        sim = sim.masked_fill(blocked, -math.inf)
-        node_max, node_idx = sim.max(dim=-1)  # best B partner of each A token
-        n_finite = torch.isfinite(node_max).sum(-1)
-        # At most every unprotected A token can leave.
-        r = min(_clamp_r(r, (~protected).sum(-1), None), int(n_finite.min()))
-
-        edge_order = node_max.argsort(dim=-1, descending=True)
-        src_a = edge_order[:, :r]  # index within A
-        src = a_idx[src_a]
-        dst_tok = b_idx[node_idx.gather(1, src_a)]
-        is_src = torch.zeros(b, n, dtype=torch.bool, device=metric.device).scatter_(1, src, True)
-        # stable sort puts the kept tokens first, in ascending order, without a host sync
-        keep = is_src.to(torch.uint8).argsort(dim=-1, stable=True)[:, : n - r]
-        # slot of each destination token within keep = number of kept tokens before it
-        kept_before = (~is_src).cumsum(-1) - 1
-        dst = kept_before.gather(1, dst_tok)
-    return Merge(keep=keep, src=src, dst=dst)
-
-
 def attention_bias(
     size: torch.Tensor | None,
     valid: torch.Tensor | None = None,
@@ -324,7 +274,7 @@ def attention_bias(
     dtype: torch.dtype = torch.float32,
     observer: bool = False,
 ) -> torch.Tensor | None:
-    """Additive attention mask for merged tokens (SPEC §6).
+    """Additive attention mask for merged tokens (docs/method.md §6).
 
     Args:
         size: ``[B, N, 1]`` token sizes; adds ``log(s_j)`` to the logits of key ``j``

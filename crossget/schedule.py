@@ -39,7 +39,7 @@ def resolve_r(r: RSpec, num_layers: int, name: str = "r") -> list[int]:
 
 
 def token_counts(n_tokens: int, r: Sequence[int], protected: int = 1) -> list[tuple[int, int]]:
-    """``(tokens in, tokens out)`` of every layer, with SPEC §4's clamp ``r <= (N - P) // 2``."""
+    """``(tokens in, tokens out)`` of every layer, with the clamp of docs/method.md §4, ``r <= (N - P) // 2``."""
     counts = []
     n = n_tokens
     for r_l in r:
@@ -47,6 +47,22 @@ def token_counts(n_tokens: int, r: Sequence[int], protected: int = 1) -> list[tu
         counts.append((n, out))
         n = out
     return counts
+
+
+def vit_layer_flops(hidden: int, intermediate: int, n: int, m: int) -> float:
+    """FLOPs (2 x multiply-adds) of one pre-LN encoder layer with ``n`` tokens entering
+    attention and ``m`` leaving the merge: QKV+output projections ``8 n C^2``, attention
+    ``4 n^2 C``, MLP ``4 m C I`` (docs/method.md §7)."""
+    return 8 * n * hidden * hidden + 4 * n * n * hidden + 4 * m * hidden * intermediate
+
+
+def decoder_layer_flops(cfg, n: int) -> float:
+    """FLOPs of one Llama-style decoder layer on ``n`` tokens: projections (grouped-query
+    attention), full attention, gated MLP. ``cfg`` is the language model's config."""
+    c, i = cfg.hidden_size, cfg.intermediate_size
+    hd = getattr(cfg, "head_dim", None) or c // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return 2 * n * (2 * c * q + 2 * c * kv + 3 * c * i) + 4 * n * n * q
 
 
 @dataclass(frozen=True)
@@ -83,7 +99,7 @@ class EncoderCost:
             if match is not None and r_l > 0:
                 total += 2 * d * (n * n if match == "complete" else (n // 2) * (n - n // 2))
             n, m = n + extra, m + extra
-            total += 8 * n * c * c + 4 * n * n * c + 4 * m * c * i
+            total += vit_layer_flops(c, i, n, m)
         return total
 
 

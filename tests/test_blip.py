@@ -430,12 +430,12 @@ def test_flops_target_on_blip(pixels):
         base = count_flops(model.vision_model, pixel_values=pixels[:1])
         crossget.patch(model, flops=0.6, method="tome")
         reduced = count_flops(model.vision_model, pixel_values=pixels[:1])
-    cfg = crossget.config(model)
+    cfg = crossget.config(model).to_dict()
     assert set(cfg["r"]) == {"vision"} and 0.5 < cfg["flops_estimate"] <= 0.6
     assert abs(reduced / base - cfg["flops_estimate"]) < 0.05  # the analytic model tracks measured FLOPs
     itm = make_blip(BlipForImageTextRetrieval)
     crossget.patch(itm, flops=0.75, towers=("vision", "text"))
-    assert set(crossget.config(itm)["r"]) == {"vision", "text"}
+    assert set(crossget.config(itm).to_dict()["r"]) == {"vision", "text"}
 
 
 # --------------------------------------------------------------------------- errors
@@ -492,7 +492,7 @@ def test_itm_cross_token_loss_trains_and_save_load(tmp_path, pixels):
     crossget.save_cross_tokens(model, path)
     other = make_blip(BlipForImageTextRetrieval)
     crossget.load_cross_tokens(other, path)
-    assert crossget.config(other)["r"] == {"vision": [4, 3, 2]}
+    assert crossget.config(other).to_dict()["r"] == {"vision": [4, 3, 2]}
     with torch.no_grad():
         a = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).itm_score
         b = other(input_ids=ids, pixel_values=pixels, attention_mask=mask).itm_score

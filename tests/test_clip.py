@@ -166,7 +166,7 @@ def test_save_and_load_cross_tokens(tmp_path, images):
     crossget.save_cross_tokens(model, path)
     other = make_clip(seed=0)
     crossget.load_cross_tokens(other, path)
-    assert crossget.config(other)["r"] == {"vision": [3, 2, 1]}
+    assert crossget.config(other).to_dict()["r"] == {"vision": [3, 2, 1]}
     for kind, st in crossget.states(model).items():
         assert torch.equal(st.cross_tokens, crossget.states(other)[kind].cross_tokens)
     ids, mask = make_texts([16, 9, 5])
@@ -181,7 +181,7 @@ def test_repatch_reconfigures_and_keeps_trained_cross_tokens(images):
     with torch.no_grad():
         crossget.states(model)["vision"].cross_tokens.fill_(0.5)
     crossget.patch(model, r=2)
-    assert crossget.config(model)["r"]["vision"] == [2, 2, 2]
+    assert crossget.config(model).to_dict()["r"]["vision"] == [2, 2, 2]
     assert (crossget.states(model)["vision"].cross_tokens == 0.5).all()
     assert len(model.vision_model.encoder._forward_pre_hooks) == 1  # not stacked
 
@@ -194,7 +194,7 @@ def test_unguided_ablation_ignores_cross_tokens_and_keeps_them(images):
     theta = crossget.states(model)["vision"].cross_tokens.clone()
     guided = run(model, images, *make_texts([16, 9, 5])).image_embeds
     crossget.patch(model, r=8, importance="none")
-    assert crossget.config(model)["importance"] == "none"
+    assert crossget.config(model).to_dict()["importance"] == "none"
     st = crossget.states(model)["vision"]
     assert st.cross_tokens is None and not st.settings.uses_cross_token
     unguided = run(model, images, *make_texts([16, 9, 5])).image_embeds
@@ -229,7 +229,7 @@ def test_single_tower_models(images):
 def test_flops_target_is_solved_into_a_schedule():
     model = make_clip()
     crossget.patch(model, flops=0.7)
-    cfg = crossget.config(model)
+    cfg = crossget.config(model).to_dict()
     assert cfg["flops_estimate"] <= 0.7 and cfg["flops_estimate"] > 0.6
     assert len(cfg["r"]["vision"]) == 3 and "text" not in cfg["r"]
     with pytest.raises(ValueError, match="out of reach"):
@@ -299,7 +299,7 @@ def test_flops_target_counts_the_cross_token(images):
     for method in ("tome", "crossget"):
         crossget.patch(model, flops=0.7, method=method)
         measured[method] = model_gflops(model, inputs) / base
-        removed[method] = sum(crossget.config(model)["r"]["vision"])
+        removed[method] = sum(crossget.config(model).to_dict()["r"]["vision"])
         crossget.unpatch(model)
     assert removed["crossget"] > removed["tome"]
     for ratio in measured.values():

@@ -461,10 +461,10 @@ def test_cli(models, karpathy, coco_captions, vqa_files, nlvr2_file, tmp_path, c
 
 # --------------------------------------------------------------------------- patched models
 def _patchable(model) -> bool:
-    from crossget.api import _family
+    from crossget.families.registry import family_of
 
     try:
-        _family(model)
+        family_of(model)
     except TypeError:
         return False
     return True

@@ -16,8 +16,9 @@ from transformers import (
 )
 
 import crossget
-from crossget import state as state_module
 from crossget.families import llava
+from crossget.methods import crossget as crossget_method
+from crossget.methods import visionzip
 from crossget.state import TowerSettings, TowerState
 
 IMG = 99  # image token id
@@ -170,7 +171,7 @@ def test_placeholder_count_matches_features(method, budget, strategy, images):
     assert [f.shape[0] for f in feats] == [expected if method != "fastv" else PATCHES + cls] * 2
     if method == "fastv":
         assert crossget.tokens_per_layer(model, text_len=6)["language"] == [expected + 6] * 2 + [
-            crossget.config(model)["keep"] + 6
+            crossget.config(model).to_dict()["keep"] + 6
         ] * 2
     assert generate(model, images).shape == (2, GEN["max_new_tokens"])
 
@@ -233,7 +234,7 @@ def test_several_feature_layers_merge_only_before_the_first(images):
     model = make_llava(feature_layer=[-3, -2])  # outputs of layers 1 and 2 (of 0..2) are concatenated
     ref = generate(model, images)
     crossget.patch(model, r=8, method="crossget")
-    assert crossget.config(model)["r"]["vision"] == [8, 0, 0]
+    assert crossget.config(model).to_dict()["r"]["vision"] == [8, 0, 0]
     assert crossget.image_tokens(model) == 65 - 8 - 1
     out = generate(model, images)
     assert out.shape == ref.shape
@@ -276,10 +277,7 @@ def test_schedule_for_keep_reaches_exactly():
 def test_bad_budgets_raise(kwargs, match):
     model = make_llava()
     with pytest.raises(ValueError, match=match):
-        if "fastv_layer" in kwargs or "contextual" in kwargs:
-            llava.patch_model(model, **kwargs)
-        else:
-            crossget.patch(model, method=kwargs.pop("method", "crossget"), **kwargs)
+        crossget.patch(model, method=kwargs.pop("method", "crossget"), **kwargs)
 
 
 def test_unsupported_towers_and_models():
@@ -303,17 +301,17 @@ def test_flops_target_solves_a_budget():
     base = llava.prefill_flops(model)
     for method in ("crossget", "fastv", "visionzip"):
         crossget.patch(model, flops=0.7, method=method, text_len=8)
-        cfg = crossget.config(model)
+        cfg = crossget.config(model).to_dict()
         assert cfg["flops_estimate"] <= 0.7
-        sched = cfg["r"].get("vision")
+        sched = (cfg["r"] or {}).get("vision")
         assert llava.prefill_flops(model, method, cfg["keep"], sched, text_len=8) / llava.prefill_flops(
             model, text_len=8
         ) == pytest.approx(cfg["flops_estimate"])
         # one more visual token would be above the target
         more = cfg["keep"] + 1
-        sched = llava._merge_schedule(model, more) if method == "crossget" else None
+        sched = llava.merge_schedule(model, more) if method == "crossget" else None
         assert llava.prefill_flops(model, method, more, sched, text_len=8) / llava.prefill_flops(model, text_len=8) > 0.7
-    assert llava.prefill_flops(model, "crossget", 20, llava._merge_schedule(model, 20)) < base
+    assert llava.prefill_flops(model, "crossget", 20, llava.merge_schedule(model, 20)) < base
 
 
 def test_unpatch_restores(images):
@@ -351,7 +349,7 @@ def test_fastv_keeps_the_most_attended_tokens_and_matches_manual_pruning(images)
     crossget.patch(model, keep=keep, method="fastv")
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=pixels)
-    assert torch.equal(model.model._crossget_llava.fastv.keep_idx[0], kept)
+    assert torch.equal(llava.glue(model).fastv.keep_idx[0], kept)
 
     # by hand: layers K.. on the kept tokens at their original positions
     lm = model.model.language_model
@@ -402,7 +400,7 @@ def test_visionzip_select_matches_naive():
     x, metric = torch.randn(2, 65, 8, generator=g), torch.randn(2, 65, 4, generator=g)
     cls_attention = torch.rand(2, 64, generator=g)
     for dominant, contextual in [(16, 3), (54, 10), (20, 0)]:
-        got = llava.visionzip_select(x, cls_attention, metric, dominant, contextual)
+        got = visionzip.visionzip_select(x, cls_attention, metric, dominant, contextual)
         assert got.shape == (2, 1 + dominant + contextual, 8)
         assert torch.allclose(got, naive_visionzip(x, cls_attention, metric, dominant, contextual), atol=1e-6)
 
@@ -412,14 +410,14 @@ def test_visionzip_in_the_model_uses_the_feature_layer(images):
     with torch.no_grad():
         ref = model.model.vision_tower(images, output_attentions=True, output_hidden_states=True)
     crossget.patch(model, keep=20, method="visionzip")
-    dominant, contextual = model.model._crossget_llava.visionzip_layer._crossget_visionzip
+    dominant, contextual = visionzip.budget(llava.glue(model).visionzip_layer)
     assert (dominant, contextual) == (17, 3)
     with torch.no_grad():
         feats = model.model.get_image_features(pixel_values=images).pooler_output
     layer = model.model.vision_tower.encoder.layers[1]  # produces hidden_states[-2]
     h = ref.hidden_states[1]
     keys = layer.self_attn.k_proj(layer.layer_norm1(h)).view(2, 65, 2, 16).mean(2)
-    want = llava.visionzip_select(ref.hidden_states[2], ref.attentions[1][:, :, 0, 1:].sum(1), keys, dominant, contextual)
+    want = visionzip.visionzip_select(ref.hidden_states[2], ref.attentions[1][:, :, 0, 1:].sum(1), keys, dominant, contextual)
     proj = model.model.multi_modal_projector(want[:, 1:])
     assert torch.allclose(torch.stack(feats), proj, atol=1e-5)
 
@@ -427,13 +425,13 @@ def test_visionzip_in_the_model_uses_the_feature_layer(images):
 # --------------------------------------------------------------------------- CrossGET importance and cross tokens
 def test_attention_importance_rule(monkeypatch):
     seen = {}
-    real = state_module.complete_graph_soft_matching
+    real = crossget_method.complete_graph_soft_matching
 
     def spy(metric, r, importance=None, protected=None, groups=None):
         seen["importance"] = importance
         return real(metric, r, importance, protected, groups)
 
-    monkeypatch.setattr(state_module, "complete_graph_soft_matching", spy)
+    monkeypatch.setattr(crossget_method, "complete_graph_soft_matching", spy)
     g = torch.Generator().manual_seed(0)
     st = TowerState(settings=TowerSettings("vision", [2], "crossget", importance="attention"))
     st.cross_tokens = torch.nn.Parameter(torch.zeros(1, 8))
@@ -449,9 +447,9 @@ def test_attention_importance_rule(monkeypatch):
 
 def test_llava_importance_reads_the_layers_attention(monkeypatch, images):
     seen = []
-    real = state_module.complete_graph_soft_matching
+    real = crossget_method.complete_graph_soft_matching
     monkeypatch.setattr(
-        state_module, "complete_graph_soft_matching",
+        crossget_method, "complete_graph_soft_matching",
         lambda metric, r, importance=None, protected=None, groups=None: seen.append(importance)
         or real(metric, r, importance, protected, groups),
     )
@@ -520,7 +518,7 @@ def test_save_and_load_cross_tokens(tmp_path, images):
     fresh = make_llava()
     assert torch.allclose(logits(fresh, images)[:, -1], make_llava_logits(images))  # stock before loading
     crossget.load_cross_tokens(fresh, path)
-    assert crossget.config(fresh)["r"] == crossget.config(model)["r"]
+    assert crossget.config(fresh).to_dict()["r"] == crossget.config(model).to_dict()["r"]
     for k, st in crossget.states(model).items():
         assert torch.equal(crossget.states(fresh)[k].cross_tokens, st.cross_tokens)
     assert torch.equal(logits(fresh, images), want)
@@ -531,7 +529,7 @@ def test_save_and_load_cross_tokens(tmp_path, images):
 def test_unguided_ablation_has_no_cross_tokens(images):
     model = make_llava()
     crossget.patch(model, r=8, method="crossget", importance="none")
-    assert crossget.config(model)["importance"] == "none"
+    assert crossget.config(model).to_dict()["importance"] == "none"
     assert not [n for n, _ in model.named_parameters() if "crossget" in n] and not crossget.states(model)["vision"].cross_tokens
     assert generate(model, images).shape == (2, GEN["max_new_tokens"])
     with pytest.raises(ValueError, match="cross tokens"):

@@ -1,21 +1,17 @@
-"""The matching and ensemble ops against SPEC §4, §5 and §8, written out naively here."""
+"""The matching and ensemble ops against docs/method.md §4, §5 and §8, written out naively here."""
 
 import math
 
 import pytest
 import torch
 
-from crossget.merge import (
-    Merge,
-    attention_bias,
-    bipartite_soft_matching,
-    complete_graph_soft_matching,
-    sources_from_token_map,
-)
+from crossget.merge import Merge, attention_bias, sources_from_token_map
+from crossget.methods.crossget import complete_graph_soft_matching
+from crossget.methods.tome import bipartite_soft_matching
 
 
 def naive_complete_graph(metric, r, importance=None, protected=()):
-    """SPEC §4 for one row, step by step, with Python loops. Returns a set of groups."""
+    """docs/method.md §4 for one row, step by step, with Python loops. Returns a set of groups."""
     n = metric.shape[0]
     k = metric / metric.norm(dim=-1, keepdim=True)
     s = (k @ k.T).tolist()
@@ -61,7 +57,7 @@ def test_complete_graph_matches_naive_spec(with_importance):
     for row in range(b):
         prot = set(protected[row].nonzero().flatten().tolist())
         imp = None if importance is None else importance[row]
-        # row 1 has two protected tokens; SPEC clamps r by the batch's most protected row
+        # row 1 has two protected tokens; docs/method.md §4 clamps r by the batch's most protected row
         expected = naive_complete_graph(metric[row], min(r, (n - 2) // 2), imp, prot)
         assert groups_of(merge, row) == expected
 

@@ -1,24 +1,34 @@
-"""Installing and removing the patch on one encoder tower, for every model family.
+"""The model-family protocol, and installing the patch on one encoder tower.
 
-A family module describes its towers as :class:`Tower` records (where the encoder and
-its layers are, which subclasses replace the layer and attention classes, how the
-tower's inputs give CLS/EOT and padding). This module does the rest the same way for
-all of them: class swaps, hooks, cross-token parameters, the shared
-:class:`~crossget.state.TowerState`.
+A model family (one file under :mod:`crossget.families`) subclasses :class:`Family`: it
+names the model classes it patches, finds their towers (:class:`Tower` records: where the
+encoder and its layers are, which subclasses replace the layer and attention classes, how
+the inputs give the anchor token and padding), states the analytic cost of a tower, and
+how its cross tokens reach a joint space for the loss. :class:`Family` does the rest the
+same way for every encoder family (validation, budgets, class swaps, hooks, cross-token
+parameters); a family whose budget is not a per-layer schedule of its towers (LLaVA:
+visual tokens for a language model) overrides :meth:`Family.patch` and friends.
+
+Everything crossget puts on a module lives in one attribute, :data:`ATTR`, a
+:class:`Record`; hooks are bound methods of small objects, so a patched model copies
+and pickles like any other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from crossget.config import PatchConfig
+from crossget.record import mark, record, swap_class, unmark
+from crossget.schedule import EncoderCost, resolve_r, solve_flops, token_counts
 from crossget.state import TowerSettings, TowerState
 
-STATE_ATTR = "_crossget"  # on the tower, its encoder, every layer and attention
-CROSS_PARAM = "crossget_cross_tokens"  # on the encoder: theta, [layers, C]
+CROSS_PARAM = "crossget_cross_tokens"  # parameter on an encoder: theta, [layers, C]
+ENCODER_OPTIONS = frozenset({"r", "flops", "towers", "prop_attn", "metric", "importance", "text_len", "trace_sources"})
 
 
 @dataclass
@@ -35,7 +45,8 @@ class Tower:
             dotted for nested modules, e.g. BLIP text's ``attention.self``).
         causal: text with causal attention (positions must stay ordered).
         restore_length: give the encoder output its input length back (text pooling).
-        read_inputs: ``(tower args, kwargs) -> (anchor [B] or None, valid [B, N0] or None)``.
+        read_inputs: ``(tower args, kwargs) -> (anchor [B] or None, valid [B, N0] or None)``
+            (a picklable callable).
         hidden: width ``C``.
     """
 
@@ -54,7 +65,31 @@ class Tower:
 
     @property
     def state(self) -> TowerState | None:
-        return getattr(self.encoder, STATE_ATTR, None)
+        rec = record(self.encoder)
+        return rec.state if rec is not None else None
+
+
+def no_inputs(args: tuple, kwargs: dict) -> tuple[None, None]:
+    """Vision towers: the anchor (CLS) is token 0, no padding."""
+    return None, None
+
+
+@dataclass
+class TowerHooks:
+    """The tower's three hooks, as methods of one picklable object."""
+
+    state: TowerState
+    read_inputs: Callable[[tuple, dict], tuple[torch.Tensor | None, torch.Tensor | None]]
+
+    def tower_pre(self, _module, args, kwargs):
+        self.state.anchor, self.state.input_valid = self.read_inputs(args, kwargs)
+
+    def encoder_pre(self, _module, args, kwargs):
+        self.state.start(kwargs.get("inputs_embeds", args[0] if args else None))
+
+    def encoder_post(self, _module, _args, _kwargs, output):
+        output.last_hidden_state = self.state.finish(output.last_hidden_state)
+        return output
 
 
 def install(tower: Tower, settings: TowerSettings, theta: nn.Parameter | None = None) -> TowerState:
@@ -64,7 +99,19 @@ def install(tower: Tower, settings: TowerSettings, theta: nn.Parameter | None = 
     zeros are created when the method needs them and none are given.
     """
     state = TowerState(settings=settings, heads=tower.heads, causal=tower.causal, restore_length=tower.restore_length)
-    _attach(tower, state)
+    hooks = TowerHooks(state, tower.read_inputs)
+    mark(tower.module, handles=[tower.module.register_forward_pre_hook(hooks.tower_pre, with_kwargs=True)])
+    handles = [
+        tower.encoder.register_forward_pre_hook(hooks.encoder_pre, with_kwargs=True),
+        tower.encoder.register_forward_hook(hooks.encoder_post, with_kwargs=True),
+    ]
+    if tower.encoder is tower.module:
+        handles += record(tower.module).handles
+    mark(tower.encoder, state=state, handles=handles)
+    for i, layer in enumerate(tower.layers):
+        attn = layer.get_submodule(tower.attention_attr)
+        swap_class(layer, tower.layer_class, state=state, layer=i)
+        swap_class(attn, tower.attention_class, state=state, layer=i)
     if settings.uses_cross_token:
         if theta is None or theta.shape != (len(tower.layers), tower.hidden):
             ref = next(tower.encoder.parameters())
@@ -76,53 +123,172 @@ def install(tower: Tower, settings: TowerSettings, theta: nn.Parameter | None = 
     return state
 
 
-def _attach(tower: Tower, state: TowerState) -> None:
-    def tower_pre_hook(_module, args, kwargs):
-        state.anchor, state.input_valid = tower.read_inputs(args, kwargs)
-
-    def encoder_pre_hook(_module, args, kwargs):
-        x = kwargs.get("inputs_embeds", args[0] if args else None)
-        state.start(x)
-
-    def encoder_hook(_module, _args, _kwargs, output):
-        output.last_hidden_state = state.finish(output.last_hidden_state)
-        return output
-
-    handles = [
-        tower.module.register_forward_pre_hook(tower_pre_hook, with_kwargs=True),
-        tower.encoder.register_forward_pre_hook(encoder_pre_hook, with_kwargs=True),
-        tower.encoder.register_forward_hook(encoder_hook, with_kwargs=True),
-    ]
-    for i, layer in enumerate(tower.layers):
-        attn = layer.get_submodule(tower.attention_attr)
-        layer._crossget_original_class = layer.__class__
-        attn._crossget_original_class = attn.__class__
-        layer.__class__ = tower.layer_class
-        attn.__class__ = tower.attention_class
-        for m in (layer, attn):
-            setattr(m, STATE_ATTR, state)
-            m._crossget_layer = i
-    setattr(tower.encoder, STATE_ATTR, state)
-    tower.encoder._crossget_handles = handles
-
-
 def uninstall(tower: Tower) -> nn.Parameter | None:
     """Undo :func:`install`: original classes, no hooks, no cross-token parameters.
 
     Returns the removed cross tokens (or None)."""
     if tower.state is None:
         return None
-    for h in tower.encoder._crossget_handles:
-        h.remove()
     for layer in tower.layers:
-        attn = layer.get_submodule(tower.attention_attr)
-        for m in (layer, attn):
-            m.__class__ = m._crossget_original_class
-            for name in ("_crossget_original_class", STATE_ATTR, "_crossget_layer"):
-                m.__dict__.pop(name, None)
-    for name in (STATE_ATTR, "_crossget_handles"):
-        tower.encoder.__dict__.pop(name, None)
+        unmark(layer.get_submodule(tower.attention_attr))
+        unmark(layer)
+    unmark(tower.encoder)
+    unmark(tower.module)
     theta = getattr(tower.encoder, CROSS_PARAM, None)
     if theta is not None:
         delattr(tower.encoder, CROSS_PARAM)
     return theta
+
+
+# --------------------------------------------------------------------------- protocol
+class Family:
+    """What a model family provides. Subclasses set the class attributes and implement
+    :meth:`towers` and :meth:`encoder_cost`; the rest has defaults for encoder families.
+
+    Attributes:
+        name: shown in errors (``"CLIP"``).
+        classes: model classes the family patches.
+        methods: the methods it runs (of :data:`crossget.config.METHODS`).
+        options: the :class:`~crossget.config.PatchConfig` fields it reads besides ``method``.
+        importance: the importance rules it offers.
+    """
+
+    name: str = ""
+    classes: tuple[type, ...] = ()
+    methods: tuple[str, ...] = ("none", "tome", "crossget")
+    options: frozenset[str] = ENCODER_OPTIONS
+    importance: tuple[str, ...] = ("cross", "none")
+
+    # ---------------------------------------------------------------- anatomy
+    def towers(self, model: nn.Module) -> dict[str, Tower]:
+        """The model's towers by kind (``vision`` / ``text``)."""
+        raise NotImplementedError
+
+    def encoder_cost(self, module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
+        """Analytic cost of one tower, for :func:`crossget.schedule.solve_flops`."""
+        raise NotImplementedError
+
+    def joint_projection(self, model: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``[*, C] -> [*, P]`` into the joint space the cross-token loss aligns in (weights
+        detached); None if the model has none."""
+        return None
+
+    def install_glue(self, model: nn.Module) -> None:
+        """Model-level additions beyond the towers (BLIP: bias into cross-attention masks)."""
+
+    def uninstall_glue(self, model: nn.Module) -> None:
+        """Undo :meth:`install_glue`."""
+
+    def default_towers(self, found: Mapping[str, Tower]) -> tuple[str, ...]:
+        return ("vision",) if "vision" in found else tuple(found)
+
+    # ---------------------------------------------------------------- validation
+    def check(self, cfg: PatchConfig) -> None:
+        """ValueError for a method or an option this family does not take (names the family)."""
+        if cfg.method not in self.methods:
+            raise ValueError(f"method must be one of {self.methods} for {self.name} models, got {cfg.method!r}")
+        extra = sorted(set(cfg.explicit()) - self.options - {"flops_estimate"})
+        if extra:
+            hint = " (keep= counts visual tokens fed to a language model: LLaVA)" if "keep" in extra else ""
+            raise ValueError(
+                f"{', '.join(k + '=' for k in extra)} is not an option of the {self.name} family{hint}; "
+                f"it takes {', '.join(sorted(self.options))}"
+            )
+        if cfg.importance not in self.importance:
+            raise ValueError(f"importance must be one of {self.importance} for {self.name} models, got {cfg.importance!r}")
+
+    # ---------------------------------------------------------------- patching
+    def patch(self, model: nn.Module, cfg: PatchConfig) -> PatchConfig:
+        """Patch ``model`` in place as ``cfg`` asks; returns the resolved config."""
+        found = self.towers(model)
+        method, metric = cfg.method, cfg.resolved_metric
+        reduced = cfg.towers if cfg.towers is not None else self.default_towers(found)
+        if not reduced or any(t not in found for t in reduced):
+            raise ValueError(f"towers must name some of {tuple(found)}, got {cfg.towers!r}")
+        r = cfg.r
+        if r is not None and cfg.flops is not None:
+            raise ValueError("give either r= or flops=, not both")
+        if r is None and cfg.flops is None:
+            if method != "none":
+                raise ValueError("give r= (tokens per layer) or flops= (target FLOPs ratio)")
+            r = 0
+        cross = cfg.uses_cross_token  # every tower then carries a cross token
+        if cfg.flops is not None:
+            costs = {k: self.encoder_cost(t.module, k, cfg.text_len) for k, t in found.items()}
+            match = {"crossget": "complete", "tome": "bipartite"}.get(method)
+            added = {
+                k: {"extra": int(cross), "match": match,
+                    "metric_dim": t.hidden // t.heads if metric == "keys_mean" else t.hidden}
+                for k, t in found.items()
+            }
+            schedules, estimate = solve_flops(cfg.flops, costs, reduced, added)
+        else:
+            estimate = None
+            schedules = {}
+            for k in reduced:
+                r_k = r[k] if isinstance(r, Mapping) else r
+                schedules[k] = resolve_r(r_k, len(found[k].layers), name=f"r for the {k} tower")
+            if isinstance(r, Mapping) and set(r) - set(reduced):
+                raise ValueError(f"r names towers {sorted(set(r) - set(reduced))} that are not reduced: {reduced}")
+
+        # reconfiguring: fresh classes and hooks, trained cross tokens carried over
+        thetas = {kind: uninstall(tower) for kind, tower in found.items()}
+        self.uninstall_glue(model)
+        for kind, tower in found.items():
+            if kind in schedules:
+                sched = schedules[kind]
+            elif cross:
+                sched = [0] * len(tower.layers)  # runs its cross token for the loss, never merges
+            else:
+                continue
+            settings = TowerSettings(kind, tuple(sched), method, cfg.prop_attn, metric, cfg.trace_sources,
+                                     importance=cfg.importance)
+            install(tower, settings, thetas[kind])
+        self.install_glue(model)
+        return cfg.replace(r={k: tuple(v) for k, v in schedules.items()}, towers=tuple(reduced), metric=metric,
+                           flops_estimate=estimate)
+
+    def unpatch(self, model: nn.Module) -> None:
+        for tower in self.towers(model).values():
+            uninstall(tower)
+        self.uninstall_glue(model)
+
+    def states(self, model: nn.Module) -> dict[str, TowerState]:
+        return {k: t.state for k, t in self.towers(model).items() if t.state is not None}
+
+    def tokens_per_layer(self, model: nn.Module, text_len: int | None = None) -> dict[str, list[int]]:
+        out = {}
+        for kind, tower in self.towers(model).items():
+            if tower.state is None:
+                continue
+            cost = self.encoder_cost(tower.module, kind, text_len)
+            r = tower.state.settings.r if tower.state.settings.method != "none" else [0] * len(tower.layers)
+            out[kind] = [m for _, m in token_counts(cost.n_tokens, r, cost.protected)]
+        return out
+
+    def cross_token_pairs(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected image and text cross tokens ``[L, B, P]`` of the last forward, paired layer
+        by layer (docs/method.md §3): the deepest ``min(L_vision, L_text)`` layers.
+
+        Raises:
+            ValueError: the model has no two towers with cross tokens, or no forward ran.
+        """
+        st = self.states(model)
+        if not all(k in st and st[k].settings.uses_cross_token for k in ("vision", "text")):
+            raise ValueError("cross_token_loss needs both towers patched with method='crossget'")
+        outs = {k: st[k].cross_outputs for k in ("vision", "text")}
+        if not outs["vision"] or not outs["text"]:
+            raise ValueError("run a forward through both towers before cross_token_loss")
+        project = {k: self.joint_projection(model, k) for k in ("vision", "text")}
+        if project["vision"] is None or project["text"] is None:
+            raise ValueError(
+                f"cross_token_loss needs a joint image-text space (projections), which {type(model).__name__} has not"
+            )
+        depth = min(len(outs["vision"]), len(outs["text"]))
+        u = project["vision"](torch.stack(outs["vision"][-depth:]))
+        v = project["text"](torch.stack(outs["text"][-depth:]))
+        if u.shape[1] != v.shape[1]:
+            raise ValueError(
+                f"cross_token_loss pairs images and texts one to one: got {u.shape[1]} images, {v.shape[1]} texts"
+            )
+        return u, v

@@ -4,7 +4,7 @@ reach the text side.
 Patched: ``BlipForImageTextRetrieval`` (ITM and ITC heads), ``BlipForConditionalGeneration``,
 ``BlipForQuestionAnswering`` and ``BlipVisionModel``.
 
-- Vision tower (pre-LN ViT): ``x + Attn(LN1(x))``, merge, ``x + MLP(LN2(x))`` (SPEC §1), the
+- Vision tower (pre-LN ViT): ``x + Attn(LN1(x))``, merge, ``x + MLP(LN2(x))`` (docs/method.md §1), the
   same layer as CLIP's. Upstream's attention is eager-only with no mask argument, so the
   patched one takes the additive mask (proportional attention, the cross token).
 - Text encoder (ITM / VQA question encoder, post-LN BERT, ``towers=("vision", "text")``):
@@ -22,8 +22,8 @@ Patched: ``BlipForImageTextRetrieval`` (ITM and ITC heads), ``BlipForConditional
 
 from __future__ import annotations
 
-import functools
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,16 +33,15 @@ from transformers.models.blip import modeling_blip_text as hf_text
 from transformers.models.blip_2.modeling_blip_2 import eager_attention_forward
 from transformers.pytorch_utils import apply_chunking_to_forward
 
-from crossget.families.base import STATE_ATTR, Tower
-from crossget.families.clip import CrossGETCLIPEncoderLayer
+from crossget.families.base import Family, Tower, no_inputs
+from crossget.families.clip import CrossGETCLIPEncoderLayer, DetachedProjection
 from crossget.merge import attention_bias
+from crossget.record import mark, record, unmark
 from crossget.schedule import EncoderCost
 
 # BLIP truncates retrieval captions and VQA questions to 35 tokens: the text length the
 # FLOPs solver assumes unless patch(text_len=...) says otherwise.
 TEXT_LEN = 35
-OUTPUT_ATTR = "_crossget_output"  # on a vision tower: weak reference to its last output tensor
-GLUE_ATTR = "_crossget_glue"  # on the model: what install_glue changed
 # text encoder -> unreduced image tokens it cross-attends to (set by find_towers)
 _IMAGE_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -61,7 +60,7 @@ def fused_qkv_attention(
     """
     b, n, c = hidden_states.shape
     q, k, v = attn.qkv(hidden_states).view(b, n, 3, c).unbind(2)
-    attn._crossget.observe(q, k)
+    attn._crossget.state.observe(q, k)
     q, k, v = (t.view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
     out, weights = attend(
@@ -79,7 +78,7 @@ class CrossGETBlipAttention(hf.BlipAttention):
 
 
 class CrossGETBlipEncoderLayer(hf.BlipEncoderLayer):
-    """Pre-LN vision layer with token reduction between attention and MLP (SPEC §1)."""
+    """Pre-LN vision layer with token reduction between attention and MLP (docs/method.md §1)."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         # CLIP's layer structure (layer_norm1, self_attn, layer_norm2, mlp); upstream passes no mask
@@ -102,7 +101,7 @@ class CrossGETBlipTextSelfAttention(hf_text.BlipTextSelfAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, n, _ = hidden_states.shape
         q, k, v = self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
-        self._crossget.observe(q, k)
+        self._crossget.state.observe(q, k)
         q, k, v = (t.view(b, n, -1, self.attention_head_size).transpose(1, 2) for t in (q, k, v))
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attend(
@@ -114,7 +113,7 @@ class CrossGETBlipTextSelfAttention(hf_text.BlipTextSelfAttention):
 
 class CrossGETBlipTextLayer(hf_text.BlipTextLayer):
     """Post-LN BERT layer of a reduced text encoder: self-attention, merge, cross-attention
-    to the image (on the reduced text), feed-forward (SPEC §1 for a post-LN layer)."""
+    to the image (on the reduced text), feed-forward (docs/method.md §1 for a post-LN layer)."""
 
     def forward(
         self,
@@ -127,7 +126,7 @@ class CrossGETBlipTextLayer(hf_text.BlipTextLayer):
     ) -> torch.Tensor:
         if past_key_values is not None:
             raise ValueError("a reduced BLIP text encoder cannot run as a cached decoder (past_key_values given)")
-        state, layer = self._crossget, self._crossget_layer
+        state, layer = self._crossget.state, self._crossget.layer
         x, mask, _ = state.begin_layer(hidden_states, attention_mask, layer)
         x = self.attention(x, attention_mask=mask)[0]
         x = state.reduce(x, layer)
@@ -154,11 +153,7 @@ class BlipTextCrossAttention(hf_text.BlipTextSelfAttention):
 
 
 # --------------------------------------------------------------------------- towers
-def _vision_inputs(args: tuple, kwargs: dict) -> tuple[None, None]:
-    return None, None  # CLS is token 0, no padding
-
-
-def _text_inputs(args: tuple, kwargs: dict) -> tuple[None, torch.Tensor | None]:
+def text_inputs(args: tuple, kwargs: dict) -> tuple[None, torch.Tensor | None]:
     """[CLS]/[ENC] is token 0 (the anchor by default); padding from ``attention_mask``."""
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     if mask is None:
@@ -169,7 +164,7 @@ def _text_inputs(args: tuple, kwargs: dict) -> tuple[None, torch.Tensor | None]:
     return None, None if bool(mask.all()) else mask
 
 
-def _tower(kind: str, module: nn.Module) -> Tower:
+def tower(kind: str, module: nn.Module) -> Tower:
     cfg = module.config
     vision = kind == "vision"
     return Tower(
@@ -182,18 +177,10 @@ def _tower(kind: str, module: nn.Module) -> Tower:
         attention_attr="self_attn" if vision else "attention.self",
         causal=False,
         restore_length=kind == "text",
-        read_inputs=_text_inputs if kind == "text" else _vision_inputs,
+        read_inputs=text_inputs if kind == "text" else no_inputs,
         hidden=cfg.hidden_size,
         heads=cfg.num_attention_heads,
     )
-
-
-SUPPORTED = (
-    hf.BlipForImageTextRetrieval,
-    hf.BlipForConditionalGeneration,
-    hf.BlipForQuestionAnswering,
-    hf.BlipVisionModel,
-)
 
 
 def find_towers(model: nn.Module) -> dict[str, nn.Module]:
@@ -207,10 +194,6 @@ def find_towers(model: nn.Module) -> dict[str, nn.Module]:
         vc = model.vision_model.config
         _IMAGE_TOKENS[model.text_encoder] = (vc.image_size // vc.patch_size) ** 2 + 1  # for encoder_cost
     return found
-
-
-def towers(model: nn.Module) -> dict[str, Tower]:
-    return {kind: _tower(kind, m) for kind, m in find_towers(model).items()}
 
 
 def encoder_cost(module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
@@ -237,7 +220,7 @@ def encoder_cost(module: nn.Module, kind: str, text_len: int | None = None) -> E
     return EncoderCost(c, cfg.intermediate_size, cfg.num_hidden_layers, n, 1, fixed)
 
 
-def joint_projection(model: nn.Module, kind: str):
+def joint_projection(model: nn.Module, kind: str) -> DetachedProjection | None:
     """``[*, C] -> [*, P]`` into ITC's joint space (weights detached), for the cross-token
     loss; None for models without one (captioning, VQA, a lone vision tower).
 
@@ -246,15 +229,9 @@ def joint_projection(model: nn.Module, kind: str):
     """
     if not isinstance(model, hf.BlipForImageTextRetrieval):
         return None
-    norm = model.vision_model.post_layernorm if kind == "vision" else None
-    proj = model.vision_proj if kind == "vision" else model.text_proj
-
-    def project(x: torch.Tensor) -> torch.Tensor:
-        if norm is not None:
-            x = nn.functional.layer_norm(x, norm.normalized_shape, norm.weight.detach(), norm.bias.detach(), norm.eps)
-        return nn.functional.linear(x, proj.weight.detach(), None if proj.bias is None else proj.bias.detach())
-
-    return project
+    if kind == "vision":
+        return DetachedProjection(model.vision_model.post_layernorm, model.vision_proj)
+    return DetachedProjection(None, model.text_proj)
 
 
 # --------------------------------------------------------------------------- glue
@@ -266,8 +243,9 @@ def encoder_bias(
     ``finfo.min`` where a 2D ``mask`` ``[B, K]`` is 0). None when nothing needs changing:
     other states, nothing merged, proportional attention off, or ``mask`` already 4D (a
     bias made here, expanded by ``generate``)."""
-    state = getattr(getattr(vision, "encoder", None), STATE_ATTR, None)
-    ref = getattr(vision, OUTPUT_ATTR, None)
+    enc_rec, rec = record(getattr(vision, "encoder", vision)), record(vision)
+    state = enc_rec.state if enc_rec is not None else None
+    ref = rec.output if rec is not None else None
     if state is None or ref is None or ref() is not encoder_hidden_states:
         return None
     if not state.merged or not state.settings.prop_attn or (mask is not None and mask.dim() == 4):
@@ -280,79 +258,125 @@ def encoder_bias(
     return attention_bias(state.size, valid, dtype=dtype)
 
 
-def record_output(vision: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Remember (weakly) the tensor ``vision`` last returned, so consumers recognise it."""
+@dataclass(eq=False)
+class OutputRecorder:
+    """Forward hook: remember (weakly) the tensor the vision tower last returned, so that
+    consumers recognise its merged image tokens."""
 
-    def hook(module, _args, output):
-        module.__dict__[OUTPUT_ATTR] = weakref.ref(output[0])
-
-    return vision.register_forward_hook(hook)
+    def __call__(self, module: nn.Module, _args, output) -> None:
+        mark(module, output=weakref.ref(output[0]))
 
 
-def inject_bias(consumer: nn.Module, vision: nn.Module) -> torch.utils.hooks.RemovableHandle:
-    """Forward pre-hook on ``consumer`` (a module taking ``encoder_hidden_states`` and
-    ``encoder_attention_mask`` keyword arguments) that puts the image tokens' ``log(size)``
+@dataclass(eq=False)
+class BiasInjector:
+    """Forward pre-hook on a module taking ``encoder_hidden_states`` and
+    ``encoder_attention_mask`` keyword arguments: puts the image tokens' ``log(size)``
     bias into ``encoder_attention_mask``."""
 
-    def hook(module, args, kwargs):
+    vision: nn.Module
+
+    def __call__(self, module: nn.Module, args, kwargs):
         enc = kwargs.get("encoder_hidden_states")
         if enc is None:
             return None
-        bias = encoder_bias(vision, enc, kwargs.get("encoder_attention_mask"), module.dtype)
+        bias = encoder_bias(self.vision, enc, kwargs.get("encoder_attention_mask"), module.dtype)
         if bias is None:
             return None
         kwargs["encoder_attention_mask"] = bias
         return args, kwargs
 
-    return consumer.register_forward_pre_hook(hook, with_kwargs=True)
 
-
-def _generate_with_bias(decoder: nn.Module, vision: nn.Module):
+@dataclass(eq=False)
+class BiasedGenerate:
     """``decoder.generate`` that turns the image mask into the bias before ``generate``
     expands its inputs for beams / ``num_return_sequences`` (module state would not be)."""
-    original = type(decoder).generate
 
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
+    decoder: nn.Module
+    vision: nn.Module
+
+    def __call__(self, *args, **kwargs):
         enc = kwargs.get("encoder_hidden_states")
         if enc is not None:
-            bias = encoder_bias(vision, enc, kwargs.get("encoder_attention_mask"), decoder.dtype)
+            bias = encoder_bias(self.vision, enc, kwargs.get("encoder_attention_mask"), self.decoder.dtype)
             if bias is not None:
                 kwargs["encoder_attention_mask"] = bias
-        return original(decoder, *args, **kwargs)
-
-    return generate
+        return type(self.decoder).generate(self.decoder, *args, **kwargs)
 
 
-def install_glue(model: nn.Module) -> None:
-    """Model-level patch: bias injection into every text model fed the image, the
-    cross-attention mask fix, and ``text_decoder.generate``. Undone by :func:`uninstall_glue`."""
-    vision = find_towers(model)["vision"]
-    handles = [record_output(vision)]
-    swapped = []
-    decoder = getattr(model, "text_decoder", None)
-    for text in (m for m in model.modules() if isinstance(m, hf_text.BlipTextModel)):
-        handles.append(inject_bias(text, vision))
-        for layer in text.encoder.layer:
-            cross = getattr(layer, "crossattention", None)
-            if cross is not None:
-                cross.self.__class__ = BlipTextCrossAttention
-                swapped.append(cross.self)
-    if isinstance(decoder, hf_text.BlipTextLMHeadModel):
-        decoder.generate = _generate_with_bias(decoder, vision)
-    model.__dict__[GLUE_ATTR] = (handles, swapped)
+def watch_vision(vision: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Record the vision tower's outputs (for :func:`encoder_bias`)."""
+    return vision.register_forward_hook(OutputRecorder())
 
 
-def uninstall_glue(model: nn.Module) -> None:
-    glue = model.__dict__.pop(GLUE_ATTR, None)
-    if glue is None:
-        return
-    handles, swapped = glue
-    for h in handles:
-        h.remove()
-    for m in swapped:
-        m.__class__ = hf_text.BlipTextSelfAttention
-    find_towers(model)["vision"].__dict__.pop(OUTPUT_ATTR, None)
-    decoder = getattr(model, "text_decoder", None)
-    if decoder is not None:
-        decoder.__dict__.pop("generate", None)
+def inject_bias(consumer: nn.Module, vision: nn.Module) -> torch.utils.hooks.RemovableHandle:
+    """Put ``vision``'s ``log(size)`` bias into ``consumer``'s ``encoder_attention_mask``."""
+    return consumer.register_forward_pre_hook(BiasInjector(vision), with_kwargs=True)
+
+
+def release_vision(vision: nn.Module) -> None:
+    """Forget the recorded output (undo :func:`watch_vision`'s state)."""
+    if record(vision) is not None:
+        unmark(vision, ("output",))
+
+
+@dataclass(eq=False)
+class Glue:
+    """What :meth:`BlipFamily.install_glue` changed on a model."""
+
+    handles: list
+    swapped: list
+
+
+class BlipFamily(Family):
+    name = "BLIP"
+    classes = (
+        hf.BlipForImageTextRetrieval,
+        hf.BlipForConditionalGeneration,
+        hf.BlipForQuestionAnswering,
+        hf.BlipVisionModel,
+    )
+
+    def towers(self, model: nn.Module) -> dict[str, Tower]:
+        return {kind: tower(kind, m) for kind, m in find_towers(model).items()}
+
+    def encoder_cost(self, module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
+        return encoder_cost(module, kind, text_len)
+
+    def joint_projection(self, model: nn.Module, kind: str) -> DetachedProjection | None:
+        return joint_projection(model, kind)
+
+    def install_glue(self, model: nn.Module) -> None:
+        """Model-level patch: bias injection into every text model fed the image, the
+        cross-attention mask fix, and ``text_decoder.generate``."""
+        vision = find_towers(model)["vision"]
+        handles = [watch_vision(vision)]
+        swapped = []
+        for text in (m for m in model.modules() if isinstance(m, hf_text.BlipTextModel)):
+            handles.append(inject_bias(text, vision))
+            for layer in text.encoder.layer:
+                cross = getattr(layer, "crossattention", None)
+                if cross is not None:
+                    cross.self.__class__ = BlipTextCrossAttention
+                    swapped.append(cross.self)
+        decoder = getattr(model, "text_decoder", None)
+        if isinstance(decoder, hf_text.BlipTextLMHeadModel):
+            decoder.generate = BiasedGenerate(decoder, vision)
+        mark(model, glue=Glue(handles, swapped))
+
+    def uninstall_glue(self, model: nn.Module) -> None:
+        rec = record(model)
+        glue = rec.glue if rec is not None else None
+        if glue is None:
+            return
+        for h in glue.handles:
+            h.remove()
+        for m in glue.swapped:
+            m.__class__ = hf_text.BlipTextSelfAttention
+        unmark(model, ("glue",))
+        release_vision(find_towers(model)["vision"])
+        decoder = getattr(model, "text_decoder", None)
+        if decoder is not None:
+            decoder.__dict__.pop("generate", None)
+
+
+FAMILY = BlipFamily()

@@ -20,20 +20,11 @@ import torch
 from torch import nn
 from transformers.models.blip_2 import modeling_blip_2 as hf
 
-from crossget.families.base import Tower
-from crossget.families.blip import (
-    OUTPUT_ATTR,
-    _vision_inputs,
-    encoder_cost,
-    fused_qkv_attention,
-    inject_bias,
-    record_output,
-)
+from crossget.families.base import Family, Tower, no_inputs
+from crossget.families.blip import encoder_cost, fused_qkv_attention, inject_bias, release_vision, watch_vision
 from crossget.families.clip import CrossGETCLIPEncoderLayer
-
-__all__ = ["SUPPORTED", "encoder_cost", "install_glue", "joint_projection", "towers", "uninstall_glue"]
-
-GLUE_ATTR = "_crossget_glue"
+from crossget.record import mark, record, unmark
+from crossget.schedule import EncoderCost
 
 
 class CrossGETBlip2Attention(hf.Blip2Attention):
@@ -44,14 +35,14 @@ class CrossGETBlip2Attention(hf.Blip2Attention):
 
 
 class CrossGETBlip2EncoderLayer(hf.Blip2EncoderLayer):
-    """Pre-LN vision layer with token reduction between attention and MLP (SPEC §1)."""
+    """Pre-LN vision layer with token reduction between attention and MLP (docs/method.md §1)."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         # CLIP's layer structure (layer_norm1, self_attn, layer_norm2, mlp); upstream passes no mask
         return CrossGETCLIPEncoderLayer.forward(self, hidden_states, attention_mask, **kwargs)
 
 
-SUPPORTED = (
+CLASSES = (
     hf.Blip2ForConditionalGeneration,
     hf.Blip2Model,
     hf.Blip2ForImageTextRetrieval,
@@ -64,45 +55,54 @@ def _vision(model: nn.Module) -> hf.Blip2VisionModel:
     return model if isinstance(model, hf.Blip2VisionModel) else model.vision_model
 
 
-def towers(model: nn.Module) -> dict[str, Tower]:
-    """The one reducible encoder of a BLIP-2 model, its vision tower (the Q-Former's query
-    tokens and the language model are never reduced)."""
-    vision = _vision(model)
-    return {
-        "vision": Tower(
-            kind="vision",
-            module=vision,
-            encoder=vision.encoder,
-            layers=list(vision.encoder.layers),
-            layer_class=CrossGETBlip2EncoderLayer,
-            attention_class=CrossGETBlip2Attention,
-            attention_attr="self_attn",
-            causal=False,
-            restore_length=False,
-            read_inputs=_vision_inputs,
-            hidden=vision.config.hidden_size,
-            heads=vision.config.num_attention_heads,
-        )
-    }
+class Blip2Family(Family):
+    name = "BLIP-2"
+    classes = CLASSES
+
+    def towers(self, model: nn.Module) -> dict[str, Tower]:
+        """The one reducible encoder of a BLIP-2 model, its vision tower (the Q-Former's query
+        tokens and the language model are never reduced)."""
+        vision = _vision(model)
+        return {
+            "vision": Tower(
+                kind="vision",
+                module=vision,
+                encoder=vision.encoder,
+                layers=list(vision.encoder.layers),
+                layer_class=CrossGETBlip2EncoderLayer,
+                attention_class=CrossGETBlip2Attention,
+                attention_attr="self_attn",
+                causal=False,
+                restore_length=False,
+                read_inputs=no_inputs,
+                hidden=vision.config.hidden_size,
+                heads=vision.config.num_attention_heads,
+            )
+        }
+
+    def encoder_cost(self, module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
+        return encoder_cost(module, kind, text_len)
+
+    # joint_projection: None, BLIP-2's joint space is reached through the Q-Former, not from a vision token
+
+    def install_glue(self, model: nn.Module) -> None:
+        """Record the vision output and inject its ``log(size)`` bias into the Q-Former's
+        cross-attention mask."""
+        vision = _vision(model)
+        handles = [watch_vision(vision)]
+        qformer = getattr(model, "qformer", None)
+        if qformer is not None:
+            handles.append(inject_bias(qformer, vision))
+        mark(model, glue=handles)
+
+    def uninstall_glue(self, model: nn.Module) -> None:
+        rec = record(model)
+        if rec is None or rec.glue is None:
+            return
+        for h in rec.glue:
+            h.remove()
+        unmark(model, ("glue",))
+        release_vision(_vision(model))
 
 
-def joint_projection(model: nn.Module, kind: str) -> None:
-    """BLIP-2's joint space is reached through the Q-Former, not from a vision token: None."""
-    return None
-
-
-def install_glue(model: nn.Module) -> None:
-    """Record the vision output and inject its ``log(size)`` bias into the Q-Former's
-    cross-attention mask. Undone by :func:`uninstall_glue`."""
-    vision = _vision(model)
-    handles = [record_output(vision)]
-    qformer = getattr(model, "qformer", None)
-    if qformer is not None:
-        handles.append(inject_bias(qformer, vision))
-    model.__dict__[GLUE_ATTR] = handles
-
-
-def uninstall_glue(model: nn.Module) -> None:
-    for h in model.__dict__.pop(GLUE_ATTR, ()):
-        h.remove()
-    _vision(model).__dict__.pop(OUTPUT_ATTR, None)
+FAMILY = Blip2Family()

@@ -3,18 +3,21 @@
 Patched: ``CLIPModel``, ``CLIPVisionModel(WithProjection)``, ``CLIPTextModel(WithProjection)``
 and any model that holds a ``CLIPVisionModel`` tower (e.g. LLaVA's vision tower).
 Each encoder layer runs ``x + Attn(LN1(x))``, merges, then ``x + MLP(LN2(x))``
-(SPEC §1); the token bookkeeping and the cross token live in
+(docs/method.md §1); the token bookkeeping and the cross token live in
 :class:`crossget.state.TowerState`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip import modeling_clip as hf
 
-from crossget.families.base import Tower
+from crossget.families.base import Family, Tower, no_inputs
 from crossget.schedule import EncoderCost
 
 
@@ -26,10 +29,10 @@ class CrossGETCLIPAttention(hf.CLIPAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, n, _ = hidden_states.shape
         shape = (b, n, -1, self.head_dim)
-        state = self._crossget
+        state = self._crossget.state
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         q_heads, k_heads, v_heads = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-        probs_needed = state.needs_attention(self._crossget_layer)
+        probs_needed = state.needs_attention(self._crossget.layer)
         if probs_needed:  # eager: the probabilities are the point (LLaVA's importance)
             attend = hf.eager_attention_forward
             kwargs.pop("is_causal", None)
@@ -44,10 +47,10 @@ class CrossGETCLIPAttention(hf.CLIPAttention):
 
 
 class CrossGETCLIPEncoderLayer(hf.CLIPEncoderLayer):
-    """Pre-LN layer with token reduction between attention and MLP (SPEC §1)."""
+    """Pre-LN layer with token reduction between attention and MLP (docs/method.md §1)."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
-        state, layer = self._crossget, self._crossget_layer
+        state, layer = self._crossget.state, self._crossget.layer
         x, mask, upstream = state.begin_layer(hidden_states, attention_mask, layer)
         if not upstream:
             kwargs["is_causal"] = False  # causality now lives in the rebuilt mask
@@ -58,29 +61,29 @@ class CrossGETCLIPEncoderLayer(hf.CLIPEncoderLayer):
 
 
 # --------------------------------------------------------------------------- towers
-def _vision_inputs(args: tuple, kwargs: dict) -> tuple[None, None]:
-    return None, None  # CLS is token 0, no padding
+@dataclass(frozen=True)
+class TextInputs:
+    """Reads a CLIP text tower's inputs: EOT position (the anchor) and padding."""
 
+    eos_token_id: int
 
-def _text_inputs_reader(eos_token_id: int):
-    def read(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if input_ids is None:
             raise ValueError("a patched CLIP text tower needs input_ids (to find the EOT token)")
         ids = input_ids.view(-1, input_ids.shape[-1]).int()
         # the same EOT position CLIPTextModel pools from
-        anchor = ids.argmax(-1) if eos_token_id == 2 else (ids == eos_token_id).int().argmax(-1)
+        anchor = ids.argmax(-1) if self.eos_token_id == 2 else (ids == self.eos_token_id).int().argmax(-1)
         valid = None
         if mask is not None:
             mask = mask.view(ids.shape).bool()
             valid = None if bool(mask.all()) else mask
         return anchor.long(), valid
 
-    return read
 
-
-def _tower(kind: str, module: nn.Module) -> Tower:
+def tower(kind: str, module: nn.Module) -> Tower:
+    """The :class:`Tower` record of a CLIP vision or text model (also LLaVA's vision tower)."""
     text = kind == "text"
     return Tower(
         kind=kind,
@@ -92,20 +95,13 @@ def _tower(kind: str, module: nn.Module) -> Tower:
         attention_attr="self_attn",
         causal=text,
         restore_length=text,
-        read_inputs=_text_inputs_reader(module.config.eos_token_id) if text else _vision_inputs,
+        read_inputs=TextInputs(module.config.eos_token_id) if text else no_inputs,
         hidden=module.config.hidden_size,
         heads=module.config.num_attention_heads,
     )
 
 
 TOWER_CLASSES = {hf.CLIPVisionModel: "vision", hf.CLIPTextModel: "text"}
-SUPPORTED = (
-    hf.CLIPModel,
-    hf.CLIPVisionModel,
-    hf.CLIPVisionModelWithProjection,
-    hf.CLIPTextModel,
-    hf.CLIPTextModelWithProjection,
-)
 
 
 def find_towers(model: nn.Module) -> dict[str, nn.Module]:
@@ -120,12 +116,8 @@ def find_towers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def towers(model: nn.Module) -> dict[str, Tower]:
-    return {kind: _tower(kind, m) for kind, m in find_towers(model).items()}
-
-
 def encoder_cost(module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
-    """Analytic cost of one tower, for :func:`crossget.schedule.solve_flops`."""
+    """Analytic cost of one CLIP tower (also LLaVA's vision tower)."""
     cfg = module.config
     if kind == "vision":
         patches = (cfg.image_size // cfg.patch_size) ** 2
@@ -135,23 +127,47 @@ def encoder_cost(module: nn.Module, kind: str, text_len: int | None = None) -> E
     return EncoderCost(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, n, 1, fixed)
 
 
-def joint_projection(model: nn.Module, kind: str):
-    """``[*, C] -> [*, P]``: final norm and projection into the joint space, weights detached.
+class CLIPFamily(Family):
+    name = "CLIP"
+    classes = (
+        hf.CLIPModel,
+        hf.CLIPVisionModel,
+        hf.CLIPVisionModelWithProjection,
+        hf.CLIPTextModel,
+        hf.CLIPTextModelWithProjection,
+    )
 
-    Used by the cross-token loss (SPEC §3); None if the model has no joint space.
-    """
-    tower = find_towers(model).get(kind)
-    if kind == "vision":
-        norm, proj = getattr(tower, "post_layernorm", None), getattr(model, "visual_projection", None)
-    else:
-        norm, proj = getattr(tower, "final_layer_norm", None), getattr(model, "text_projection", None)
-    if norm is None or proj is None:
-        return None
+    def towers(self, model: nn.Module) -> dict[str, Tower]:
+        return {kind: tower(kind, m) for kind, m in find_towers(model).items()}
 
-    def project(x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.layer_norm(
-            x, norm.normalized_shape, norm.weight.detach(), norm.bias.detach(), norm.eps
-        )
-        return nn.functional.linear(x, proj.weight.detach())
+    def encoder_cost(self, module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
+        return encoder_cost(module, kind, text_len)
 
-    return project
+    def joint_projection(self, model: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Final norm and projection into the joint space, weights detached (docs/method.md §3)."""
+        found = find_towers(model).get(kind)
+        if kind == "vision":
+            norm, proj = getattr(found, "post_layernorm", None), getattr(model, "visual_projection", None)
+        else:
+            norm, proj = getattr(found, "final_layer_norm", None), getattr(model, "text_projection", None)
+        if norm is None or proj is None:
+            return None
+        return DetachedProjection(norm, proj)
+
+
+@dataclass(eq=False)
+class DetachedProjection:
+    """``[*, C] -> [*, P]``: LayerNorm ``norm`` (optional) then linear ``proj``, weights detached:
+    the cross-token loss trains the cross tokens only."""
+
+    norm: nn.LayerNorm | None
+    proj: nn.Linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, p = self.norm, self.proj
+        if n is not None:
+            x = nn.functional.layer_norm(x, n.normalized_shape, n.weight.detach(), n.bias.detach(), n.eps)
+        return nn.functional.linear(x, p.weight.detach(), None if p.bias is None else p.bias.detach())
+
+
+FAMILY = CLIPFamily()

@@ -30,8 +30,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from crossget.api import config, is_patched, patch, patch_from_config, states, tokens_per_layer, unpatch
+from crossget.api import config, is_patched, patch_from_config, states, tokens_per_layer, unpatch
 from crossget.flops import count_flops
+from crossget.io import apply
+from crossget.tools.common import ModelClock, sync
 from crossget.tools.memory import PeakMemory
 
 __all__ = [
@@ -335,10 +337,7 @@ def build_configs(
 
 
 def _apply(model: nn.Module, cfg: Mapping[str, Any]) -> None:
-    if cfg["method"] == "none":
-        unpatch(model)
-    else:
-        patch(model, **{k: v for k, v in cfg.items() if k != "name"})
+    apply(model, {k: v for k, v in cfg.items() if k != "name"})
 
 
 def _snapshot(model: nn.Module):
@@ -362,28 +361,23 @@ def _restore(model: nn.Module, snap) -> None:
 
 
 # --------------------------------------------------------------------------- measuring
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_ms(forward, model, inputs, device) -> float:
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         forward(model, inputs)
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - t0) * 1e3
 
 
 def _peak_activation_mib(forward, model, inputs, device) -> float:
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         with torch.inference_mode():
             forward(model, inputs)
-        _sync(device)
+        sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     with torch.inference_mode(), PeakMemory() as mem:
         forward(model, inputs)
@@ -408,13 +402,13 @@ def _frozen(model: nn.Module):
             p.requires_grad_(True)
 
 
-def _match_timers(model: nn.Module) -> list[list[float]]:
-    """Start timing matching + merging in every patched tower (see TowerState.match_seconds)."""
-    timers = []
+def _match_clocks(model: nn.Module, device: torch.device) -> list[ModelClock]:
+    """Time matching + merging in every patched tower (TowerState.match_observer)."""
+    clocks = []
     for state in states(model).values() if is_patched(model) else ():
-        state.match_seconds = []
-        timers.append(state.match_seconds)
-    return timers
+        state.match_observer = clock = ModelClock(device)
+        clocks.append(clock)
+    return clocks
 
 
 def _environment(model: nn.Module, device: torch.device, threads: int) -> dict[str, Any]:
@@ -512,8 +506,8 @@ def run_benchmark(
             with torch.inference_mode(), _frozen(model):
                 gflops = count_flops(forward, model, single) / 1e9
             static.append({
-                "schedule": config(model)["r"] if patched else {},
-                "flops_estimate": config(model)["flops_estimate"] if patched else None,
+                "schedule": config(model).to_dict()["r"] if patched else {},
+                "flops_estimate": config(model).flops_estimate if patched else None,
                 "tokens_per_layer": tokens_per_layer(model) if patched else {},
                 "gflops_per_sample": gflops,
                 "peak_act_mib": _peak_activation_mib(forward, model, batch, device),
@@ -526,9 +520,9 @@ def run_benchmark(
                 shift = rnd % len(configs)
                 for cfg in configs[shift:] + configs[:shift]:
                     _apply(model, cfg)
-                    timers = _match_timers(model)
+                    clocks = _match_clocks(model, device)
                     t_batch = _time_ms(forward, model, batch, device)
-                    t_match = 1e3 * sum(sum(t) for t in timers)
+                    t_match = 1e3 * sum(c.seconds for c in clocks)
                     t_single = _time_ms(forward, model, single, device) if latency else None
                     if rnd >= warmup:
                         raw[cfg["name"]]["batch_ms"].append(t_batch)

@@ -37,14 +37,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from crossget import flops as _flops  # registers the CPU SDPA FLOP formulas
 from crossget.api import config as patch_config
-from crossget.api import patch, unpatch
+from crossget.config import METHODS as ALL_METHODS
+from crossget.config import PatchConfig
 from crossget.families.llava import FASTV_LAYER, image_tokens
+from crossget.io import apply
 from crossget.tools.eval.llava.arch import llava15_config
 from crossget.tools.memory import PeakMemory
 
 __all__ = ["budget_configs", "lm_flops", "run_llava_benchmark", "scaled_llava"]
 
-METHODS = ("crossget", "tome", "fastv", "visionzip")
+METHODS = tuple(m for m in ALL_METHODS if m != "none")  # every method, against the stock baseline
 DEFAULT_KEEPS = (64, 128, 192, 288)
 DEFAULT_RS = (13,)
 _ = _flops
@@ -78,11 +80,7 @@ def scaled_llava(lm_layers: int = 3, size: str = "7b", seed: int = 0) -> nn.Modu
 
 
 def _apply(model: nn.Module, cfg: dict) -> None:
-    if cfg["method"] == "none":
-        unpatch(model)
-        return
-    budget = {k: cfg[k] for k in ("keep", "r") if k in cfg}
-    patch(model, method=cfg["method"], **budget)
+    apply(model, {k: cfg[k] for k in ("method", "keep", "r") if k in cfg})
 
 
 def _prompt(model: nn.Module, prompt_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -248,15 +246,15 @@ def run_llava_benchmark(
     # budgets and FLOPs: the tower really runs (counted), projector and LMs on meta
     for cfg in configs:
         _apply(model, cfg)
-        pc = patch_config(model) if cfg["method"] != "none" else {}
+        pc = patch_config(model) if cfg["method"] != "none" else PatchConfig(method="none")
         visual = image_tokens(model)
-        lm_keep = pc.get("keep", visual) if cfg["method"] == "fastv" else visual
+        lm_keep = pc.keep if cfg["method"] == "fastv" else visual
         with torch.inference_mode():
             pixels = _prompt(model, prompt_tokens)["pixel_values"]
             vision = _count(model.model.vision_tower, pixels, output_hidden_states=True) / 1e9
         row = {
             "name": cfg["name"], "method": cfg["method"], "budget": {k: cfg[k] for k in ("keep", "r") if k in cfg},
-            "visual_tokens": visual, "lm_visual_tokens": lm_keep, "schedule": pc.get("r", {}).get("vision"),
+            "visual_tokens": visual, "lm_visual_tokens": lm_keep, "schedule": list(pc.r["vision"]) if pc.r else None,
             "vision_gflops": vision, "times": [],
         }
         n_scaled = model.config.text_config.num_hidden_layers
@@ -288,7 +286,7 @@ def run_llava_benchmark(
         if progress:
             note = " (memory, untimed)" if rnd == 0 else ""
             print(f"[{time.perf_counter() - t0:6.0f}s] round {rnd}/{rounds} done{note}", flush=True)
-    unpatch(model)
+    apply(model, None)
 
     base = rows[0]
     for row in rows:

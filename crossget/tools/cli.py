@@ -511,7 +511,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
-    """Learn the cross tokens (SPEC §3) of a model patched with CrossGET; resumable, via accelerate."""
+    """Learn the cross tokens (docs/method.md §3) of a model patched with CrossGET; resumable, via accelerate."""
     import torch
 
     from crossget.api import patch
@@ -780,7 +780,7 @@ def _eval_llava(args: argparse.Namespace, task: str, **kwargs) -> int:
         answers_path=answers, model_id=os.path.basename(os.path.normpath(args.model)), **kwargs,
     )
     result["method"] = args.method
-    result["patch"] = config(model) if is_patched(model) else None
+    result["patch"] = config(model).to_dict() if is_patched(model) else None
     print(json.dumps({k: result[k] for k in ("score", "visual_tokens", "gflops", "gflops_prefill", "samples_per_s")}))
     if args.json:
         path = Path(args.json)

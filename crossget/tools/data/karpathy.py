@@ -57,7 +57,7 @@ def _bad(annotation: Path, what: str) -> ValueError:
     return ValueError(f"{annotation} is not a Karpathy-format annotation file: {what}")
 
 
-def _read_annotation(annotation: Path) -> list[dict]:
+def read_annotation(annotation: Path) -> list[dict]:
     if not annotation.is_file():
         raise FileNotFoundError(f"annotation file not found: {annotation}")
     try:
@@ -102,7 +102,7 @@ def load_karpathy(
         ValueError: malformed JSON or missing fields, unknown split, image without captions.
     """
     annotation = Path(annotation)
-    entries = _read_annotation(annotation)
+    entries = read_annotation(annotation)
     root = Path(image_root) if image_root is not None else annotation.parent
     wanted = {split} if isinstance(split, str) else set(split)
     if "train" in wanted:

@@ -254,7 +254,7 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _noun(e: Entity) -> str:
+def noun(e: Entity) -> str:
     return PLURAL.get(e.shape, e.shape + "s") if e.count > 1 else e.shape
 
 
@@ -266,7 +266,7 @@ def _phrase(e: Entity, rng: np.random.Generator) -> str:
         words += [texture, e.colour] if rng.random() < 0.5 else [e.colour, texture]
     else:
         words.append(e.colour)
-    words.append(_noun(e))
+    words.append(noun(e))
     if e.count > 1:
         head = NUMBERS[e.count]
     else:
@@ -275,14 +275,14 @@ def _phrase(e: Entity, rng: np.random.Generator) -> str:
 
 
 def _short(e: Entity) -> str:
-    return f"the {e.colour} {_noun(e)}"
+    return f"the {e.colour} {noun(e)}"
 
 
 def _be(e: Entity) -> str:
     return "are" if e.count > 1 else "is"
 
 
-def _rel(a: Entity, b: Entity) -> tuple[int, int]:
+def relation(a: Entity, b: Entity) -> tuple[int, int]:
     return (int(np.sign(a.row - b.row)), int(np.sign(a.col - b.col)))
 
 
@@ -302,12 +302,12 @@ def _cap_absolute(s: list[Entity], rng: np.random.Generator) -> Caption:
 def _cap_relation(s: list[Entity], rng: np.random.Generator) -> Caption:
     """'two small blue squares below a large striped red circle, and a green triangle left of the red circle'."""
     a, b = s[0], s[1]
-    text = f"{_phrase(a, rng)} {_pick(rng, RELATIONS[_rel(a, b)])} {_phrase(b, rng)}"
-    claims: list[Claim] = [("rel", a.desc, *_rel(a, b), b.desc)]
+    text = f"{_phrase(a, rng)} {_pick(rng, RELATIONS[relation(a, b)])} {_phrase(b, rng)}"
+    claims: list[Claim] = [("rel", a.desc, *relation(a, b), b.desc)]
     if len(s) > 2:
         c, ref = s[2], s[int(rng.integers(2))]
-        text += f", and {_phrase(c, rng)} {_pick(rng, RELATIONS[_rel(c, ref)])} {_short(ref)}"
-        claims.append(("rel", c.desc, *_rel(c, ref), ref.desc))
+        text += f", and {_phrase(c, rng)} {_pick(rng, RELATIONS[relation(c, ref)])} {_short(ref)}"
+        claims.append(("rel", c.desc, *relation(c, ref), ref.desc))
     return text, tuple(claims)
 
 
@@ -317,9 +317,9 @@ def _cap_mixed(s: list[Entity], rng: np.random.Generator) -> Caption:
     pronoun = "them" if a.count > 1 else "it"
     text = (
         f"{_phrase(a, rng)} {_pick(rng, POSITIONS[(a.row, a.col)])} with "
-        f"{_phrase(b, rng)} {_pick(rng, RELATIONS[_rel(b, a)])} {pronoun}"
+        f"{_phrase(b, rng)} {_pick(rng, RELATIONS[relation(b, a)])} {pronoun}"
     )
-    claims: list[Claim] = [("at", a.desc, a.row, a.col), ("rel", b.desc, *_rel(b, a), a.desc)]
+    claims: list[Claim] = [("at", a.desc, a.row, a.col), ("rel", b.desc, *relation(b, a), a.desc)]
     for c in s[2:]:
         text += f", and {_phrase(c, rng)} {_pick(rng, POSITIONS[(c.row, c.col)])}"
         claims.append(("at", c.desc, c.row, c.col))
@@ -330,12 +330,12 @@ def _cap_counting(s: list[Entity], rng: np.random.Generator) -> Caption:
     """'three small red circles and a large dotted blue square; the red circles are above the blue square'."""
     text = _join([_phrase(e, rng) for e in s])
     a, b = s[0], s[1]
-    text += f"; {_short(a)} {_be(a)} {_pick(rng, RELATIONS[_rel(a, b)])} {_short(b)}"
-    claims: list[Claim] = [("rel", a.desc, *_rel(a, b), b.desc)]
+    text += f"; {_short(a)} {_be(a)} {_pick(rng, RELATIONS[relation(a, b)])} {_short(b)}"
+    claims: list[Claim] = [("rel", a.desc, *relation(a, b), b.desc)]
     if len(s) > 2:
         c = s[2]
-        text += f" and {_short(c)} {_be(c)} {_pick(rng, RELATIONS[_rel(c, b)])} {_short(b)}"
-        claims.append(("rel", c.desc, *_rel(c, b), b.desc))
+        text += f" and {_short(c)} {_be(c)} {_pick(rng, RELATIONS[relation(c, b)])} {_short(b)}"
+        claims.append(("rel", c.desc, *relation(c, b), b.desc))
     return text, tuple(claims)
 
 
@@ -352,7 +352,7 @@ def holds(caption: Caption, scene: Scene) -> bool:
     for c in claims:
         if c[0] == "at" and (by_desc[c[1]].row, by_desc[c[1]].col) != (c[2], c[3]):
             return False
-        if c[0] == "rel" and _rel(by_desc[c[1]], by_desc[c[4]]) != (c[2], c[3]):
+        if c[0] == "rel" and relation(by_desc[c[1]], by_desc[c[4]]) != (c[2], c[3]):
             return False
     return True
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from crossget.tools.data.shapes import IMAGE_PATTERN, NUMBERS, PLURAL, RELATIONS, SPLITS, TEXTURES, Entity, _noun, _rel
+from crossget.tools.data.shapes import IMAGE_PATTERN, NUMBERS, PLURAL, RELATIONS, SPLITS, TEXTURES, Entity, noun, relation
 from crossget.tools.eval.llava.data import SHORT_ANSWER  # LLaVA-1.5's VQA instruction
 
 QUESTION_TYPES = ("colour", "shape", "count", "texture", "relation")
@@ -82,10 +82,10 @@ def candidates(scene: Sequence[Entity]) -> dict[str, list[tuple[str, str]]]:
         for a in scene:
             if a is b:
                 continue
-            rel = _rel(a, b)
-            if sum(_rel(x, b) == rel for x in scene if x is not b) != 1:
+            rel = relation(a, b)
+            if sum(relation(x, b) == rel for x in scene if x is not b) != 1:
                 continue  # more than one entity in that relation: no single answer
-            phrase = f"{RELATIONS[rel][0]} the {b.colour} {_noun(b)}"
+            phrase = f"{RELATIONS[rel][0]} the {b.colour} {noun(b)}"
             verb = "are" if a.count > 1 else "is"
             out["relation"].append((f"what shape {verb} {phrase}?", a.shape))
             out["relation"].append((f"what colour {verb} {phrase}?", a.colour))
@@ -177,9 +177,9 @@ def write_qa(annotation: str | os.PathLike, out_dir: str | os.PathLike, seed: in
     Raises:
         ValueError: records without ``objects``, or image names that do not follow :data:`IMAGE_PATTERN`.
     """
-    from crossget.tools.data.karpathy import _read_annotation
+    from crossget.tools.data.karpathy import read_annotation
 
-    entries = _read_annotation(Path(annotation))
+    entries = read_annotation(Path(annotation))
     summary: dict[str, dict[str, Any]] = {}
     for split in splits:
         images = [e for e in entries if e["split"] == split]

@@ -8,9 +8,7 @@ calls and its metric.
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,29 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from crossget.api import config, is_patched, patch, unpatch
+from crossget.api import config, is_patched
+from crossget.config import PatchConfig
+from crossget.families.blip import FAMILY as BLIP
 from crossget.flops import count_flops
+from crossget.io import apply
+from crossget.tools.common import ModelClock, device_dtype, read_json, write_json  # noqa: F401 (re-exported for the harnesses)
 
-METHODS = ("none", "tome", "crossget")
+METHODS = BLIP.methods
 
 
 # --------------------------------------------------------------------------- files
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Parsed JSON of ``path``.
-
-    Raises:
-        FileNotFoundError: no such file (names the path and what it should be).
-        ValueError: not valid JSON.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not a valid {what}: invalid JSON ({err})") from None
-
-
 def malformed(path: str | os.PathLike, what: str, problem: str) -> ValueError:
     """The error for a file that parses but does not have the expected fields."""
     return ValueError(f"{path} is not a valid {what}: {problem}")
@@ -77,14 +63,6 @@ def open_rgb(path: Path):
         raise ValueError(f"not an image file: {path}") from None
 
 
-def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON (parent folders made)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
-    return path
-
-
 # --------------------------------------------------------------------------- models
 def load_blip(path: str | os.PathLike, cls: type) -> tuple[nn.Module, Any]:
     """``(model, processor)`` of a local BLIP folder (``save_pretrained`` layout), model in eval mode.
@@ -116,11 +94,6 @@ def check_model(model: nn.Module, cls: type) -> None:
         raise TypeError(f"expected a {cls.__name__}, got {type(model).__name__}")
 
 
-def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters())
-    return p.device, p.dtype
-
-
 def apply_method(
     model: nn.Module,
     method: str,
@@ -137,45 +110,14 @@ def apply_method(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "none":
-        if is_patched(model):
-            unpatch(model)
+        apply(model, None)
         return {"method": "none", "r": None, "flops_target": None, "schedule": {}}
     if r is None and flops is None:
         raise ValueError(f"method {method!r} needs r (tokens per layer) or flops (a target GFLOPs ratio)")
-    kwargs: dict[str, Any] = {"r": r} if r is not None else {"flops": flops}
-    if towers:
-        kwargs["towers"] = tuple(towers)
-    patch(model, method=method, **kwargs)
-    cfg = config(model)
-    return {"method": method, "r": r, "flops_target": flops, "schedule": cfg["r"], "towers": cfg["towers"],
-            "flops_estimate": cfg.get("flops_estimate")}
-
-
-class ModelClock:
-    """Wall time spent inside ``with clock:`` blocks (the model calls, not file reading or metrics);
-    synchronises CUDA so GPU time is counted where it is spent."""
-
-    def __init__(self, device: torch.device | None = None):
-        self.device = device
-        self.seconds = 0.0
-        self._t0 = 0.0
-
-    def _sync(self) -> None:
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __enter__(self) -> ModelClock:
-        self._sync()
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._sync()
-        self.seconds += time.perf_counter() - self._t0
-
-    def rate(self, count: int) -> float:
-        """``count`` per second of model time (0 if nothing was timed)."""
-        return count / self.seconds if self.seconds > 0 else 0.0
+    settings = PatchConfig(method=method, r=r, flops=flops, towers=tuple(towers) if towers else None)
+    cfg = config(apply(model, settings))
+    return {"method": method, "r": r, "flops_target": flops, "schedule": cfg.to_dict()["r"], "towers": list(cfg.towers),
+            "flops_estimate": cfg.flops_estimate}
 
 
 def gflops_of(fn: Callable[..., Any], *args, **kwargs) -> float:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from crossget.api import config, patch, unpatch
+from crossget.api import config, unpatch
 from crossget.flops import count_flops
-from crossget.io import load_cross_tokens
+from crossget.io import apply
 from crossget.tools.data.karpathy import RetrievalSplit
 from crossget.tools.eval.retrieval import encode, fidelity, retrieval_metrics, twin_accuracy
 
@@ -30,15 +30,10 @@ RESULT_KEYS = (
 
 def apply_config(model: nn.Module, cfg: Mapping[str, Any]) -> None:
     """Patch ``model`` for one evaluation config: ``method`` (none | tome | crossget), ``r`` or
-    ``flops``, optional ``towers``, ``importance`` and ``cross_tokens`` (a trained safetensors file)."""
-    unpatch(model)
-    if cfg["method"] == "none":
-        return
-    kwargs = {k: cfg[k] for k in ("r", "flops", "towers", "importance") if cfg.get(k) is not None}
-    patch(model, method=cfg["method"], **kwargs)
-    if cfg.get("cross_tokens"):
-        # trained theta on this schedule: theta is one vector per layer, not per schedule
-        load_cross_tokens(model, cfg["cross_tokens"], repatch=False)
+    ``flops``, optional ``towers``, ``importance`` and ``cross_tokens`` (a trained safetensors file:
+    theta is one vector per layer, so it fits any schedule)."""
+    settings = {k: cfg[k] for k in ("method", "r", "flops", "towers", "importance") if cfg.get(k) is not None}
+    apply(model, settings, cross_tokens=cfg.get("cross_tokens") or None)
 
 
 def pair_gflops(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> float:
@@ -88,7 +83,7 @@ def evaluate_configs(
             "speedup": ips / ref["ips"],
             "fidelity": (fidelity(emb["image"], ref["emb"]["image"]) + fidelity(emb["text"], ref["emb"]["text"])) / 2,
             "fidelity_image": fidelity(emb["image"], ref["emb"]["image"]),
-            "schedule": config(model)["r"] if cfg["method"] != "none" else {},
+            "schedule": config(model).to_dict()["r"] if cfg["method"] != "none" else {},
         }
         rows.append(row)
     unpatch(model)

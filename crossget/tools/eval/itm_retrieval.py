@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crossget.api import is_patched
+from crossget.families.blip import encoder_bias
 from crossget.tools.data.karpathy import RetrievalSplit, image_loader, load_karpathy, processor_parts
 from crossget.tools.eval.blip_common import ModelClock, check_model, device_dtype, gflops_of, load_blip, run_config, write_json
 from crossget.tools.eval.retrieval import KS, retrieval_metrics
@@ -121,8 +122,6 @@ def image_mask(model: nn.Module, embeds: torch.Tensor) -> torch.Tensor:
     patch adds that bias itself only while the vision output is fed on as it is; cached and
     re-indexed tokens need it carried along."""
     if is_patched(model):
-        from crossget.families.blip import encoder_bias
-
         bias = encoder_bias(model.vision_model, embeds, None, embeds.dtype)
         if bias is not None:
             return bias

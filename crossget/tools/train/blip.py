@@ -37,7 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from crossget.tools.train.clip import _accelerator, _cosine_lr, save_trained
+from crossget.tools.train.clip import save_trained
+from crossget.tools.train.common import accelerator, cosine_lr
 
 TASKS = ("caption", "vqa")
 PROMPT = "a picture of "  # BLIP's captioning prompt; crossget eval caption's default
@@ -272,8 +273,8 @@ def train_blip(
     text = [p for n, p in model.named_parameters() if not n.startswith("vision_model.")]
     opt = torch.optim.AdamW([{"params": vision, "lr": lr * vision_lr_scale}, {"params": text, "lr": lr}],
                             weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, max(1, steps // 20)))
-    acc = _accelerator()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, max(1, steps // 20)))
+    acc = accelerator()
     model, opt = acc.prepare(model, opt)
     log: dict[str, Any] = {"task": task, "config": asdict(config), "clip": str(clip), "steps": steps,
                            "batch_size": batch_size, "lr": lr, "vision_lr_scale": vision_lr_scale,

@@ -6,14 +6,13 @@ with ``accelerate launch``, on several GPUs. Checkpoints are safetensors.
 - :func:`train_base`: contrastive training of a ``CLIPModel`` built from a small config,
   saved with ``save_pretrained`` (weights, tokenizer, image processor); optionally with an
   auxiliary loss that predicts each grid cell's contents of a generated scene from the image.
-- :func:`train_cross_tokens`: SPEC §3's ``L = (1 - w) L_task + w L_cross`` for a patched
+- :func:`train_cross_tokens`: docs/method.md §3's ``L = (1 - w) L_task + w L_cross`` for a patched
   model; only the cross tokens learn unless ``all_weights`` is set; resumable.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -25,9 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from crossget.api import states
+from crossget.api import cross_token_loss, states
+from crossget.families.base import CROSS_PARAM
 from crossget.io import save_cross_tokens
-from crossget.loss import cross_token_loss
+from crossget.tools.train.common import accelerator, cosine_lr
 
 
 @dataclass
@@ -115,18 +115,6 @@ def _one_caption_per_image(txt2img: torch.Tensor, n_img: int, g: torch.Generator
     last = torch.zeros(n_img, dtype=torch.long)
     last[txt2img[order]] = order
     return last
-
-
-def _accelerator(cpu: bool | None = None):
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=bool(cpu) if cpu is not None else not torch.cuda.is_available())
-
-
-def _cosine_lr(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 class SceneHead(nn.Module):
@@ -267,7 +255,7 @@ def train_base(
         text_head = SceneHead(model.config.text_config.hidden_size)
         groups += _decay_groups(text_head, weight_decay)
     g = torch.Generator().manual_seed(seed)
-    acc = _accelerator()
+    acc = accelerator()
     warmup_log = _text_scene_warmup(model.text_model, text_head, data, text_warmup_steps, batch_size, lr,
                                     weight_decay, g, progress, acc.device) if text_warmup_steps else {}
     opt = torch.optim.AdamW(groups, lr=lr)
@@ -280,7 +268,7 @@ def train_base(
         text_model = acc.unwrap_model(model).text_model
     steps_per_epoch = data.pixel_values.shape[0] // batch_size
     total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, total, max(1, total // 20)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, max(1, total // 20)))
     log: dict[str, Any] = {"config": asdict(config), "epochs": epochs, "batch_size": batch_size, "lr": lr,
                            "weight_decay": weight_decay, "no_weight_decay": "biases, norms, logit_scale", "seed": seed,
                            "init_from": str(init_from), "scene_weight": scene_weight,
@@ -405,7 +393,7 @@ def train_cross_tokens(
     progress: bool = True,
     model_parts: tuple[Any, ...] = (),
 ) -> tuple[nn.Module, dict]:
-    """Learn the cross tokens of a model patched with ``method="crossget"`` (SPEC §3).
+    """Learn the cross tokens of a model patched with ``method="crossget"`` (docs/method.md §3).
 
     Loss ``(1 - cross_weight) * CLIP loss + cross_weight * cross_token_loss``. Only the
     cross tokens train (at ``lr``) unless ``all_weights``, which fine-tunes every other weight too,
@@ -431,7 +419,7 @@ def train_cross_tokens(
         t.requires_grad_(True)
     theta_ids = {id(t) for t in thetas}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in theta_ids]
-    acc = _accelerator()
+    acc = accelerator()
     opt = torch.optim.AdamW([{"params": thetas, "lr": lr}] + ([{"params": weights, "lr": weights_lr}] if weights else []),
                             weight_decay=0.0)
     model, opt = acc.prepare(model, opt)
@@ -487,8 +475,6 @@ __all__ = ["BaseModelConfig", "PairData", "base_processor", "pair_data", "train_
 
 def _save_without_cross_tokens(model: nn.Module, out: Path, parts: tuple[Any, ...]) -> None:
     """``model`` as the stock class would save it: the cross tokens live in their own file."""
-    from crossget.families.base import CROSS_PARAM
-
     weights = {k: v for k, v in model.state_dict().items() if CROSS_PARAM not in k}
     model.save_pretrained(out, state_dict=weights, safe_serialization=True)
     for part in parts:

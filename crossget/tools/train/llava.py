@@ -6,7 +6,7 @@
 - :class:`LlavaCollator`: LLaVA-1.5 prompts (``USER: <image>\\n{q} ASSISTANT: {a}</s>USER: ...``),
   as many ``<image>`` placeholders as the (patched) model gives features, labels only on
   the answers.
-- :func:`train_llava`: ``(1 - w) L_LM + w L_cross`` (SPEC §3; ``L_cross`` only for a model
+- :func:`train_llava`: ``(1 - w) L_LM + w L_cross`` (docs/method.md §3; ``L_cross`` only for a model
   patched with crossget's cross tokens), training the cross tokens, LoRA adapters or the
   projector and language model; resumable safetensors checkpoints.
 
@@ -31,13 +31,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from crossget.api import config, is_patched, states
+from crossget.api import config, cross_token_loss, is_patched, states
 from crossget.families.llava import CROSS_LOSS_WEIGHT, adapt_processor
 from crossget.io import save_cross_tokens
-from crossget.loss import cross_token_loss
-from crossget.tools.eval.llava.data import _read_json
+from crossget.tools.common import read_json
 from crossget.tools.eval.llava.generate import build_prompt
-from crossget.tools.train.clip import _accelerator, _cosine_lr
+from crossget.tools.train.common import accelerator, cosine_lr
 
 __all__ = [
     "DEFAULT_LR",
@@ -114,7 +113,7 @@ class LlavaConversations(torch.utils.data.Dataset):
     def __init__(self, path: str | os.PathLike, images: str | os.PathLike, check_images: bool = True):
         self.path, self.images = Path(path), Path(images)
         what = "LLaVA conversation file"
-        data = _read_json(self.path, what)
+        data = read_json(self.path, what)
         if not isinstance(data, list):
             raise ValueError(f"{self.path}: a {what} must be a JSON list of records, got {type(data).__name__}")
         parsed = [(i, _parse_record(obj, f"{self.path} item {i}")) for i, obj in enumerate(data)]
@@ -331,7 +330,7 @@ def train_llava(
     """Train a ``LlavaForConditionalGeneration`` (patched with crossget, or not) on ``data``.
 
     Loss: the LM loss on the answers, or ``(1 - cross_weight) * LM + cross_weight *
-    cross_token_loss`` when the model carries crossget cross tokens (SPEC §3). ``trainable``:
+    cross_token_loss`` when the model carries crossget cross tokens (docs/method.md §3). ``trainable``:
 
     - ``"cross"``: only the cross tokens (vision tower theta and the LM's); needs
       ``crossget.patch(model, method="crossget", ...)``.
@@ -376,11 +375,11 @@ def train_llava(
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     collate = LlavaCollator(processor, model, max_length, pad_square)
 
-    acc = _accelerator()
+    acc = accelerator()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # LLaVA-1.5 uses no weight decay
     model, opt = acc.prepare(model, opt)
     # not prepared: accelerate would step it once per process
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps, max(1, math.ceil(0.03 * steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, max(1, math.ceil(0.03 * steps))))
     per_epoch = len(data) // (batch_size * acc.num_processes)
     if per_epoch == 0:
         raise ValueError(f"{len(data)} samples do not fill one batch of {batch_size} x {acc.num_processes} processes")
@@ -389,7 +388,7 @@ def train_llava(
         "trainable": trainable, "steps": steps, "batch_size": batch_size, "processes": acc.num_processes, "lr": lr,
         "seed": seed, "cross_weight": cross_weight if has_cross else None, "max_length": max_length,
         "pad_square": pad_square, "lora": lora,
-        "patch": config(acc.unwrap_model(model)) if is_patched(acc.unwrap_model(model)) else None,
+        "patch": config(acc.unwrap_model(model)).to_dict() if is_patched(acc.unwrap_model(model)) else None,
         "data": str(data.path), "samples": len(data), "skipped_text_only": data.skipped,
         "loss": [], "train_seconds": 0.0, "resumed_at": 0,
     }

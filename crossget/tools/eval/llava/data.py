@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crossget.tools.common import read_json
 from crossget.tools.eval.llava.metrics import LETTERS, parse_choice
 
 __all__ = [
@@ -82,14 +83,6 @@ def _require_file(path: str | Path, what: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     return path
-
-
-def _read_json(path: str | Path, what: str) -> Any:
-    path = _require_file(path, what)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a valid {what} (invalid JSON: {err})") from None
 
 
 def _read_jsonl(path: str | Path, what: str) -> Iterator[tuple[int, dict]]:
@@ -244,7 +237,7 @@ def load_vqa_annotations(path: str | Path) -> VQAAnnotations:
       ``{"question_id", "answer": str}`` (exact match).
     """
     path = _require_file(path, "annotation file")
-    data = _read_json(path, "annotation file") if path.suffix != ".jsonl" else None
+    data = read_json(path, "annotation file") if path.suffix != ".jsonl" else None
     by_id: dict[str, list[str]] = {}
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         for i, ann in enumerate(data["annotations"]):
@@ -329,7 +322,7 @@ def load_science_qa(
     (options laid out as ``A. ...`` lines). ``problems`` (ScienceQA's ``problems.json``) supplies
     choices and answers by id. ``images_only`` keeps ScienceQA-IMG (records with an image).
     """
-    table = _read_json(problems, "ScienceQA problems file") if problems is not None else None
+    table = read_json(problems, "ScienceQA problems file") if problems is not None else None
     if table is not None and not isinstance(table, dict):
         raise ValueError(f"{problems}: a ScienceQA problems file maps ids to problems (a JSON object)")
     samples, skipped = [], 0

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crossget.flops import count_flops
+from crossget.tools.common import sync
 from crossget.tools.eval.llava.data import Sample, load_image
 from crossget.tools.eval.llava.metrics import LETTERS
 
@@ -87,11 +88,6 @@ def _left_padding(tokenizer):
 def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _answer_lengths(new: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
@@ -168,10 +164,10 @@ def generate_answers(
                 cost = _batch_cost(model, inputs, generate, model.config.image_token_id)
                 new = cost.pop("new")
             if b > 0 or len(batches) == 1:  # the counted batch ran slowed by the counter: time a lone batch again
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 new = generate(inputs)
-                _sync(device)
+                sync(device)
                 seconds += time.perf_counter() - t0
                 timed_samples += len(batch)
                 timed_tokens += int(_answer_lengths(new, eos).sum())

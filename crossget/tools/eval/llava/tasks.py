@@ -18,6 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from crossget.config import PatchConfig
+from crossget.families.llava import FAMILY as LLAVA
+from crossget.families.llava import adapt_processor
+from crossget.io import apply
 from crossget.tools.eval.llava.data import (
     SHORT_ANSWER,
     QuestionSet,
@@ -45,7 +49,7 @@ __all__ = ["METHODS", "TASKS", "evaluate_llava", "load_llava", "load_task", "pat
            "score_vqa"]
 
 TASKS = ("vqa", "mc", "pope")
-METHODS = ("none", "crossget", "tome", "fastv", "visionzip")
+METHODS = LLAVA.methods
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 VQA_METRICS = ("vqa", "textvqa", "exact")
 
@@ -88,24 +92,18 @@ def patch_llava(
     Raises:
         ValueError: unknown method, a budget for ``"none"``, or no budget / several for a method.
     """
-    import crossget
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     budget = {k: v for k, v in (("keep", keep), ("r", r), ("flops", flops)) if v is not None}
     if method == "none":
         if budget:
             raise ValueError(f"method 'none' is the stock model and takes no budget, got {budget}")
-        if crossget.is_patched(model):
-            crossget.unpatch(model)
+        apply(model, None)
         return processor
     if len(budget) != 1:
         raise ValueError(f"give exactly one of keep, r or flops for method {method!r}, got {budget or 'none'}")
-    crossget.patch(model, method=method, **budget)
-    adapt = getattr(crossget, "adapt_processor", None)
-    if adapt is None:
-        raise TypeError("this crossget has no crossget.adapt_processor: it cannot evaluate reduced LLaVA models")
-    return adapt(processor, model) or processor
+    apply(model, PatchConfig(method=method, **budget))
+    return adapt_processor(processor, model) or processor
 
 
 def score_vqa(

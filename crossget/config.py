@@ -1,0 +1,138 @@
+"""One patch configuration for every family and method (docs/method.md §7).
+
+:class:`PatchConfig` is what :func:`crossget.patch` is asked for and, after patching,
+what :func:`crossget.config` reports: the same fields, with the budget resolved into
+per-layer schedules (``r``), the visual-token count (``keep``, LLaVA) and the FLOPs
+estimate of the schedule. ``to_dict``/``from_dict`` give the JSON form stored with
+trained cross tokens and in every result file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+# every token-reduction method crossget knows; a family says which of them it runs.
+# "none": patched with the bookkeeping but never reducing (crossget.apply: the stock model)
+METHODS = ("none", "tome", "crossget", "fastv", "visionzip")
+MERGING = ("none", "tome", "crossget")  # run inside the encoder layers (bookkeeping + Merge)
+METRICS = ("keys", "keys_mean")
+IMPORTANCE = ("cross", "attention", "none")
+
+RValue = int | tuple[int, ...] | Mapping[str, int | tuple[int, ...]] | None
+
+
+def _freeze_r(r: Any) -> RValue:
+    """Lists (from JSON) become tuples so that a config compares and prints as a value."""
+    if isinstance(r, Mapping):
+        return {k: _freeze_r(v) for k, v in r.items()}
+    if isinstance(r, (list, tuple)):
+        return tuple(r)
+    return r
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """How a model is patched.
+
+    Budget (one of ``r``, ``flops``, ``keep``; none for ``method="none"``):
+        r: tokens each layer removes: an int, one int per layer, or ``{tower: r}``.
+            :func:`crossget.config` reports it resolved: ``{tower: (r_0, ..., r_L-1)}``.
+        flops: target fraction in (0, 1] of the unreduced model's FLOPs (solved into ``r``).
+        keep: visual tokens per image that reach a language model (LLaVA).
+
+    Settings:
+        method: one of :data:`METHODS` (the family says which it runs).
+        towers: towers to reduce (``("vision",)``, ``("text",)``, both); None: the family's default.
+        prop_attn: proportional attention, ``+log(size)`` on merged keys (docs/method.md §6).
+        metric: ``"keys"`` (heads concatenated) or ``"keys_mean"``; None: the method's default.
+        importance: ``"cross"`` (cross-token guidance), ``"attention"`` (LLaVA's rule) or
+            ``"none"`` (no cross token: an ablation of the guidance).
+        text_len: text length assumed when solving ``flops``; None: the family's default.
+        trace_sources: keep the input -> output token map (:func:`crossget.sources`).
+        fastv_layer: FastV's K (LLaVA); None: the method's default.
+        contextual: VisionZip's contextual tokens (LLaVA); None: 10/64 of ``keep``.
+
+    Filled in by patching:
+        flops_estimate: the analytic FLOPs ratio of the resolved schedule (with ``flops``).
+    """
+
+    method: str = "crossget"
+    r: RValue = None
+    flops: float | None = None
+    keep: int | None = None
+    towers: tuple[str, ...] | None = None
+    prop_attn: bool = True
+    metric: str | None = None
+    importance: str = "cross"
+    text_len: int | None = None
+    trace_sources: bool = False
+    fastv_layer: int | None = None
+    contextual: int | None = None
+    flops_estimate: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "r", _freeze_r(self.r))
+        if self.towers is not None:
+            if isinstance(self.towers, str):
+                raise ValueError(f"towers must be a sequence of tower names, got the string {self.towers!r}")
+            object.__setattr__(self, "towers", tuple(self.towers))
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.metric is not None and self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"importance must be one of {IMPORTANCE}, got {self.importance!r}")
+
+    # ------------------------------------------------------------------ forms
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: tuples become lists."""
+        return {k: _thaw(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PatchConfig:
+        """Inverse of :meth:`to_dict`; also reads the dicts older crossget versions saved.
+
+        Raises:
+            ValueError: a key that is not a field.
+        """
+        known = {f.name for f in fields(cls)}
+        data = dict(data)
+        if data.get("importance") is None:
+            data.pop("importance", None)  # older files store None for methods without one
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown patch config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> PatchConfig:
+        return replace(self, **changes)
+
+    @property
+    def uses_cross_token(self) -> bool:
+        return self.method == "crossget" and self.importance != "none"
+
+    @property
+    def resolved_metric(self) -> str:
+        return self.metric or ("keys_mean" if self.method == "tome" else "keys")
+
+    def explicit(self) -> dict[str, Any]:
+        """The fields that differ from their defaults (what a family must accept)."""
+        default = PatchConfig()
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "method" and getattr(self, f.name) != getattr(default, f.name)}
+
+
+def as_config(value: PatchConfig | Mapping[str, Any]) -> PatchConfig:
+    """A :class:`PatchConfig` from itself or from its dict form."""
+    return value if isinstance(value, PatchConfig) else PatchConfig.from_dict(value)
+

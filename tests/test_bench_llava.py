@@ -93,6 +93,7 @@ def test_cli_errors(argv, message, capsys):
 
 def test_cli_runs_the_llava_benchmark(monkeypatch, capsys, tmp_path):
     """The command hands its options to run_llava_benchmark (the real run is heavy)."""
+    from crossget.tools.cli import bench as bench_command
     from crossget.tools.cli import main
 
     seen = {}
@@ -101,7 +102,7 @@ def test_cli_runs_the_llava_benchmark(monkeypatch, capsys, tmp_path):
         seen.update(kw)
         (tmp_path / "results.md").write_text("| table |\n")
 
-    monkeypatch.setattr(bench_llava, "run_llava_benchmark", fake)
+    monkeypatch.setattr(bench_command, "run_llava_benchmark", fake)
     argv = ["bench", "--model", "llava-1.5", "--methods", "crossget,fastv", "--keep", "64,128", "--r", "13",
             "--rounds", "3", "--threads", "1", "--max-new-tokens", "8", "--out", str(tmp_path)]
     assert main(argv) == 0

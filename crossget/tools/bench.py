@@ -38,6 +38,7 @@ from crossget.tools.memory import PeakMemory
 
 __all__ = [
     "ARCHITECTURES",
+    "benchmark_model",
     "SUMMARY_KEYS",
     "TOWERS",
     "build_configs",
@@ -615,3 +616,42 @@ def write_results(out_dir, meta, configs, raw, rows) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(doc, indent=2, default=list) + "\n")
     md_path.write_text(results_markdown(meta, rows))
     return json_path, md_path
+
+
+def benchmark_model(
+    model_spec: str,
+    tower: str,
+    methods: Sequence[str],
+    rs: Sequence[int],
+    flops: Sequence[float],
+    reduce: Sequence[str] | None,
+    *,
+    batch: int = 8,
+    rounds: int = 5,
+    warmup: int = 1,
+    threads: int = 2,
+    latency: bool = True,
+    device: str = "cpu",
+    attn: str | None = None,
+    max_new_tokens: int = 10,
+    out_dir: str | os.PathLike | None = None,
+) -> Path:
+    """``crossget bench``: build or load ``model_spec`` (:func:`load_model`), benchmark every
+    method at every ``r`` and FLOPs target (:func:`build_configs`, :func:`run_benchmark`) on one
+    generated batch, and write ``results.json`` / ``results.md`` to ``out_dir`` (default
+    ``benchmarks/<model>-<tower>``); returns the folder."""
+    torch.set_num_threads(threads)
+    model = load_model(model_spec, tower).to(device)
+    if attn:
+        model.set_attn_implementation(attn)
+    name = os.path.basename(os.path.normpath(model_spec))
+    out = Path(out_dir or os.path.join("benchmarks", f"{name}-{tower}"))
+    meta = {"model": model_spec, "tower": tower, "reduce": list(reduce) if reduce else None}
+    if tower == "caption":
+        meta["max_new_tokens"] = max_new_tokens
+    run_benchmark(
+        model, make_inputs(model, tower, batch), build_configs(methods, rs, flops, reduce),
+        rounds=rounds, warmup=warmup, threads=threads, forward=forward_for(model, tower, max_new_tokens),
+        latency=latency, out_dir=out, meta=meta,
+    )
+    return out

@@ -30,10 +30,11 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON (parent folders made); returns the path."""
+    """Write ``payload`` as indented JSON (parent folders made; paths and other values JSON
+    lacks as strings); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
+    path.write_text(json.dumps(payload, indent=2, default=str))
     return path
 
 

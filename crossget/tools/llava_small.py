@@ -27,7 +27,7 @@ from crossget.tools.data.tokenizer import build_word_tokenizer, shipped_words
 from crossget.tools.default import ASSETS
 from crossget.tools.eval.llava.data import SHORT_ANSWER
 
-__all__ = ["LLAVA_SPECIALS", "build_llava_small", "by_image", "llava_processor", "llava_tokenizer", "qa_texts",
+__all__ = ["LLAVA_SPECIALS", "build_llava_small", "by_image", "write_by_image", "llava_processor", "llava_tokenizer", "qa_texts",
            "save_llava_small"]
 
 IMAGE = "<image>"
@@ -155,3 +155,12 @@ def save_llava_small(out: str | os.PathLike, qa: str | os.PathLike, command: str
               "params_projector_lm": lm, "params_total": sum(p.numel() for p in model.parameters())}
     (out / "init_llava.json").write_text(json.dumps(record, indent=2, default=str))
     return out
+
+
+def write_by_image(conversations: str | os.PathLike, out: str | os.PathLike, seed: int = 0) -> tuple[Path, int, int]:
+    """``out/train_by_image.json``: the LLaVA conversations file regrouped by :func:`by_image`;
+    returns ``(path, images, questions)``."""
+    records = by_image(json.loads(Path(conversations).read_text()), seed=seed)
+    path = Path(out) / "train_by_image.json"
+    path.write_text(json.dumps(records))
+    return path, len(records), sum(len(r["conversations"]) // 2 for r in records)

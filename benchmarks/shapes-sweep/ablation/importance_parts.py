@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-import crossget.state as st
-from crossget.tools.cli import _model_and_inputs, build_parser
+import crossget.methods.crossget as st  # the state calls the matcher through this module
+from crossget.tools.default import load_retrieval
 from crossget.tools.eval.harness import evaluate_configs
 
 spec_matching = st.complete_graph_soft_matching
@@ -34,10 +34,9 @@ def variant(metric, r, importance=None, protected=None, groups=None):
 
 st.complete_graph_soft_matching = variant
 model_dir, limit, level = sys.argv[1], sys.argv[2], float(sys.argv[3])
-args = build_parser().parse_args(["demo", "--model", model_dir, "--data", "data/shapes/dataset_shapes.json",
-                                  "--limit", limit, "--threads", "1"])
 torch.set_num_threads(1)
-model, _, split, inputs = _model_and_inputs(args)
+job = load_retrieval(model_dir, "data/shapes/dataset_shapes.json", "test", int(limit))
+model, split, inputs = job.model, job.split, job.inputs
 for mode, cfg in [("spec", {"method": "tome", "flops": level}),
                   ("spec", {"method": "crossget", "flops": level, "importance": "none"}),
                   ("spec", {"method": "crossget", "flops": level}),

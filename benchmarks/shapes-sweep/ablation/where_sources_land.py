@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 import crossget
-import crossget.state as st
+import crossget.methods.crossget as st  # the state calls the matcher through this module
 
 MODEL = sys.argv[1] if len(sys.argv) > 1 else "crossget/assets/default"
 torch.set_num_threads(1)

@@ -20,6 +20,7 @@ from crossget.api import config, unpatch
 from crossget.flops import count_flops
 from crossget.io import apply
 from crossget.tools.data.karpathy import RetrievalSplit
+from crossget.tools.default import load_retrieval
 from crossget.tools.eval.retrieval import encode, fidelity, retrieval_metrics, twin_accuracy
 
 RESULT_KEYS = (
@@ -122,3 +123,32 @@ def write_results(rows: Sequence[Mapping[str, Any]], json_path: str | os.PathLik
     path.write_text(json.dumps({"meta": dict(meta), "results": list(rows)}, indent=2))
     path.with_suffix(".md").write_text(results_table(rows))
     return path
+
+
+# --------------------------------------------------------------------------- one retrieval job
+def evaluate_retrieval(
+    model: str,
+    data: str,
+    configs: Sequence[Mapping[str, Any]],
+    *,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    json_path: str | os.PathLike | None = None,
+    meta: Mapping[str, Any] | None = None,
+    write_reference: bool = True,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], Path | None]:
+    """Load (:func:`load_retrieval`), evaluate ``configs`` against the unreduced model
+    (:func:`evaluate_configs`) and, with ``json_path``, write the rows (all, or without the
+    unreduced reference row unless ``write_reference``) with ``meta``. Returns the rows and the
+    JSON path written (or None)."""
+    job = load_retrieval(model, data, split, limit, device)
+    if progress:
+        print(f"{len(job.split)} {split} images, {len(job.split.captions)} captions, {torch.get_num_threads()} threads")
+    rows = evaluate_configs(job.model, job.inputs, job.split, configs, batch_size, progress)
+    if json_path is None:
+        return rows, None
+    written = rows if write_reference else rows[1:]
+    return rows, write_results(written, json_path, meta or {})

@@ -10,6 +10,7 @@ Scores are percentages, as LLaVA-1.5's paper reports them.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,10 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from crossget.api import config, is_patched
 from crossget.config import PatchConfig
 from crossget.families.llava import FAMILY as LLAVA
 from crossget.families.llava import adapt_processor
 from crossget.io import apply
+from crossget.tools.common import write_json
 from crossget.tools.eval.llava.data import (
     SHORT_ANSWER,
     QuestionSet,
@@ -45,8 +48,8 @@ from crossget.tools.eval.llava.metrics import (
     vqa_accuracy,
 )
 
-__all__ = ["METHODS", "TASKS", "evaluate_llava", "load_llava", "load_task", "patch_llava", "score_mc", "score_pope",
-           "score_vqa"]
+__all__ = ["METHODS", "TASKS", "evaluate_llava", "load_llava", "load_task", "patch_llava", "run_llava_eval",
+           "score_mc", "score_pope", "score_vqa"]
 
 TASKS = ("vqa", "mc", "pope")
 METHODS = LLAVA.methods
@@ -307,3 +310,38 @@ def evaluate_llava(
         **gen.summary(),
         "answers": None if answers_path is None else str(answers_path),
     }
+
+
+def run_llava_eval(
+    task: str,
+    model_dir: str | Path,
+    questions: str | Path,
+    images: str | Path | None = None,
+    annotations: str | Path | None = None,
+    *,
+    method: str = "none",
+    keep: int | None = None,
+    r: int | None = None,
+    flops: float | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    answers_path: str | Path | None = None,
+    json_path: str | Path | None = None,
+    meta: dict[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Load a local LLaVA, patch it for ``method`` at one budget (:func:`patch_llava`), answer and
+    score one evaluation file (:func:`evaluate_llava`, which takes ``options``), and with
+    ``json_path`` write ``{"meta": meta, "results": row}``; returns the row (with ``method`` and
+    the resolved ``patch`` config)."""
+    model, processor = load_llava(model_dir, device, dtype)
+    processor = patch_llava(model, processor, method, keep=keep, r=r, flops=flops)
+    result = evaluate_llava(
+        task, model, processor, questions, images, annotations, answers_path=answers_path,
+        model_id=os.path.basename(os.path.normpath(str(model_dir))), **options,
+    )
+    result["method"] = method
+    result["patch"] = config(model).to_dict() if is_patched(model) else None
+    if json_path is not None:
+        write_json(json_path, {"meta": {**(meta or {}), "torch": torch.__version__}, "results": result})
+    return result

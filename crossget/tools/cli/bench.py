@@ -1,0 +1,104 @@
+"""``crossget bench``: FLOPs, tokens, speed and memory of every method against the stock model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from crossget.tools.bench import benchmark_model
+from crossget.tools.bench_llava import DEFAULT_KEEPS, DEFAULT_RS, METHODS, run_llava_benchmark
+from crossget.tools.cli.options import (
+    TOWER_KINDS,
+    choice,
+    comma_list,
+    device_argument,
+    int_at_least,
+    non_negative_int,
+    print_file,
+    ratio,
+)
+
+ENCODER_METHODS = ("tome", "crossget")
+LLAVA_PEERS = ("fastv", "visionzip")  # visual-token reduction peers, LLaVA only
+
+
+def run_arguments(p: argparse.ArgumentParser, *, batch: int, rounds: int, out: str | None) -> None:
+    p.add_argument("--batch", type=int_at_least(1), default=batch, help=f"batch size (default {batch})")
+    p.add_argument("--threads", type=int_at_least(1), default=2, help="torch threads (default 2)")
+    p.add_argument("--rounds", type=int_at_least(1), default=rounds, help=f"timed rounds (default {rounds})")
+    p.add_argument("--warmup", type=int_at_least(0), default=1, help="untimed rounds first (default 1)")
+    p.add_argument("--no-latency", dest="latency", action="store_false", help="skip batch-1 latency timing")
+    device_argument(p)
+    p.add_argument("--out", default=out, help="output directory for results.json and results.md"
+                   + (f" (default {out})" if out else " (default benchmarks/<model>-<tower>)"))
+
+
+def bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="clip-vit-b16",
+                   help="named architecture with random weights (clip-vit-b16, blip-vit-b16, blip2-vit-g, "
+                        "clip-tiny, blip-tiny, blip2-tiny) or a local model directory (from_pretrained); "
+                        "default clip-vit-b16")
+    p.add_argument("--tower", choices=("vision", "text", "both", "caption"), default="vision",
+                   help="what runs: image features, text features, the whole model, or a captioning "
+                        "model's whole generate call (BLIP, BLIP-2) (default vision)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=10,
+                   help="tokens each caption generates, exactly (--tower caption; default 10)")
+    p.add_argument("--reduce", type=comma_list(choice(TOWER_KINDS), "towers"), default=None,
+                   help="towers to reduce, e.g. vision,text (default: the benchmarked tower; vision for both)")
+    p.add_argument("--methods", type=comma_list(choice(ENCODER_METHODS + LLAVA_PEERS), "methods"), default=None,
+                   help="comma-separated: tome, crossget (default both; the stock model always runs); "
+                        "for --model llava-1.5 also fastv, visionzip (default all four)")
+    p.add_argument("--r", type=comma_list(non_negative_int, "non-negative integers"), default=[],
+                   help="tokens removed per layer; one config per value, e.g. 8,12,16")
+    p.add_argument("--flops", type=comma_list(ratio, "ratios in (0, 1]"), default=[],
+                   help="target FLOPs ratios solved into schedules, e.g. 0.58,0.69")
+    p.add_argument("--attn", choices=("sdpa", "eager"), default=None, help="attention implementation")
+    p.add_argument("--keep", type=comma_list(int_at_least(1), "positive integers"), default=[],
+                   help="--model llava-1.5: visual tokens per image for the LM, one config per value "
+                        "(default 64,128,192,288; with --r 13)")
+    p.add_argument("--lm-layers", type=int_at_least(1), default=3,
+                   help="--model llava-1.5: layers of the timed scaled-down Llama (default 3; FastV prunes after 2)")
+    p.add_argument("--prompt-tokens", type=int_at_least(1), default=64,
+                   help="--model llava-1.5: prompt text tokens besides the image (default 64)")
+    run_arguments(p, batch=8, rounds=5, out=None)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Benchmark merging configs against the stock model."""
+    if args.model.startswith("llava"):
+        return bench_llava(args)
+    if set(args.methods or ()) & set(LLAVA_PEERS) or args.keep:
+        raise ValueError("--methods fastv/visionzip and --keep are for --model llava-1.5")
+    if not args.r and not args.flops:
+        raise ValueError("give --r and/or --flops (e.g. --r 8,12,16 or --flops 0.58)")
+    reduce = args.reduce
+    if reduce is None and args.tower not in ("both", "caption"):
+        reduce = [args.tower]
+
+    out = benchmark_model(
+        args.model, args.tower, args.methods or list(ENCODER_METHODS), args.r, args.flops, reduce,
+        batch=args.batch, rounds=args.rounds, warmup=args.warmup, threads=args.threads, latency=args.latency,
+        device=args.device, attn=args.attn, max_new_tokens=args.max_new_tokens, out_dir=args.out,
+    )
+    print_file(out / "results.md")
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    return 0
+
+
+def bench_llava(args: argparse.Namespace) -> int:
+    """LLaVA-1.5: FLOPs of the real 7B/13B and timings of a scaled-down model, every method
+    at every visual-token budget (see crossget.tools.bench_llava)."""
+    if args.model not in ("llava-1.5", "llava-1.5-7b"):
+        raise ValueError(f"the LLaVA benchmark builds LLaVA-1.5 itself: --model llava-1.5, got {args.model!r}")
+    if args.flops:
+        raise ValueError("--flops is not a LLaVA budget here: give --keep and/or --r")
+    keeps, rs = (args.keep, args.r) if (args.keep or args.r) else (DEFAULT_KEEPS, DEFAULT_RS)
+    out = args.out or os.path.join("benchmarks", "llava")
+    run_llava_benchmark(
+        methods=args.methods or METHODS, keeps=keeps, rs=rs, prompt_tokens=args.prompt_tokens,
+        new_tokens=args.max_new_tokens, rounds=args.rounds, threads=args.threads, lm_layers=args.lm_layers, out_dir=out,
+    )
+    md = os.path.join(out, "results.md")
+    print_file(md)
+    print(f"wrote {md}, {os.path.join(out, 'results.json')} and {os.path.join(out, 'tradeoff.png')}")
+    return 0

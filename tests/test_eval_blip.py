@@ -22,11 +22,13 @@ from transformers import (
     BlipProcessor,
 )
 
+from crossget.api import is_patched
 from crossget.tools.cli import main
 from crossget.tools.data.karpathy import load_karpathy
 from crossget.tools.eval import caption, itm_retrieval, nlvr2, vqa
 from crossget.tools.eval.blip_common import apply_method, load_blip
 from crossget.tools.eval.retrieval import retrieval_metrics
+from crossget.tools.eval.runner import run_task
 
 WORDS = ("a an the picture of photo red blue green yellow square circle big small on left right is there "
          "what color shape how many two one yes no are both images in . , ? !").split()
@@ -440,12 +442,17 @@ def test_cli(models, karpathy, coco_captions, vqa_files, nlvr2_file, tmp_path, c
         "nlvr2": ["--model", str(models["BlipForImageTextRetrieval"]), "--data", str(nlvr2_file)],
     }
     score = {"itm-retrieval": "i2t_r1", "caption": "cider", "vqa": "accuracy", "nlvr2": "accuracy"}
+    tasks = {"itm-retrieval": itm_retrieval.ITMRetrievalTask(), "caption": caption.CAPTION, "vqa": vqa.VQATask(),
+             "nlvr2": nlvr2.NLVR2}
     for name, args in runs.items():
         out = tmp_path / f"{name}.json"
         assert main(["eval", name, *args, "--method", "none", "--threads", "1", "--json", str(out)]) == 0
         saved = json.loads(out.read_text())
         assert saved["task"] == name and saved[score[name]] is not None and saved["gflops"] > 0, name
         assert saved["method"] == "none" and saved["gflops_ratio"] == 1.0
+        # each task names itself and the keys of its summary line, all in its result
+        assert tasks[name].name == name and set(tasks[name].result_keys) <= set(saved), name
+        assert ("results_file" in saved) == tasks[name].results_file, name
     # errors name what is wrong
     with pytest.raises(SystemExit):
         main(["eval", "caption", "--model", str(models["BlipForConditionalGeneration"]), "--data",
@@ -457,6 +464,56 @@ def test_cli(models, karpathy, coco_captions, vqa_files, nlvr2_file, tmp_path, c
     with pytest.raises(SystemExit):
         main(["eval", "nlvr2", *runs["nlvr2"], "--method", "tome"])
     assert "--r or --flops" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the runner
+class StandInTask:
+    """A task that records what the runner hands it (and whether the model was patched then)."""
+
+    name = "stand-in"
+    model_class = BlipForImageTextRetrieval
+    result_keys = ("score",)
+
+    def __init__(self, results_file: bool):
+        self.results_file = results_file
+        self.calls = []
+
+    def load(self, path, image_root, limit):
+        self.calls.append(("load", str(path), image_root, limit))
+        return ["item"] * (limit or 3)
+
+    def describe(self):
+        return {"extra": "named"}
+
+    def sample_gflops(self, model, processor, data, options):
+        self.calls.append(("gflops", is_patched(model), dict(options)))
+        return 4.0
+
+    def evaluate(self, model, processor, data, progress, options):
+        self.calls.append(("evaluate", is_patched(model), progress, dict(options)))
+        return {"score": 1.5, "gflops": 3.0, "results": [{"item": i} for i in range(len(data))]}
+
+
+@pytest.mark.parametrize("results_file", [True, False])
+def test_run_task_measures_unreduced_then_patches_evaluates_and_writes(models, tmp_path, results_file):
+    task = StandInTask(results_file)
+    out = tmp_path / "run.json"
+    res = run_task(task, models["BlipForImageTextRetrieval"], tmp_path / "data.json", image_root="imgs", limit=2,
+                   method="tome", r=2, json_path=out, progress=False, batch_size=3, k=5)
+    # the data loaded once; GFLOPs of the stock model first, then the patched model evaluated; options to both
+    assert task.calls == [("load", str(tmp_path / "data.json"), "imgs", 2), ("gflops", False, {"batch_size": 3, "k": 5}),
+                          ("evaluate", True, False, {"batch_size": 3, "k": 5})]
+    head = ["task", "model", "data", "extra", "score", "gflops", "results"]
+    assert list(res)[: len(head)] == head and res["task"] == "stand-in" and res["extra"] == "named"
+    assert res["method"] == "tome" and res["r"] == 2 and res["schedule"]
+    assert res["gflops_unreduced"] == 4.0 and res["gflops_ratio"] == 0.75
+    saved = json.loads(out.read_text())
+    results = tmp_path / "run_results.json"
+    if results_file:  # the per-item results in their own file, named by the result
+        assert res["results_file"] == str(results) and json.loads(results.read_text()) == res["results"]
+        assert saved == {k: v for k, v in res.items() if k != "results"}
+    else:
+        assert "results_file" not in res and not results.exists() and saved == res
 
 
 # --------------------------------------------------------------------------- patched models

@@ -1,9 +1,10 @@
 """Shared pieces of the BLIP evaluation harnesses (``itm_retrieval``, ``caption``, ``vqa``, ``nlvr2``).
 
 Loading a local BLIP model and its processor, reading the data files with errors that name the
-path, patching for one config, timing the model calls, counting GFLOPs against the unreduced
-model, and writing the result JSON. Each harness module only adds its data format, its model
-calls and its metric.
+path, patching for one config, counting GFLOPs, and the summary line of a result. The job they
+make up (load, unreduced GFLOPs, patch, evaluate, write the JSON) is
+:func:`crossget.tools.eval.runner.run_task`; each harness module only adds its data format, its
+model calls and its metric.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import nn
+from transformers import AutoProcessor
 
-from crossget.api import config, is_patched
+from crossget.api import config
 from crossget.config import PatchConfig
 from crossget.families.blip import FAMILY as BLIP
 from crossget.flops import count_flops
 from crossget.io import apply
-from crossget.tools.common import ModelClock, device_dtype, read_json, write_json  # noqa: F401 (re-exported for the harnesses)
+from crossget.tools.common import read_json
 
 METHODS = BLIP.methods
 
@@ -50,10 +53,8 @@ def check_images(paths: Sequence[Path], source: str | os.PathLike) -> None:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} images named by {source} are missing: {shown}{more}")
 
 
-def open_rgb(path: Path):
+def open_rgb(path: Path) -> Image.Image:
     """A PIL RGB image; FileNotFoundError/ValueError name the path."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -74,8 +75,6 @@ def load_blip(path: str | os.PathLike, cls: type) -> tuple[nn.Module, Any]:
         FileNotFoundError: no model at ``path``.
         TypeError: the folder holds another architecture.
     """
-    from transformers import AutoProcessor
-
     path = Path(path)
     cfg = path / "config.json"
     if not cfg.is_file():
@@ -124,31 +123,6 @@ def gflops_of(fn: Callable[..., Any], *args, **kwargs) -> float:
     """GFLOPs of one call (no gradients), measured with :func:`crossget.flops.count_flops`."""
     with torch.inference_mode():
         return count_flops(fn, *args, **kwargs) / 1e9
-
-
-def run_config(
-    model: nn.Module,
-    evaluate: Callable[[], dict[str, Any]],
-    measure_gflops: Callable[[], float],
-    method: str = "none",
-    r: int | None = None,
-    flops: float | None = None,
-    towers: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Evaluate one config of a stock model: GFLOPs of the unreduced model first (one sample,
-    ``measure_gflops``), then patch and ``evaluate()``; adds the config and ``gflops_ratio``.
-
-    ``evaluate()`` must return ``gflops`` (per sample, measured on the model as configured).
-    """
-    if is_patched(model):
-        raise ValueError("run_config needs the stock model (it measures the unreduced GFLOPs first); call unpatch")
-    reference = measure_gflops()
-    described = apply_method(model, method, r, flops, towers)
-    result = evaluate()
-    result.update(described)
-    result["gflops_unreduced"] = reference
-    result["gflops_ratio"] = result["gflops"] / reference if reference else None
-    return result
 
 
 def summary_line(result: Mapping[str, Any], keys: Sequence[str]) -> str:

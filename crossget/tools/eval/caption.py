@@ -32,23 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import BlipForConditionalGeneration
 
-from crossget.tools.eval.blip_common import (
-    ModelClock,
-    check_images,
-    check_model,
-    device_dtype,
-    gflops_of,
-    load_blip,
-    malformed,
-    open_rgb,
-    read_json,
-    require_fields,
-    run_config,
-    write_json,
-)
+from crossget.tools.common import ModelClock, device_dtype, read_json
+from crossget.tools.eval.blip_common import check_images, check_model, gflops_of, malformed, open_rgb, require_fields
+from crossget.tools.eval.runner import run_task
 
 WHAT = "COCO-caption annotation file"
 TOKENIZERS = ("ptb", "basic")
@@ -127,8 +120,6 @@ def tokenize(captions: Mapping[Any, Sequence[str]], tokenizer: str = "ptb") -> d
     if shutil.which("java") is None:
         raise OSError('the "ptb" caption tokenizer (pycocoevalcap\'s Stanford PTBTokenizer) needs java on the PATH; '
                       'install a JRE or use tokenizer "basic"')
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
 
 
@@ -139,9 +130,6 @@ def caption_scores(
 
     Only images with a candidate are scored; every candidate's image needs references.
     """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
     if not candidates:
         raise ValueError("no candidate captions to score")
     unknown = [k for k in candidates if k not in references]
@@ -223,12 +211,6 @@ def _batches(data: CaptionSet, processor: Any, batch_size: int):
             "pixel_values"]
 
 
-def _blip_caption_class() -> type:
-    from transformers import BlipForConditionalGeneration
-
-    return BlipForConditionalGeneration
-
-
 def evaluate_caption(
     model: nn.Module,
     processor: Any,
@@ -244,7 +226,7 @@ def evaluate_caption(
     (images over model time: vision encoder + decoding), the settings and ``results``
     (``[{"image_id", "caption"}]``, the COCO results format).
     """
-    check_model(model, _blip_caption_class())
+    check_model(model, BlipForConditionalGeneration)
     device, dtype = device_dtype(model)
     clock = ModelClock(device)
     results, first = [], None
@@ -268,43 +250,39 @@ def evaluate_caption(
     }
 
 
-def run_caption(
-    model_dir: str | os.PathLike,
-    annotation: str | os.PathLike,
-    *,
-    image_root: str | os.PathLike | None = None,
-    limit: int | None = None,
-    method: str = "none",
-    r: int | None = None,
-    flops: float | None = None,
-    towers: Sequence[str] | None = None,
-    json_path: str | os.PathLike | None = None,
-    settings: GenerationSettings = GenerationSettings(),
-    device: str = "cpu",
-    progress: bool = True,
-    **kwargs,
-) -> dict[str, Any]:
-    """Load a local ``BlipForConditionalGeneration`` and a COCO-caption file, evaluate one config.
+@dataclass(frozen=True)
+class CaptionTask:
+    """COCO captions as a :class:`~crossget.tools.eval.runner.BlipTask`: ``options`` are
+    :func:`evaluate_caption`'s (``settings``, ``batch_size``, ``tokenizer``)."""
 
-    With ``json_path`` the metrics go there and the captions to ``<stem>_results.json`` beside it
-    (the COCO results format); ``kwargs`` go to :func:`evaluate_caption`.
-    """
-    model, processor = load_blip(model_dir, _blip_caption_class())
-    model.to(device)
-    data = load_coco_captions(annotation, image_root, limit)
-    dev, dtype = device_dtype(model)
-    first = next(_batches(data, processor, 1))[1].to(dev, dtype)
-    result = run_config(
-        model,
-        lambda: evaluate_caption(model, processor, data, settings, progress=progress, **kwargs),
-        lambda: caption_gflops(model, processor.tokenizer, first, settings),
-        method, r, flops, towers,
-    )
-    result = {"task": "caption", "model": str(model_dir), "data": str(annotation), **result}
-    if json_path is not None:
-        json_path = Path(json_path)
-        results_path = json_path.with_name(f"{json_path.stem}_results.json")
-        write_json(results_path, result["results"])
-        result["results_file"] = str(results_path)
-        write_json(json_path, {k: v for k, v in result.items() if k != "results"})
-    return result
+    name = "caption"
+    model_class = BlipForConditionalGeneration
+    result_keys = ("bleu_4", "cider", "images_per_s")
+    results_file = True  # the captions in the COCO results format
+
+    def load(self, path: str | os.PathLike, image_root: str | os.PathLike | None, limit: int | None) -> CaptionSet:
+        return load_coco_captions(path, image_root, limit)
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def sample_gflops(self, model: nn.Module, processor: Any, data: CaptionSet, options: Mapping[str, Any]) -> float:
+        dev, dtype = device_dtype(model)
+        first = next(_batches(data, processor, 1))[1].to(dev, dtype)
+        return caption_gflops(model, processor.tokenizer, first, options.get("settings", GenerationSettings()))
+
+    def evaluate(self, model: nn.Module, processor: Any, data: CaptionSet, progress: bool,
+                 options: Mapping[str, Any]) -> dict[str, Any]:
+        return evaluate_caption(model, processor, data, progress=progress, **options)
+
+
+CAPTION = CaptionTask()
+
+
+def run_caption(model_dir: str | os.PathLike, annotation: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """Load a local ``BlipForConditionalGeneration`` and a COCO-caption file, evaluate one config
+    (:func:`~crossget.tools.eval.runner.run_task`: ``image_root``, ``limit``, ``method``, ``r``,
+    ``flops``, ``towers``, ``json_path``, ``device``, ``progress``; the rest, e.g. ``settings``, go to
+    :func:`evaluate_caption`). With ``json_path`` the metrics go there and the captions to
+    ``<stem>_results.json`` beside it (the COCO results format)."""
+    return run_task(CAPTION, model_dir, annotation, **kwargs)

@@ -27,27 +27,26 @@ Hugging Face model card does). BLIP uses ``k=256`` on COCO and ``k=128`` on Flic
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import BlipForImageTextRetrieval
 
 from crossget.api import is_patched
 from crossget.families.blip import encoder_bias
+from crossget.tools.common import ModelClock, device_dtype
 from crossget.tools.data.karpathy import RetrievalSplit, image_loader, load_karpathy, processor_parts
-from crossget.tools.eval.blip_common import ModelClock, check_model, device_dtype, gflops_of, load_blip, run_config, write_json
+from crossget.tools.eval.blip_common import check_model, gflops_of
 from crossget.tools.eval.retrieval import KS, retrieval_metrics
+from crossget.tools.eval.runner import run_task
 
 FILL = -100.0  # score of pairs outside the top k (BLIP's value)
 FIRST_TOKENS = ("enc", "cls")
-
-
-def _blip_itm_class() -> type:
-    from transformers import BlipForImageTextRetrieval
-
-    return BlipForImageTextRetrieval
+MAX_LENGTH = 35  # caption tokens kept (BLIP's truncation)
 
 
 # --------------------------------------------------------------------------- re-ranking (pure)
@@ -196,7 +195,7 @@ def retrieval_scores(
     k: int = 128,
     batch_size: int = 32,
     pair_batch: int = 128,
-    max_length: int = 35,
+    max_length: int = MAX_LENGTH,
     first_token: str = "enc",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -207,7 +206,7 @@ def retrieval_scores(
     ``texts`` as tokenised, ``itm_first_token``, ``image_tokens`` (after merging) and
     ``first_pixels`` (the first image, for GFLOPs).
     """
-    check_model(model, _blip_itm_class())
+    check_model(model, BlipForImageTextRetrieval)
     _, tokenizer = processor_parts(processor)
     device, dtype = device_dtype(model)
     texts = tokenize_captions(tokenizer, split.captions, max_length)
@@ -246,17 +245,8 @@ def retrieval_scores(
     }
 
 
-def evaluate_itm_retrieval(
-    model: nn.Module,
-    processor: Any,
-    split: RetrievalSplit,
-    k: int = 128,
-    batch_size: int = 32,
-    pair_batch: int = 128,
-    max_length: int = 35,
-    first_token: str = "enc",
-    progress: bool = True,
-) -> dict[str, Any]:
+def evaluate_itm_retrieval(model: nn.Module, processor: Any, split: RetrievalSplit, k: int = 128, *,
+                           max_length: int = MAX_LENGTH, **options: Any) -> dict[str, Any]:
     """Recall@1/5/10 both ways (ITC + ITM re-ranking of the top ``k``), GFLOPs and throughput.
 
     ``model`` is a ``BlipForImageTextRetrieval`` (patched or not), ``processor`` its ``BlipProcessor``.
@@ -264,9 +254,10 @@ def evaluate_itm_retrieval(
     per image / caption / ITM pair and their sum ``gflops`` (see :func:`unit_gflops`), ``gflops_total``
     (the whole evaluation: every image and caption once, ``k`` ITM pairs per query both ways),
     ``images_per_s`` (images over all model time: encoding both sides and both ITM passes) and
-    ``seconds`` per stage.
+    ``seconds`` per stage. ``options`` go to :func:`retrieval_scores` (``batch_size``, ``pair_batch``,
+    ``first_token``, ``progress``).
     """
-    sc = retrieval_scores(model, processor, split, k, batch_size, pair_batch, max_length, first_token, progress)
+    sc = retrieval_scores(model, processor, split, k, max_length=max_length, **options)
     n_img, n_txt = split.n_images, split.n_texts
     result: dict[str, Any] = itm_recalls(sc["i2t"], sc["t2i"], split.txt2img, split.img2txts)
     itc = retrieval_metrics(sc["sim"], split.txt2img, split.img2txts)
@@ -287,39 +278,40 @@ def evaluate_itm_retrieval(
     return result
 
 
-def run_itm_retrieval(
-    model_dir: str | os.PathLike,
-    annotation: str | os.PathLike,
-    *,
-    image_root: str | os.PathLike | None = None,
-    split: str = "test",
-    limit: int | None = None,
-    method: str = "none",
-    r: int | None = None,
-    flops: float | None = None,
-    towers: Sequence[str] | None = None,
-    json_path: str | os.PathLike | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-    **kwargs,
-) -> dict[str, Any]:
-    """Load a local ``BlipForImageTextRetrieval`` and a Karpathy split, evaluate one config (the
-    unreduced GFLOPs are measured first), and write the result JSON if ``json_path`` is given.
-    ``kwargs`` go to :func:`evaluate_itm_retrieval` (``k``, ``batch_size``, ...)."""
-    model, processor = load_blip(model_dir, _blip_itm_class())
-    model.to(device)
-    data = load_karpathy(annotation, image_root, split=split, limit=limit)
-    dev, dtype = device_dtype(model)
-    first = next(iter(image_loader(data, processor, 1)))["pixel_values"].to(dev, dtype)
-    # the same padding as the evaluation: all captions, padded to the longest
-    text = tokenize_captions(processor_parts(processor)[1], data.captions, kwargs.get("max_length", 35))
+@dataclass(frozen=True)
+class ITMRetrievalTask:
+    """Karpathy-split retrieval as a :class:`~crossget.tools.eval.runner.BlipTask`: the ``split``
+    to read; ``options`` are :func:`evaluate_itm_retrieval`'s (``k``, ``batch_size``, ...)."""
 
-    def measure() -> float:
+    split: str = "test"
+
+    name = "itm-retrieval"
+    model_class = BlipForImageTextRetrieval
+    result_keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "images_per_s")
+    results_file = False  # no per-item results
+
+    def load(self, path: str | os.PathLike, image_root: str | os.PathLike | None, limit: int | None) -> RetrievalSplit:
+        return load_karpathy(path, image_root, split=self.split, limit=limit)
+
+    def describe(self) -> dict[str, Any]:
+        return {"split": self.split}
+
+    def sample_gflops(self, model: nn.Module, processor: Any, data: RetrievalSplit, options: Mapping[str, Any]) -> float:
+        dev, dtype = device_dtype(model)
+        first = next(iter(image_loader(data, processor, 1)))["pixel_values"].to(dev, dtype)
+        # the same padding as the evaluation: all captions, padded to the longest
+        text = tokenize_captions(processor_parts(processor)[1], data.captions, options.get("max_length", MAX_LENGTH))
         return unit_gflops(model, first, text["input_ids"].to(dev), text["attention_mask"].to(dev))["gflops"]
 
-    result = run_config(model, lambda: evaluate_itm_retrieval(model, processor, data, progress=progress, **kwargs),
-                        measure, method, r, flops, towers)
-    result = {"task": "itm-retrieval", "model": str(model_dir), "data": str(annotation), "split": split, **result}
-    if json_path is not None:
-        write_json(json_path, result)
-    return result
+    def evaluate(self, model: nn.Module, processor: Any, data: RetrievalSplit, progress: bool,
+                 options: Mapping[str, Any]) -> dict[str, Any]:
+        return evaluate_itm_retrieval(model, processor, data, progress=progress, **options)
+
+
+def run_itm_retrieval(model_dir: str | os.PathLike, annotation: str | os.PathLike, *, split: str = "test",
+                      **kwargs: Any) -> dict[str, Any]:
+    """Load a local ``BlipForImageTextRetrieval`` and a Karpathy split, evaluate one config
+    (:func:`~crossget.tools.eval.runner.run_task`: ``image_root``, ``limit``, ``method``, ...; the
+    unreduced GFLOPs are measured first), and write the result JSON if ``json_path`` is given. The
+    other ``kwargs`` go to :func:`evaluate_itm_retrieval` (``k``, ``batch_size``, ...)."""
+    return run_task(ITMRetrievalTask(split), model_dir, annotation, **kwargs)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,20 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import BlipForImageTextRetrieval
 
-from crossget.tools.eval.blip_common import (
-    ModelClock,
-    check_images,
-    check_model,
-    device_dtype,
-    gflops_of,
-    load_blip,
-    malformed,
-    open_rgb,
-    require_fields,
-    run_config,
-    write_json,
-)
+from crossget.tools.common import ModelClock, device_dtype
+from crossget.tools.eval.blip_common import check_images, check_model, gflops_of, malformed, open_rgb, require_fields
+from crossget.tools.eval.runner import run_task
 
 WHAT = "NLVR2 JSON-lines file"
 COMBINE = ("mean", "min", "max")
@@ -141,12 +132,6 @@ def accuracy(predictions: Sequence[bool], labels: Sequence[bool]) -> float:
     return 100 * sum(p == y for p, y in zip(predictions, labels)) / len(labels)
 
 
-def _blip_itm_class() -> type:
-    from transformers import BlipForImageTextRetrieval
-
-    return BlipForImageTextRetrieval
-
-
 def itm_inputs(model: nn.Module, processor: Any, images: list, sentences: list[str]) -> dict[str, torch.Tensor]:
     """Processor tensors of (image, sentence) pairs on the model's device (sentences padded to the longest)."""
     device, dtype = device_dtype(model)
@@ -181,7 +166,7 @@ def evaluate_nlvr2(
     ``max(true_share, 100 - true_share)``), ``gflops`` (both images of the first example),
     ``examples_per_s`` (model time, not image decoding), ``decision`` and per-example ``results``.
     """
-    check_model(model, _blip_itm_class())
+    check_model(model, BlipForImageTextRetrieval)
     combine_probs(torch.zeros(1), torch.zeros(1), combine)  # validate before the long part
     device, _ = device_dtype(model)
     clock = ModelClock(device)
@@ -215,33 +200,35 @@ def evaluate_nlvr2(
     }
 
 
-def run_nlvr2(
-    model_dir: str | os.PathLike,
-    path: str | os.PathLike,
-    *,
-    image_root: str | os.PathLike | None = None,
-    limit: int | None = None,
-    method: str = "none",
-    r: int | None = None,
-    flops: float | None = None,
-    towers: Sequence[str] | None = None,
-    json_path: str | os.PathLike | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-    **kwargs,
-) -> dict[str, Any]:
-    """Load a local ``BlipForImageTextRetrieval`` and an NLVR2 file, evaluate one config, write JSON."""
-    model, processor = load_blip(model_dir, _blip_itm_class())
-    model.to(device)
-    data = load_nlvr2(path, image_root, limit)
-    first = [open_rgb(data.left[0]), open_rgb(data.right[0])]
-    result = run_config(
-        model,
-        lambda: evaluate_nlvr2(model, processor, data, progress=progress, **kwargs),
-        lambda: pair_gflops(model, processor, *first, data.sentences[0]),
-        method, r, flops, towers,
-    )
-    result = {"task": "nlvr2", "model": str(model_dir), "data": str(path), **result}
-    if json_path is not None:
-        write_json(json_path, result)
-    return result
+@dataclass(frozen=True)
+class NLVR2Task:
+    """NLVR2 (the ITM proxy of the module doc) as a :class:`~crossget.tools.eval.runner.BlipTask`;
+    ``options`` are :func:`evaluate_nlvr2`'s (``batch_size``, ``combine``, ``threshold``)."""
+
+    name = "nlvr2"
+    model_class = BlipForImageTextRetrieval
+    result_keys = ("accuracy", "examples_per_s")
+    results_file = False  # the per-example results stay in the result JSON
+
+    def load(self, path: str | os.PathLike, image_root: str | os.PathLike | None, limit: int | None) -> NLVR2Set:
+        return load_nlvr2(path, image_root, limit)
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def sample_gflops(self, model: nn.Module, processor: Any, data: NLVR2Set, options: Mapping[str, Any]) -> float:
+        return pair_gflops(model, processor, open_rgb(data.left[0]), open_rgb(data.right[0]), data.sentences[0])
+
+    def evaluate(self, model: nn.Module, processor: Any, data: NLVR2Set, progress: bool,
+                 options: Mapping[str, Any]) -> dict[str, Any]:
+        return evaluate_nlvr2(model, processor, data, progress=progress, **options)
+
+
+NLVR2 = NLVR2Task()
+
+
+def run_nlvr2(model_dir: str | os.PathLike, path: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+    """Load a local ``BlipForImageTextRetrieval`` and an NLVR2 file, evaluate one config, write JSON
+    (:func:`~crossget.tools.eval.runner.run_task`: ``image_root``, ``limit``, ``method``, ...; the rest
+    go to :func:`evaluate_nlvr2`)."""
+    return run_task(NLVR2, model_dir, path, **kwargs)

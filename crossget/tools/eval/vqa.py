@@ -38,21 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import BlipForQuestionAnswering
 
-from crossget.tools.eval.blip_common import (
-    ModelClock,
-    check_images,
-    check_model,
-    device_dtype,
-    gflops_of,
-    load_blip,
-    malformed,
-    open_rgb,
-    read_json,
-    require_fields,
-    run_config,
-    write_json,
-)
+from crossget.tools.common import ModelClock, device_dtype, read_json
+from crossget.tools.eval.blip_common import check_images, check_model, gflops_of, malformed, open_rgb, require_fields
+from crossget.tools.eval.runner import run_task
 
 QUESTIONS = "VQA question file"
 ANNOTATIONS = "VQA annotation file"
@@ -248,12 +238,6 @@ def vqa_scores(predictions: Mapping[Any, str], data: VQASet) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- generation
-def _blip_vqa_class() -> type:
-    from transformers import BlipForQuestionAnswering
-
-    return BlipForQuestionAnswering
-
-
 def vqa_inputs(model: nn.Module, processor: Any, images: list, questions: list[str]) -> dict[str, torch.Tensor]:
     """Processor tensors of a batch (``input_ids``/``attention_mask`` ``[B, L]``, ``pixel_values``), on the model's
     device; questions of equal tokenised length, so nothing is padded."""
@@ -305,7 +289,7 @@ def evaluate_vqa(
     question), ``questions_per_s`` (model time: vision, question encoder, answer decoder; not image decoding) and
     ``results`` (``[{"question_id", "answer"}]``, the official results format, in file order).
     """
-    check_model(model, _blip_vqa_class())
+    check_model(model, BlipForQuestionAnswering)
     device, _ = device_dtype(model)
     clock = ModelClock(device)
     lengths = [len(ids) for ids in processor.tokenizer(data.questions)["input_ids"]]
@@ -333,42 +317,45 @@ def evaluate_vqa(
     return result
 
 
+@dataclass(frozen=True)
+class VQATask:
+    """VQAv2 as a :class:`~crossget.tools.eval.runner.BlipTask`: the question file's
+    ``annotations`` (None: answers only) and ``image_pattern`` (see :func:`load_vqa`); ``options``
+    are :func:`evaluate_vqa`'s (``batch_size``, ``max_new_tokens``, ``num_beams``)."""
+
+    annotations: str | os.PathLike | None = None
+    image_pattern: str = IMAGE_PATTERN
+
+    name = "vqa"
+    model_class = BlipForQuestionAnswering
+    result_keys = ("accuracy", "questions_per_s")
+    results_file = True  # the answers in the official results format
+
+    def load(self, path: str | os.PathLike, image_root: str | os.PathLike | None, limit: int | None) -> VQASet:
+        return load_vqa(path, self.annotations, image_root, self.image_pattern, limit)
+
+    def describe(self) -> dict[str, Any]:
+        return {"annotations": str(self.annotations) if self.annotations else None}
+
+    def sample_gflops(self, model: nn.Module, processor: Any, data: VQASet, options: Mapping[str, Any]) -> float:
+        gen = {k: options[k] for k in ("max_new_tokens", "num_beams") if k in options}
+        return vqa_gflops(model, processor, open_rgb(data.image_paths[0]), data.questions[0], **gen)
+
+    def evaluate(self, model: nn.Module, processor: Any, data: VQASet, progress: bool,
+                 options: Mapping[str, Any]) -> dict[str, Any]:
+        return evaluate_vqa(model, processor, data, progress=progress, **options)
+
+
 def run_vqa(
     model_dir: str | os.PathLike,
     questions: str | os.PathLike,
     *,
     annotations: str | os.PathLike | None = None,
-    image_root: str | os.PathLike | None = None,
     image_pattern: str = IMAGE_PATTERN,
-    limit: int | None = None,
-    method: str = "none",
-    r: int | None = None,
-    flops: float | None = None,
-    towers: Sequence[str] | None = None,
-    json_path: str | os.PathLike | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-    **kwargs,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """Load a local ``BlipForQuestionAnswering`` and VQAv2 files, evaluate one config. With ``json_path``
-    the metrics go there and the answers to ``<stem>_results.json`` beside it."""
-    model, processor = load_blip(model_dir, _blip_vqa_class())
-    model.to(device)
-    data = load_vqa(questions, annotations, image_root, image_pattern, limit)
-    image = open_rgb(data.image_paths[0])
-    gen = {k: kwargs[k] for k in ("max_new_tokens", "num_beams") if k in kwargs}
-    result = run_config(
-        model,
-        lambda: evaluate_vqa(model, processor, data, progress=progress, **kwargs),
-        lambda: vqa_gflops(model, processor, image, data.questions[0], **gen),
-        method, r, flops, towers,
-    )
-    result = {"task": "vqa", "model": str(model_dir), "data": str(questions),
-              "annotations": str(annotations) if annotations else None, **result}
-    if json_path is not None:
-        json_path = Path(json_path)
-        results_path = json_path.with_name(f"{json_path.stem}_results.json")
-        write_json(results_path, result["results"])
-        result["results_file"] = str(results_path)
-        write_json(json_path, {k: v for k, v in result.items() if k != "results"})
-    return result
+    """Load a local ``BlipForQuestionAnswering`` and VQAv2 files, evaluate one config
+    (:func:`~crossget.tools.eval.runner.run_task`: ``image_root``, ``limit``, ``method``, ...; the
+    rest go to :func:`evaluate_vqa`). With ``json_path`` the metrics go there and the answers to
+    ``<stem>_results.json`` beside it."""
+    return run_task(VQATask(annotations, image_pattern), model_dir, questions, **kwargs)

@@ -8,13 +8,11 @@ patched model its config and family-level additions. Unpatching clears the recor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from crossget.config import PatchConfig
-    from crossget.state import TowerState
+from crossget.config import PatchConfig
 
 ATTR = "_crossget"  # the one attribute crossget sets on a module (a Record)
 
@@ -23,7 +21,7 @@ ATTR = "_crossget"  # the one attribute crossget sets on a module (a Record)
 class Record:
     """What crossget put on one module; removed whole by unpatching."""
 
-    state: TowerState | None = None  # tower, encoder, layers, attentions: the tower's state
+    state: Any = None  # tower, encoder, layers, attentions: the tower's crossget.state.TowerState
     layer: int | None = None  # layers and attentions: their index in the tower
     original_class: type | None = None  # modules whose class was swapped
     handles: list = field(default_factory=list)  # hooks to remove

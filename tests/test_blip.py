@@ -514,7 +514,8 @@ def test_cross_tokens_steer_the_merges(pixels):
 # --------------------------------------------------------------------------- benchmark architectures
 @pytest.mark.parametrize("spec, prompt", [("blip-tiny", 1), ("blip2-tiny", 4 + 1)])
 def test_bench_captioning_architectures(spec, prompt):
-    from crossget.tools.bench import forward_for, load_model, make_inputs, run_benchmark
+    from crossget.tools.bench import forward_for, make_inputs, run_benchmark
+    from crossget.tools.zoo import load_model
 
     model = load_model(spec, "caption")
     inputs = make_inputs(model, "caption", batch=2)

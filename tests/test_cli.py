@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from crossget.tools.bench import load_model
 from crossget.tools.cli import COMMANDS, main
+from crossget.tools.zoo import load_model
 
 FAST = ["--rounds", "1", "--warmup", "0", "--threads", "1", "--batch", "2"]
 

@@ -11,9 +11,9 @@ from conftest import make_clip, make_texts
 from test_blip import make_blip, make_blip2
 from test_llava import make_llava, make_prompts
 from transformers import (
+    Blip2ForConditionalGeneration,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
-    Blip2ForConditionalGeneration,
     CLIPTextModel,
     CLIPVisionModel,
 )

@@ -7,7 +7,8 @@ from torch.utils.flop_counter import flop_registry
 
 import crossget
 from crossget.flops import count_flops, model_gflops
-from crossget.tools.bench import load_model, make_inputs
+from crossget.tools.bench import make_inputs
+from crossget.tools.zoo import load_model
 
 
 def test_cpu_sdpa_formula_is_registered():

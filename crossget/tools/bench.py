@@ -1,6 +1,7 @@
 """Benchmark patched models against the stock model: FLOPs, tokens, speed, memory.
 
-    from crossget.tools.bench import load_model, make_inputs, forward_for, run_benchmark
+    from crossget.tools.bench import make_inputs, forward_for, run_benchmark
+    from crossget.tools.zoo import load_model
     model = load_model("clip-vit-b16", "vision")
     rows = run_benchmark(
         model, make_inputs(model, "vision", batch=8),
@@ -21,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,22 +35,20 @@ from crossget.flops import count_flops
 from crossget.io import apply
 from crossget.tools.common import ModelClock, sync
 from crossget.tools.memory import PeakMemory
+from crossget.tools.zoo import TOWERS, load_model
 
 __all__ = [
-    "ARCHITECTURES",
     "benchmark_model",
     "SUMMARY_KEYS",
     "TOWERS",
     "build_configs",
     "forward_for",
-    "load_model",
     "make_inputs",
     "results_markdown",
     "run_benchmark",
     "write_results",
 ]
 
-TOWERS = ("vision", "text", "both", "caption")  # caption: a captioning model's whole generate call
 CONFIG_KEYS = ("name", "method", "r", "flops", "towers", "prop_attn", "metric", "text_len")
 SUMMARY_KEYS = (
     "name",  # label of the config ("baseline" is the stock model)
@@ -73,174 +71,6 @@ SUMMARY_KEYS = (
 
 
 # --------------------------------------------------------------------------- models
-def _clip_vit_b16_config():
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        vision_config=dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            image_size=224, patch_size=16,
-        ),
-        text_config=dict(
-            hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-            max_position_embeddings=77,
-        ),
-        projection_dim=512,
-    )
-
-
-def _clip_tiny_config():
-    from transformers import CLIPConfig
-
-    return CLIPConfig(
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=32, patch_size=8,
-        ),
-        text_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=16, vocab_size=100, bos_token_id=97, eos_token_id=98, pad_token_id=98,
-        ),
-        projection_dim=16,
-    )
-
-
-def _blip_vit_b16_config():
-    """BLIP captioning base: ViT-B/16 at 384 px (577 tokens), BERT-base decoder."""
-    from transformers import BlipConfig
-
-    return BlipConfig(
-        # BLIP's vision default initializer_range is 1e-10 (all keys ~0); use ViT's 0.02
-        vision_config=dict(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            image_size=384, patch_size=16, initializer_range=0.02,
-        ),
-        text_config=dict(
-            vocab_size=30524, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            encoder_hidden_size=768,
-        ),
-    )
-
-
-def _blip2_vit_g_config():
-    """BLIP-2's ViT-g/14 (1408 wide, 39 layers, 224 px: 257 tokens) and BERT-base Q-Former
-    (32 queries), with an OPT-125m-sized language model instead of OPT-2.7b/6.7b (CPU)."""
-    from transformers import Blip2Config
-
-    return Blip2Config(
-        vision_config=dict(
-            hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
-            image_size=224, patch_size=14, qkv_bias=True,
-        ),
-        qformer_config=dict(
-            hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-            cross_attention_frequency=2, encoder_hidden_size=1408,
-        ),
-        text_config=dict(
-            model_type="opt", vocab_size=50272, hidden_size=768, num_hidden_layers=12, ffn_dim=3072,
-            num_attention_heads=12, word_embed_proj_dim=768, max_position_embeddings=2048,
-            bos_token_id=2, eos_token_id=2, pad_token_id=1,
-        ),
-        num_query_tokens=32,
-        image_token_index=50265,
-    )
-
-
-def _blip_tiny_config():
-    from transformers import BlipConfig
-
-    return BlipConfig(
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=32, patch_size=8, initializer_range=0.02,
-        ),
-        text_config=dict(
-            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            encoder_hidden_size=32, max_position_embeddings=32, bos_token_id=97, sep_token_id=98, pad_token_id=0,
-            eos_token_id=98,
-        ),
-    )
-
-
-def _blip2_tiny_config():
-    from transformers import Blip2Config
-
-    return Blip2Config(
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=32, patch_size=8,
-        ),
-        qformer_config=dict(
-            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            encoder_hidden_size=32, max_position_embeddings=32,
-        ),
-        text_config=dict(
-            model_type="opt", vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-            num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=64,
-        ),
-        num_query_tokens=4,
-        image_token_index=99,
-    )
-
-
-# name -> config factory (CLIPConfig, BlipConfig or Blip2Config); random weights, nothing downloaded
-ARCHITECTURES: dict[str, Callable[[], Any]] = {
-    "clip-vit-b16": _clip_vit_b16_config,
-    "blip-vit-b16": _blip_vit_b16_config,
-    "blip2-vit-g": _blip2_vit_g_config,
-    "clip-tiny": _clip_tiny_config,  # for tests and smoke runs
-    "blip-tiny": _blip_tiny_config,
-    "blip2-tiny": _blip2_tiny_config,
-}
-
-
-def load_model(spec: str, tower: str = "vision", seed: int = 0) -> nn.Module:
-    """A model in eval mode: a named architecture with random weights, or a local directory.
-
-    Named architectures give the smallest model that runs ``tower``: ``CLIPVisionModel``
-    (vision), ``CLIPTextModel`` (text) or ``CLIPModel`` (both); for BLIP / BLIP-2 names,
-    ``Blip(2)VisionModel`` (vision) or ``Blip(2)ForConditionalGeneration`` (caption). A
-    directory is loaded with ``transformers.AutoModel.from_pretrained``
-    (``AutoModelForImageTextToText`` for caption).
-
-    Raises:
-        ValueError: unknown tower, or ``spec`` is neither a known name nor a directory.
-    """
-    if tower not in TOWERS:
-        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
-    if spec in ARCHITECTURES:
-        cfg = ARCHITECTURES[spec]()
-        torch.manual_seed(seed)
-        model = _build(spec, cfg, tower)
-    elif os.path.isdir(spec):
-        from transformers import AutoModel, AutoModelForImageTextToText
-
-        model = (AutoModelForImageTextToText if tower == "caption" else AutoModel).from_pretrained(spec)
-    else:
-        names = ", ".join(ARCHITECTURES)
-        raise ValueError(f"model {spec!r} is neither a named architecture ({names}) nor a local directory")
-    return model.eval()
-
-
-def _build(spec: str, cfg, tower: str) -> nn.Module:
-    import transformers as tf
-
-    if isinstance(cfg, (tf.BlipConfig, tf.Blip2Config)):
-        blip = isinstance(cfg, tf.BlipConfig)
-        if tower == "vision":
-            return (tf.BlipVisionModel if blip else tf.Blip2VisionModel)(cfg.vision_config)
-        if tower == "caption":
-            return (tf.BlipForConditionalGeneration if blip else tf.Blip2ForConditionalGeneration)(cfg)
-        raise ValueError(f"{spec} benchmarks tower 'vision' or 'caption', got {tower!r}")
-    if tower == "caption":
-        raise ValueError(f"tower 'caption' needs a captioning architecture (blip-*, blip2-*), got {spec!r}")
-    if tower == "vision":
-        return tf.CLIPVisionModel(cfg.vision_config)
-    if tower == "text":
-        return tf.CLIPTextModel(cfg.text_config)
-    return tf.CLIPModel(cfg)
-
-
 def _sub_config(model: nn.Module, kind: str):
     cfg = model.config
     sub = getattr(cfg, f"{kind}_config", None)
@@ -363,12 +193,9 @@ def _restore(model: nn.Module, snap) -> None:
 
 # --------------------------------------------------------------------------- measuring
 def _time_ms(forward, model, inputs, device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), ModelClock(device) as clock:
         forward(model, inputs)
-    sync(device)
-    return (time.perf_counter() - t0) * 1e3
+    return clock.seconds * 1e3
 
 
 def _peak_activation_mib(forward, model, inputs, device) -> float:

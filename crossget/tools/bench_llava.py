@@ -41,8 +41,8 @@ from crossget.config import METHODS as ALL_METHODS
 from crossget.config import PatchConfig
 from crossget.families.llava import FASTV_LAYER, image_tokens
 from crossget.io import apply
-from crossget.tools.eval.llava.arch import llava15_config
 from crossget.tools.memory import PeakMemory
+from crossget.tools.zoo import llava15_config
 
 __all__ = ["budget_configs", "lm_flops", "run_llava_benchmark", "scaled_llava"]
 

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from crossget.tools.common import ModelClock, device_dtype
 from crossget.tools.data.karpathy import RetrievalSplit, image_loader, text_loader, twin_pairs
 
 KS = (1, 5, 10)
@@ -131,11 +131,6 @@ def fidelity(emb_reduced: torch.Tensor, emb_reference: torch.Tensor) -> float:
     return torch.cosine_similarity(emb_reduced.double(), emb_reference.double(), dim=-1).mean().item()
 
 
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters())
-    return p.device, p.dtype
-
-
 def _normalise(chunks: list[torch.Tensor]) -> torch.Tensor:
     return nn.functional.normalize(torch.cat(chunks).float(), dim=-1).cpu()
 
@@ -156,7 +151,7 @@ def encode_split(
     order. ``max_length`` pads/truncates captions (default: pad to the longest in a batch, truncate at
     the tokenizer's ``model_max_length``).
     """
-    device, dtype = _device_dtype(model)
+    device, dtype = device_dtype(model)
     images, texts = [], []
     loader = image_loader(split, processor, batch_size)
     for batch in tqdm(loader, desc="images", disable=not progress, leave=False):
@@ -181,15 +176,13 @@ def encode(
     Returns ``image [I, D]`` and ``text [T, D]`` (L2-normalised, float32, CPU) and ``image_seconds``,
     the wall time of the image side alone (model time, no image decoding), for images/s.
     """
-    device, dtype = _device_dtype(model)
+    device, dtype = device_dtype(model)
     pixels, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
     img, txt = [], []
-    t0 = time.perf_counter()
-    for s in tqdm(range(0, len(pixels), batch_size), desc="images", disable=not progress, leave=False):
-        img.append(_features(model.get_image_features(pixel_values=pixels[s : s + batch_size].to(device, dtype))))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    image_seconds = time.perf_counter() - t0
+    with ModelClock(device) as clock:
+        for s in tqdm(range(0, len(pixels), batch_size), desc="images", disable=not progress, leave=False):
+            img.append(_features(model.get_image_features(pixel_values=pixels[s : s + batch_size].to(device, dtype))))
+    image_seconds = clock.seconds
     for s in tqdm(range(0, len(ids), batch_size), desc="texts", disable=not progress, leave=False):
         batch = {"input_ids": ids[s : s + batch_size].to(device), "attention_mask": mask[s : s + batch_size].to(device)}
         txt.append(_features(model.get_text_features(**batch)))

@@ -1,6 +1,6 @@
 """FLOPs of the real LLaVA-1.5-7B / -13B, counted without weights.
 
-The architectures are written out here (CLIP ViT-L/14 at 336 px, the 2-layer GELU MLP
+The architectures are :func:`crossget.tools.zoo.llava15_config` (CLIP ViT-L/14 at 336 px, the 2-layer GELU MLP
 projector, Llama-2 7B / 13B shapes, as in llava-hf's ``llava-1.5-{7b,13b}-hf`` configs), built
 on PyTorch's meta device and run through ``FlopCounterMode``: the count is exactly what the
 HF modules execute, without a byte of weights or a real multiply.
@@ -20,39 +20,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from crossget.tools.zoo import LLAVA15_SIZES, llava15_config
+
 __all__ = ["LLAVA15_SIZES", "llava15_config", "llava_flops"]
-
-# Llama-2 shapes of LLaVA-1.5's language models (vocabulary: Llama's 32000 + <image> + <pad>, padded to 32064)
-LLAVA15_SIZES: dict[str, dict[str, int]] = {
-    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32},
-    "13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40},
-}
-
-
-def llava15_config(size: str = "7b"):
-    """``LlavaConfig`` of LLaVA-1.5-7B or -13B (CLIP ViT-L/14-336, MLP projector, Llama-2).
-
-    Raises:
-        ValueError: unknown size.
-    """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    if size not in LLAVA15_SIZES:
-        raise ValueError(f"size must be one of {tuple(LLAVA15_SIZES)}, got {size!r}")
-    vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
-    )
-    lm = LLAVA15_SIZES[size]
-    text = LlamaConfig(
-        **lm, num_key_value_heads=lm["num_attention_heads"], vocab_size=32064, max_position_embeddings=4096,
-        rms_norm_eps=1e-5, pad_token_id=32001,
-    )
-    return LlavaConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000,
-        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )
-
 
 def _unreduced_visual_tokens(config) -> int:
     vc = config.vision_config

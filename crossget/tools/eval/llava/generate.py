@@ -10,7 +10,6 @@ Batches are left-padded so every row's answer starts at the same position.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crossget.flops import count_flops
-from crossget.tools.common import sync
+from crossget.tools.common import ModelClock
 from crossget.tools.eval.llava.data import Sample, load_image
 from crossget.tools.eval.llava.metrics import LETTERS
 
@@ -156,7 +155,7 @@ def generate_answers(
 
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     texts, prompts, cost = [], [], {}
-    seconds, timed_samples, timed_tokens, all_tokens = 0.0, 0, 0, 0
+    clock, timed_samples, timed_tokens, all_tokens = ModelClock(device), 0, 0, 0
     with torch.inference_mode():
         for b, batch in enumerate(tqdm(batches, desc="answering", unit="batch", disable=not progress)):
             shown, inputs = prepare(batch)
@@ -164,16 +163,14 @@ def generate_answers(
                 cost = _batch_cost(model, inputs, generate, model.config.image_token_id)
                 new = cost.pop("new")
             if b > 0 or len(batches) == 1:  # the counted batch ran slowed by the counter: time a lone batch again
-                sync(device)
-                t0 = time.perf_counter()
-                new = generate(inputs)
-                sync(device)
-                seconds += time.perf_counter() - t0
+                with clock:
+                    new = generate(inputs)
                 timed_samples += len(batch)
                 timed_tokens += int(_answer_lengths(new, eos).sum())
             all_tokens += int(_answer_lengths(new, eos).sum())
             texts.extend(t.strip() for t in processor.batch_decode(new, skip_special_tokens=True))
             prompts.extend(shown)
+    seconds = clock.seconds
     return GenerationResult(
         texts=texts, prompts=prompts, **cost, new_tokens=all_tokens / len(samples), seconds=seconds,
         samples_per_s=timed_samples / seconds, new_tokens_per_s=timed_tokens / seconds, batch_size=batch_size,

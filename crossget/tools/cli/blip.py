@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
 
 import torch
 
@@ -19,10 +18,11 @@ from crossget.tools.cli.options import (
     save_training_log,
 )
 from crossget.tools.eval.blip_common import summary_line
-from crossget.tools.eval.caption import GenerationSettings, run_caption
-from crossget.tools.eval.itm_retrieval import run_itm_retrieval
-from crossget.tools.eval.nlvr2 import run_nlvr2
-from crossget.tools.eval.vqa import run_vqa
+from crossget.tools.eval.caption import CAPTION, GenerationSettings
+from crossget.tools.eval.itm_retrieval import ITMRetrievalTask
+from crossget.tools.eval.nlvr2 import NLVR2
+from crossget.tools.eval.runner import BlipTask, run_task
+from crossget.tools.eval.vqa import VQATask
 from crossget.tools.train.jobs import train_blip_on
 
 
@@ -72,15 +72,13 @@ def eval_arguments(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--json", default=None, help="write the result JSON here")
 
 
-def _evaluate(args: argparse.Namespace, run: Callable, data_kwargs: dict, keys: Sequence[str], **kwargs) -> int:
-
-
+def _evaluate(args: argparse.Namespace, task: BlipTask, **options) -> int:
     need_budget(args)
     torch.set_num_threads(args.threads)
-    result = run(args.model, args.data, **data_kwargs, image_root=args.images, limit=args.limit, method=args.method,
-                 r=args.r, flops=args.flops, towers=args.towers, json_path=args.json, device=args.device,
-                 batch_size=args.batch, **kwargs)
-    print(summary_line(result, [*keys, "gflops", "gflops_ratio"]))
+    result = run_task(task, args.model, args.data, image_root=args.images, limit=args.limit, method=args.method,
+                      r=args.r, flops=args.flops, towers=args.towers, json_path=args.json, device=args.device,
+                      batch_size=args.batch, **options)
+    print(summary_line(result, [*task.result_keys, "gflops", "gflops_ratio"]))
     if args.json:
         print(f"wrote {args.json}" + (f" and {result['results_file']}" if result.get("results_file") else ""))
     return 0
@@ -96,9 +94,8 @@ def eval_itm_retrieval_arguments(p: argparse.ArgumentParser) -> None:
 
 def eval_itm_retrieval(args: argparse.Namespace) -> int:
     """BLIP retrieval: ITC ranking, ITM re-ranking of the top k, Recall@1/5/10 both ways, GFLOPs, images/s."""
-    return _evaluate(args, run_itm_retrieval, {"split": args.split},
-                     ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "images_per_s"],
-                     k=args.k, pair_batch=args.pair_batch, first_token=args.first_token)
+    return _evaluate(args, ITMRetrievalTask(args.split), k=args.k, pair_batch=args.pair_batch,
+                     first_token=args.first_token)
 
 
 def eval_caption_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,8 +111,7 @@ def eval_caption_arguments(p: argparse.ArgumentParser) -> None:
 def eval_caption(args: argparse.Namespace) -> int:
     """BLIP captioning: generate, BLEU-4 and CIDEr (pycocoevalcap), GFLOPs, images/s; COCO results JSON."""
     settings = GenerationSettings(args.prompt, args.num_beams, args.max_length, min(args.min_length, args.max_length))
-    return _evaluate(args, run_caption, {}, ["bleu_4", "cider", "images_per_s"], settings=settings,
-                     tokenizer=args.tokenizer)
+    return _evaluate(args, CAPTION, settings=settings, tokenizer=args.tokenizer)
 
 
 def eval_vqa_arguments(p: argparse.ArgumentParser) -> None:
@@ -129,8 +125,8 @@ def eval_vqa_arguments(p: argparse.ArgumentParser) -> None:
 
 def eval_vqa(args: argparse.Namespace) -> int:
     """BLIP VQA: generate answers, official VQA accuracy, GFLOPs, questions/s; official results JSON."""
-    return _evaluate(args, run_vqa, {"annotations": args.annotations, "image_pattern": args.image_pattern},
-                     ["accuracy", "questions_per_s"], max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    return _evaluate(args, VQATask(args.annotations, args.image_pattern), max_new_tokens=args.max_new_tokens,
+                     num_beams=args.num_beams)
 
 
 def eval_nlvr2_arguments(p: argparse.ArgumentParser) -> None:
@@ -142,5 +138,4 @@ def eval_nlvr2_arguments(p: argparse.ArgumentParser) -> None:
 
 def eval_nlvr2(args: argparse.Namespace) -> int:
     """NLVR2 with a BLIP ITM model (zero-shot proxy: ITM against each image), accuracy, GFLOPs, examples/s."""
-    return _evaluate(args, run_nlvr2, {}, ["accuracy", "examples_per_s"], combine=args.combine,
-                     threshold=args.threshold)
+    return _evaluate(args, NLVR2, combine=args.combine, threshold=args.threshold)

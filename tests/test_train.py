@@ -223,3 +223,85 @@ def test_sincos_positions_order_the_patch_grid():
     add_sincos_positions(model.vision_model, 0.5)
     assert torch.equal(table[0], before[0]) and not torch.equal(table[1:], before[1:])
     assert table.requires_grad
+
+
+
+# ------------------------------------------------------------------------------- the shared loop
+def _linear_loop(steps: int = 6, checkpoint=None, resume: bool = False, **kw):
+    """Linear regression through TrainLoop on fixed batches (no randomness), so runs compare bitwise.
+    Returns the loop after fit, the step it resumed at and the on_save calls."""
+    from crossget.tools.train.loop import TrainLoop
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(steps, 4, 3, generator=torch.Generator().manual_seed(1))
+    y = x.sum(-1, keepdim=True)
+    loop = TrainLoop(model, torch.optim.AdamW(model.parameters(), lr=0.1), steps, warmup=2, checkpoint=checkpoint,
+                     progress=False, **kw)
+    done = loop.resume() if resume else 0
+
+    def loss_fn(model, batch, step):
+        loss = torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+        return loss, {"loss": loss, "at": float(step), "absent": None}
+
+    saves = []
+    loop.fit(lambda first: ({"x": x[i], "y": y[i]} for i in range(first, steps)), loss_fn,
+             on_save=lambda step, final: saves.append((step, final)))
+    return loop, done, saves
+
+
+def test_train_loop_averages_logged_values_per_window_under_the_cosine_schedule():
+    from crossget.tools.train.common import cosine_lr
+
+    loop, _, saves = _linear_loop(steps=5, log_every=2)
+    assert loop.step == 5 and not loop.stopped and saves == []  # no checkpoint given
+    assert [e["step"] for e in loop.history] == [2, 4, 5]
+    assert [e["at"] for e in loop.history] == [0.5, 2.5, 4.0]  # steps 0-1, 2-3, 4
+    assert all(e["absent"] is None and e["loss"] > 0 for e in loop.history)
+    assert [e["lr"] for e in loop.history] == pytest.approx([0.1 * cosine_lr(s, 5, 2) for s in (2, 4, 5)])
+    assert loop.history[-1]["seconds"] == loop.elapsed > 0
+
+
+def test_train_loop_stops_on_time_checkpointed_and_resumes_as_one_run(tmp_path):
+    from crossget.tools.train.loop import AccelerateCheckpoint, TrainableCheckpoint
+
+    straight, _, _ = _linear_loop()
+    want = straight.unwrapped().state_dict()
+    for fmt in (AccelerateCheckpoint, TrainableCheckpoint):
+        out = tmp_path / fmt.__name__
+        # out of time at the first look at the clock (step 3): stops there with a final checkpoint
+        first, _, saves = _linear_loop(checkpoint=fmt(out), checkpoint_every=2, max_minutes=0.0, time_check_every=3)
+        assert first.stopped and first.step == 3 and saves == [(2, False), (3, True)]
+        assert json.loads(next(out.rglob("progress.json")).read_text()) == {"step": 3}
+        second, done, saves = _linear_loop(checkpoint=fmt(out), checkpoint_every=2, resume=True)
+        assert done == 3 and second.step == 6 and saves == [(4, False), (6, True)]
+        got = second.unwrapped().state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), fmt.__name__  # weights, moments, schedule restored
+        assert [e["step"] for e in second.history] == [4, 5, 6]
+
+
+def test_repeat_epochs_is_lazy_and_refuses_an_empty_epoch():
+    from crossget.tools.train.loop import repeat_epochs
+
+    started = []
+
+    def epoch():
+        started.append(len(started))
+        return iter([len(started)] * 2)
+
+    batches = repeat_epochs(epoch)
+    assert [next(batches) for _ in range(4)] == [1, 1, 2, 2] and started == [0, 1]  # epoch 3 not begun
+    with pytest.raises(ValueError, match="fewer samples than one batch"):
+        next(repeat_epochs(lambda: iter([])))
+
+
+def test_train_loop_ends_with_the_batches_and_refuses_logged_names_it_uses_itself():
+    from crossget.tools.train.loop import TrainLoop
+
+    model = torch.nn.Linear(1, 1)
+    loop = TrainLoop(model, torch.optim.SGD(model.parameters(), lr=0.0), 10, log_every=3, progress=False)
+    loop.fit(lambda first: ({"x": torch.ones(1, 1)} for _ in range(4)), lambda m, b, step: (m(b["x"]).sum(), {"at": step}))
+    assert loop.step == 4 and [(e["step"], e["at"]) for e in loop.history] == [(3, 1.0), (4, 3.0)]  # the last window too
+    with pytest.raises(ValueError, match="'step'"):
+        loop.fit(lambda first: ({"x": torch.ones(1, 1)} for _ in range(2)),
+                 lambda m, b, step: (m(b["x"]).sum(), {"step": step}))

@@ -19,15 +19,14 @@
   token (BLIP's ``[DEC]``, what ``generate`` writes over the first prompt token) and the question
   encoder's first token (BLIP's ``[ENC]``; encoder and decoder have separate embeddings), ``<eos>`` is
   ``sep_token_id`` (where ``generate`` stops), ``<pad>`` is padding.
-- :func:`train_blip`: teacher-forced cross-entropy through ``accelerate`` (as :mod:`crossget.tools.train.clip`),
-  AdamW with warm-up and cosine decay; captions follow BLIP's recipe (the prompt "a picture of " before
+- :func:`train_blip`: teacher-forced cross-entropy through :class:`~crossget.tools.train.loop.TrainLoop`
+  (``accelerate``), AdamW with warm-up and cosine decay; captions follow BLIP's recipe (the prompt "a picture of " before
   each caption, left out of the loss); VQA answers are ``<bos> answer <eos>``.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,10 +34,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from crossget.tools.train.clip import save_trained
-from crossget.tools.train.common import accelerator, cosine_lr
+from crossget.tools.train.clip import BaseModelConfig
+from crossget.tools.train.loop import TrainLoop, save_trained
 
 TASKS = ("caption", "vqa")
 PROMPT = "a picture of "  # BLIP's captioning prompt; crossget eval caption's default
@@ -46,14 +44,15 @@ PROMPT = "a picture of "  # BLIP's captioning prompt; crossget eval caption's de
 
 @dataclass
 class BlipSmallConfig:
-    """Sizes of the small BLIP models. The vision part must match the CLIP it starts from."""
+    """Sizes of the small BLIP models. The vision part must match the CLIP it starts from (default:
+    the shipped one, :class:`~crossget.tools.train.clip.BaseModelConfig`)."""
 
-    image_size: int = 96
-    patch_size: int = 8
-    vision_width: int = 192
-    vision_layers: int = 6
-    vision_heads: int = 3
-    vision_mlp: int = 768
+    image_size: int = BaseModelConfig.image_size
+    patch_size: int = BaseModelConfig.patch_size
+    vision_width: int = BaseModelConfig.vision_width
+    vision_layers: int = BaseModelConfig.vision_layers
+    vision_heads: int = BaseModelConfig.vision_heads
+    vision_mlp: int = 4 * BaseModelConfig.vision_width  # CLIP's MLP width (BaseModelConfig.clip_config)
     vision_act: str = "quick_gelu"  # CLIP's activation, so the converted MLPs compute the same
     text_layers: int = 3
     text_heads: int = 3
@@ -273,40 +272,25 @@ def train_blip(
     text = [p for n, p in model.named_parameters() if not n.startswith("vision_model.")]
     opt = torch.optim.AdamW([{"params": vision, "lr": lr * vision_lr_scale}, {"params": text, "lr": lr}],
                             weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, max(1, steps // 20)))
-    acc = accelerator()
-    model, opt = acc.prepare(model, opt)
+    loop = TrainLoop(model, opt, steps, warmup=max(1, steps // 20), max_minutes=max_minutes, log_every=log_every,
+                     progress=progress, desc=f"train-blip {task}")
     log: dict[str, Any] = {"task": task, "config": asdict(config), "clip": str(clip), "steps": steps,
                            "batch_size": batch_size, "lr": lr, "vision_lr_scale": vision_lr_scale,
                            "weight_decay": weight_decay, "seed": seed, "examples": len(data), "fold": fold,
                            "log_every": log_every, "loss": []}
-    start = time.perf_counter()
-    model.train()
-    window: list[float] = []
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], step: int):
+        loss = model(**batch).loss
+        return loss, {"loss": loss}
+
     order = batches(data, batch_size, g)
-    with tqdm(total=steps, desc=f"train-blip {task}", disable=not progress or not acc.is_main_process) as bar:
-        for step in range(steps):
-            batch = {k: v.to(acc.device) for k, v in make_batch(task, data, next(order), processor,
-                                                                 config.max_text_len).items()}
-            loss = model(**batch).loss
-            acc.backward(loss)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
-            window.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            bar.update()
-            if len(window) == log_every or step + 1 == steps:
-                log["loss"].append(sum(window) / len(window))
-                window = []
-            if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
-                if window:
-                    log["loss"].append(sum(window) / len(window))
-                log["stopped_early_after_step"] = step + 1
-                break
-    log["train_seconds"] = time.perf_counter() - start
-    log["seconds_per_step"] = log["train_seconds"] / log.get("stopped_early_after_step", steps)
-    return save_trained(acc, model, out_dir, log, processor), log
+    seconds = loop.fit(lambda _: (make_batch(task, data, idx, processor, config.max_text_len) for idx in order), loss_fn)
+    log["loss"] = [entry["loss"] for entry in loop.history]
+    if loop.stopped:
+        log["stopped_early_after_step"] = loop.step
+    log["train_seconds"] = seconds
+    log["seconds_per_step"] = seconds / loop.step
+    return save_trained(loop.acc, loop.model, out_dir, log, processor), log
 
 
 __all__ = ["BlipSmallConfig", "TextImageData", "blip_processor", "blip_tokenizer", "build_blip", "caption_data",

@@ -1,7 +1,7 @@
 """Training: a small CLIP from scratch (the shipped default model) and cross tokens.
 
-Both loops run through ``accelerate``: the same code trains on one CPU or, launched
-with ``accelerate launch``, on several GPUs. Checkpoints are safetensors.
+Both train with :class:`~crossget.tools.train.loop.TrainLoop` (``accelerate``): the same code trains
+on one CPU or, launched with ``accelerate launch``, on several GPUs. Checkpoints are safetensors.
 
 - :func:`train_base`: contrastive training of a ``CLIPModel`` built from a small config,
   saved with ``save_pretrained`` (weights, tokenizer, image processor); optionally with an
@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from crossget.api import cross_token_loss, states
 from crossget.families.base import CROSS_PARAM
 from crossget.io import save_cross_tokens
-from crossget.tools.train.common import accelerator, cosine_lr
+from crossget.tools.train.common import accelerator
+from crossget.tools.train.loop import AccelerateCheckpoint, TrainLoop, progress_bar, repeat_epochs, save_trained
 
 
 @dataclass
@@ -238,6 +238,9 @@ def train_base(
         raise ValueError(f"scene_only_steps must be >= 0 and needs a scene weight > 0, got {scene_only_steps}")
     if text_warmup_steps < 0 or (text_warmup_steps and not use_text_scene):
         raise ValueError(f"text_warmup_steps must be >= 0 and needs text_scene_weight > 0, got {text_warmup_steps}")
+    steps_per_epoch = data.pixel_values.shape[0] // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is more than the {data.pixel_values.shape[0]} images")
     config = config or BaseModelConfig()
     torch.manual_seed(seed)
     if init_from is not None:
@@ -258,74 +261,59 @@ def train_base(
     acc = accelerator()
     warmup_log = _text_scene_warmup(model.text_model, text_head, data, text_warmup_steps, batch_size, lr,
                                     weight_decay, g, progress, acc.device) if text_warmup_steps else {}
-    opt = torch.optim.AdamW(groups, lr=lr)
-    model, opt = acc.prepare(model, opt)
+    total = epochs * steps_per_epoch
+    # one log entry and one look at the clock per epoch: max_minutes stops after the epoch that passes it
+    loop = TrainLoop(model, torch.optim.AdamW(groups, lr=lr), total, warmup=max(1, total // 20), acc=acc,
+                     max_minutes=max_minutes, time_check_every=steps_per_epoch, log_every=steps_per_epoch,
+                     progress=progress, desc="train-base")
     if use_scene:
         head = acc.prepare(head)
-        post_layernorm = acc.unwrap_model(model).vision_model.post_layernorm
+        post_layernorm = loop.unwrapped().vision_model.post_layernorm
     if use_text_scene:
         text_head = acc.prepare(text_head)
-        text_model = acc.unwrap_model(model).text_model
-    steps_per_epoch = data.pixel_values.shape[0] // batch_size
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, max(1, total // 20)))
+        text_model = loop.unwrapped().text_model
     log: dict[str, Any] = {"config": asdict(config), "epochs": epochs, "batch_size": batch_size, "lr": lr,
                            "weight_decay": weight_decay, "no_weight_decay": "biases, norms, logit_scale", "seed": seed,
                            "init_from": str(init_from), "scene_weight": scene_weight,
                            "sincos_positions": sincos_positions, "scene_only_steps": scene_only_steps,
                            "text_scene_weight": text_scene_weight, **warmup_log, "epoch_loss": []}
+    series = {"epoch_loss": "loss"}  # log key: the logged value whose means per epoch it lists
     if use_scene:
         log["scene_head_reads"] = "vision tower pooled CLS state (post_layernorm, before the projection)"
         log["epoch_scene_loss"] = []
+        series["epoch_scene_loss"] = "scene"
     if use_text_scene:
         log["text_scene_head_reads"] = "text tower pooled EOT state (final_layer_norm, before the projection)"
         log["epoch_text_scene_loss"] = []
-    start, step = time.perf_counter(), 0
-    model.train()
-    with tqdm(total=total, desc="train-base", disable=not progress or not acc.is_main_process) as bar:
-        for epoch in range(epochs):
-            losses, scene_losses, text_scene_losses = [], [], []
-            for batch in data.batches(batch_size, g, scene_targets=use_scene or use_text_scene):
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
-                targets = batch.pop("scene_targets", None)
-                out = model(**batch, return_loss=True)
-                loss = out.loss
-                losses.append(loss.item())  # the CLIP loss alone, comparable across runs
-                if step < scene_only_steps:
-                    # scene loss only; every parameter stays in the graph (DDP); weight decay still applies
-                    loss = 0.0 * loss
-                if use_scene:
-                    # the vision tower's pooled CLS state, before the projection (transformers 5 puts the
-                    # projected one in vision_model_output.pooler_output)
-                    cls = out.vision_model_output.last_hidden_state[:, 0]
-                    scene = head(post_layernorm(cls), targets)
-                    scene_losses.append(scene.item())
-                    loss = loss + scene_weight * scene
-                if use_text_scene:
-                    text_state = text_pooled_state(text_model, out.text_model_output.last_hidden_state,
-                                                   batch["input_ids"])
-                    text_scene = text_head(text_state, targets)
-                    text_scene_losses.append(text_scene.item())
-                    loss = loss + text_scene_weight * text_scene
-                acc.backward(loss)
-                opt.step()
-                sched.step()
-                opt.zero_grad()
-                step += 1
-                bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.3f}",
-                                **({"scene": f"{scene_losses[-1]:.3f}"} if use_scene else {}),
-                                **({"text_scene": f"{text_scene_losses[-1]:.3f}"} if use_text_scene else {}))
-                bar.update()
-            log["epoch_loss"].append(sum(losses) / max(1, len(losses)))
-            if use_scene:
-                log["epoch_scene_loss"].append(sum(scene_losses) / max(1, len(scene_losses)))
-            if use_text_scene:
-                log["epoch_text_scene_loss"].append(sum(text_scene_losses) / max(1, len(text_scene_losses)))
-            if max_minutes is not None and time.perf_counter() - start > 60 * max_minutes:
-                log["stopped_early_after_epoch"] = epoch
-                break
-    log["train_seconds"] = time.perf_counter() - start
-    return save_trained(acc, model, out_dir, log, tokenizer, image_processor), log
+        series["epoch_text_scene_loss"] = "text_scene"
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], step: int):
+        targets = batch.pop("scene_targets", None)
+        out = model(**batch, return_loss=True)
+        logs = {"loss": out.loss}  # the CLIP loss alone, comparable across runs
+        # scene loss only; every parameter stays in the graph (DDP); weight decay still applies
+        loss = 0.0 * out.loss if step < scene_only_steps else out.loss
+        if use_scene:
+            # the vision tower's pooled CLS state, before the projection (transformers 5 puts the
+            # projected one in vision_model_output.pooler_output)
+            cls = out.vision_model_output.last_hidden_state[:, 0]
+            logs["scene"] = head(post_layernorm(cls), targets)
+            loss = loss + scene_weight * logs["scene"]
+        if use_text_scene:
+            text_state = text_pooled_state(text_model, out.text_model_output.last_hidden_state, batch["input_ids"])
+            logs["text_scene"] = text_head(text_state, targets)
+            loss = loss + text_scene_weight * logs["text_scene"]
+        return loss, logs
+
+    scene = use_scene or use_text_scene
+    seconds = loop.fit(lambda _: (b for _ in range(epochs) for b in data.batches(batch_size, g, scene_targets=scene)),
+                       loss_fn)
+    for key, name in series.items():
+        log[key] = [entry[name] for entry in loop.history]
+    if loop.stopped:
+        log["stopped_early_after_epoch"] = loop.step // steps_per_epoch - 1
+    log["train_seconds"] = seconds
+    return save_trained(acc, loop.model, out_dir, log, tokenizer, image_processor), log
 
 
 def _text_scene_warmup(text_model: nn.Module, head: SceneHead, data: PairData, steps: int, batch_size: int,
@@ -338,42 +326,25 @@ def _text_scene_warmup(text_model: nn.Module, head: SceneHead, data: PairData, s
     text_model.to(device)
     head.to(device)
     opt = torch.optim.AdamW(_decay_groups(text_model, weight_decay) + _decay_groups(head, weight_decay), lr=lr)
-    losses, means, step, start = [], [], 0, time.perf_counter()
-    with tqdm(total=steps, desc="text warm-up", disable=not progress) as bar:
-        while step < steps:
-            for batch in data.batches(batch_size, g, scene_targets=True):
-                batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "scene_targets")}
-                out = text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                loss = head(text_pooled_state(text_model, out.last_hidden_state, batch["input_ids"]),
-                            batch["scene_targets"])
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss.item())
-                step += 1
-                bar.set_postfix(text_scene=f"{losses[-1]:.3f}")
-                bar.update()
-                if len(losses) == 100 or step == steps:
-                    means.append(sum(losses) / len(losses))
-                    losses = []
-                if step == steps:
-                    break
+    losses, means, start = [], [], time.perf_counter()
+    batches = repeat_epochs(lambda: data.batches(batch_size, g, scene_targets=True))
+    with progress_bar(steps, "text warm-up", not progress) as bar:
+        for step in range(1, steps + 1):
+            batch = next(batches)
+            batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "scene_targets")}
+            out = text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = head(text_pooled_state(text_model, out.last_hidden_state, batch["input_ids"]), batch["scene_targets"])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+            bar.set_postfix(text_scene=f"{losses[-1]:.3f}", refresh=False)
+            bar.update()
+            if len(losses) == 100 or step == steps:
+                means.append(sum(losses) / len(losses))
+                losses = []
     return {"text_warmup_steps": steps, "text_warmup_loss_per_100_steps": means,
             "text_warmup_seconds": time.perf_counter() - start}
-
-
-def save_trained(acc: Any, model: nn.Module, out_dir: str | os.PathLike, log: dict, *parts: Any) -> nn.Module:
-    """Unwrap ``model`` (eval mode); on the main process save it (safetensors), every part
-    (tokenizer, processor: anything with ``save_pretrained``) and ``log`` as ``training.json``."""
-    model = acc.unwrap_model(model).eval()
-    if acc.is_main_process:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
-        for part in parts:
-            part.save_pretrained(out)
-        (out / "training.json").write_text(json.dumps(log, indent=2))
-    return model
 
 
 def train_cross_tokens(
@@ -419,53 +390,32 @@ def train_cross_tokens(
         t.requires_grad_(True)
     theta_ids = {id(t) for t in thetas}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in theta_ids]
-    acc = accelerator()
     opt = torch.optim.AdamW([{"params": thetas, "lr": lr}] + ([{"params": weights, "lr": weights_lr}] if weights else []),
                             weight_decay=0.0)
-    model, opt = acc.prepare(model, opt)
-    done = 0
-    progress_file = out / "progress.json"
-    if resume and progress_file.exists() and (out / "state").exists():
-        acc.load_state(str(out / "state"))
-        done = json.loads(progress_file.read_text())["step"]
+    loop = TrainLoop(model, opt, steps, checkpoint=AccelerateCheckpoint(out), checkpoint_every=checkpoint_every,
+                     progress=progress, desc="train-cross")  # constant learning rate
+    done = loop.resume() if resume else 0
+    # a resumed run draws new batches (seed + step), it does not replay the first run's order
     g = torch.Generator().manual_seed(seed + done)
     log: dict[str, Any] = {"cross_weight": cross_weight, "steps": steps, "batch_size": batch_size, "lr": lr,
                            "all_weights": all_weights, **({"weights_lr": weights_lr} if all_weights else {}), "seed": seed,
                            "resumed_at": done, "loss": []}
-    model.train()
 
-    def save(step: int) -> None:
-        acc.wait_for_everyone()
-        acc.save_state(str(out / "state"))
-        if acc.is_main_process:
-            save_cross_tokens(acc.unwrap_model(model), out / "cross_tokens.safetensors")
-            if all_weights and step == steps:  # checkpoints hold the weights in state/ already
-                _save_without_cross_tokens(acc.unwrap_model(model), out / "model", model_parts)
-            progress_file.write_text(json.dumps({"step": step}))
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], step: int):
+        task = model(**batch, return_loss=True).loss
+        cross = cross_token_loss(loop.unwrapped())
+        return (1 - cross_weight) * task + cross_weight * cross, {"task": task, "cross": cross}
 
-    batches = iter(())
-    start = time.perf_counter()
-    with tqdm(total=steps, initial=done, desc="train-cross", disable=not progress or not acc.is_main_process) as bar:
-        for step in range(done, steps):
-            batch = next(batches, None)
-            if batch is None:
-                batches = data.batches(batch_size, g)
-                batch = next(batches)
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
-            task = model(**batch, return_loss=True).loss
-            cross = cross_token_loss(acc.unwrap_model(model))
-            loss = (1 - cross_weight) * task + cross_weight * cross
-            acc.backward(loss)
-            opt.step()
-            opt.zero_grad()
-            log["loss"].append([task.item(), cross.item()])
-            bar.set_postfix(task=f"{task.item():.3f}", cross=f"{cross.item():.4f}")
-            bar.update()
-            if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-                save(step + 1)
-    log["train_seconds"] = time.perf_counter() - start
-    model = acc.unwrap_model(model).eval()
-    if acc.is_main_process:
+    def save(step: int, final: bool) -> None:
+        save_cross_tokens(loop.unwrapped(), out / "cross_tokens.safetensors")
+        if all_weights and final:  # checkpoints hold the weights in state/ already
+            _save_without_cross_tokens(loop.unwrapped(), out / "model", model_parts)
+
+    seconds = loop.fit(lambda _: repeat_epochs(lambda: data.batches(batch_size, g)), loss_fn, on_save=save)
+    log["loss"] = [[entry["task"], entry["cross"]] for entry in loop.history]
+    log["train_seconds"] = seconds
+    model = loop.unwrapped().eval()
+    if loop.acc.is_main_process:
         (out / "training.json").write_text(json.dumps(log, indent=2))
     return model, log
 

@@ -8,7 +8,8 @@
   the answers.
 - :func:`train_llava`: ``(1 - w) L_LM + w L_cross`` (docs/method.md §3; ``L_cross`` only for a model
   patched with crossget's cross tokens), training the cross tokens, LoRA adapters or the
-  projector and language model; resumable safetensors checkpoints.
+  projector and language model through :class:`~crossget.tools.train.loop.TrainLoop`; resumable
+  safetensors checkpoints (:class:`~crossget.tools.train.loop.TrainableCheckpoint`).
 
 The same code runs on one CPU or, under ``accelerate launch``, on several GPUs (each
 process takes its own rows of every global batch).
@@ -20,8 +21,7 @@ import copy
 import json
 import math
 import os
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +29,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from crossget.api import config, cross_token_loss, is_patched, states
 from crossget.families.llava import CROSS_LOSS_WEIGHT, adapt_processor
 from crossget.io import save_cross_tokens
 from crossget.tools.common import read_json
 from crossget.tools.eval.llava.generate import build_prompt
-from crossget.tools.train.common import accelerator, cosine_lr
+from crossget.tools.train.loop import TrainableCheckpoint, TrainLoop, load_named
 
 __all__ = [
     "DEFAULT_LR",
@@ -259,20 +258,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not _lora_tensors(model):
         cfg = json.loads(meta["config"])
         add_lora(model, cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"])
-    _load_named(model, load_file(path), path)
+    load_named(model, load_file(path), path)
     return model
-
-
-def _load_named(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    params = dict(model.named_parameters())
-    missing = sorted(set(tensors) - set(params))
-    if missing:
-        raise ValueError(f"{path} holds {len(missing)} weights this model has not, e.g. {missing[0]!r}")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            if params[n].shape != t.shape:
-                raise ValueError(f"{path}: {n} is {tuple(t.shape)}, the model's is {tuple(params[n].shape)}")
-            params[n].copy_(t)
 
 
 # --------------------------------------------------------------------------- training
@@ -372,14 +359,12 @@ def train_llava(
     if trainable == "lora":  # adapters loaded with load_lora go on training; otherwise new ones
         lora = model.__dict__.get(LORA_ATTR) or add_lora(model, lora_rank, lora_alpha)
     params = _set_trainable(model, trainable)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     collate = LlavaCollator(processor, model, max_length, pad_square)
-
-    acc = accelerator()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # LLaVA-1.5 uses no weight decay
-    model, opt = acc.prepare(model, opt)
-    # not prepared: accelerate would step it once per process
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, max(1, math.ceil(0.03 * steps))))
+    loop = TrainLoop(model, torch.optim.AdamW(params, lr=lr, weight_decay=0.0),  # LLaVA-1.5 uses no weight decay
+                     steps, warmup=max(1, math.ceil(0.03 * steps)), checkpoint=TrainableCheckpoint(out / "state"),
+                     checkpoint_every=checkpoint_every, max_minutes=max_minutes, log_every=log_every,
+                     grad_clip=grad_clip, progress=progress, desc=f"train-llava ({trainable})")
+    acc, bare = loop.acc, loop.unwrapped()
     per_epoch = len(data) // (batch_size * acc.num_processes)
     if per_epoch == 0:
         raise ValueError(f"{len(data)} samples do not fill one batch of {batch_size} x {acc.num_processes} processes")
@@ -387,18 +372,12 @@ def train_llava(
     log: dict[str, Any] = {
         "trainable": trainable, "steps": steps, "batch_size": batch_size, "processes": acc.num_processes, "lr": lr,
         "seed": seed, "cross_weight": cross_weight if has_cross else None, "max_length": max_length,
-        "pad_square": pad_square, "lora": lora,
-        "patch": config(acc.unwrap_model(model)).to_dict() if is_patched(acc.unwrap_model(model)) else None,
+        "pad_square": pad_square, "lora": lora, "patch": config(bare).to_dict() if is_patched(bare) else None,
         "data": str(data.path), "samples": len(data), "skipped_text_only": data.skipped,
         "loss": [], "train_seconds": 0.0, "resumed_at": 0,
     }
-    done, state_dir = 0, out / "state"
-    if resume and (state_dir / "progress.json").is_file():
-        _load_named(acc.unwrap_model(model), load_file(state_dir / "trainable.safetensors"), state_dir)
-        saved = torch.load(state_dir / "optimizer.pt", map_location="cpu")
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        done = json.loads((state_dir / "progress.json").read_text())["step"]
+    done = loop.resume() if resume else 0
+    if done:  # the loss log goes on from the checkpoint's step
         if (out / "training.json").is_file():
             old = json.loads((out / "training.json").read_text())
             log["loss"] = [e for e in old.get("loss", []) if e["step"] <= done]
@@ -406,11 +385,33 @@ def train_llava(
         log["resumed_at"] = done
     earlier = log["train_seconds"]
 
+    def batches(done: int) -> Iterator[dict[str, torch.Tensor]]:
+        epoch, skip = divmod(done, per_epoch)
+        while True:
+            rows = _epoch_rows(len(data), seed, epoch, batch_size, acc.process_index, acc.num_processes)[skip * batch_size :]
+            yield from torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=rows, collate_fn=collate,
+                                                   num_workers=workers)
+            epoch, skip = epoch + 1, 0
+
+    dtype = next(bare.parameters()).dtype
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], step: int):
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+        lm = model(**batch).loss
+        cross = cross_token_loss(bare) if use_cross else None
+        loss = lm if cross is None else (1 - cross_weight) * lm + cross_weight * cross
+        return loss, {"loss": loss, "lm": lm, "cross": cross}
+
+    def on_log(entry: dict[str, Any]) -> None:
+        log["loss"].append({**entry, "seconds": round(earlier + entry["seconds"], 2)})
+
+    def note_time() -> None:
+        log["train_seconds"] = earlier + loop.elapsed
+        if loop.stopped:
+            log["stopped_early_at"] = loop.step
+
     def save(step: int, final: bool) -> None:
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return
-        bare = acc.unwrap_model(model)
+        note_time()
         if has_cross:
             save_cross_tokens(bare, out / "cross_tokens.safetensors")
         if trainable == "lora":
@@ -420,54 +421,8 @@ def train_llava(
             weights = {k: v for k, v in bare.state_dict().items() if "crossget" not in k}
             bare.save_pretrained(out / "model", state_dict=weights)
             processor.save_pretrained(out / "model")
-        # own state instead of accelerate's save_state, which writes the whole model every time
-        state_dir.mkdir(exist_ok=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in named.items()}, os.fspath(state_dir / "trainable.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, state_dir / "optimizer.pt")
-        (state_dir / "progress.json").write_text(json.dumps({"step": step}))
         (out / "training.json").write_text(json.dumps(log, indent=2))
 
-    start = time.perf_counter()
-    model.train()
-    step, window = done, []
-    dtype = next(acc.unwrap_model(model).parameters()).dtype
-    quiet = not progress or not acc.is_main_process
-    with tqdm(total=steps, initial=done, desc=f"train-llava ({trainable})", disable=quiet) as bar:
-        while step < steps:
-            epoch, skip = divmod(step, per_epoch)
-            rows = _epoch_rows(len(data), seed, epoch, batch_size, acc.process_index, acc.num_processes)[skip * batch_size :]
-            loader = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=rows, collate_fn=collate,
-                                                 num_workers=workers)
-            for batch in loader:
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
-                lm = model(**batch).loss
-                cross = cross_token_loss(acc.unwrap_model(model)) if use_cross else None
-                loss = lm if cross is None else (1 - cross_weight) * lm + cross_weight * cross
-                acc.backward(loss)
-                if grad_clip:
-                    acc.clip_grad_norm_(params, grad_clip)
-                opt.step()
-                sched.step()
-                opt.zero_grad()
-                step += 1
-                window.append((loss.item(), lm.item(), None if cross is None else cross.item()))
-                bar.set_postfix(loss=f"{window[-1][0]:.4f}")
-                bar.update()
-                elapsed = time.perf_counter() - start
-                out_of_time = max_minutes is not None and elapsed > 60 * max_minutes
-                if step % log_every == 0 or step == steps or out_of_time:
-                    mean = [sum(v) / len(v) if None not in v else None for v in zip(*window)]
-                    log["loss"].append({"step": step, "loss": mean[0], "lm": mean[1], "cross": mean[2],
-                                        "lr": sched.get_last_lr()[0], "seconds": round(earlier + elapsed, 2)})
-                    window = []
-                log["train_seconds"] = earlier + elapsed
-                if out_of_time:
-                    log["stopped_early_at"] = step
-                if step % checkpoint_every == 0 or step == steps or out_of_time:
-                    save(step, final=step == steps or out_of_time)
-                if step == steps or out_of_time:
-                    break
-            if "stopped_early_at" in log:
-                break
-    return acc.unwrap_model(model).eval(), log
+    loop.fit(batches, loss_fn, on_log=on_log, on_save=save)
+    note_time()
+    return bare.eval(), log

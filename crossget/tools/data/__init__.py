@@ -1,0 +1,1 @@
+"""Data for the tools: the generated shapes scenes, their questions, Karpathy-format loading, a word tokenizer."""

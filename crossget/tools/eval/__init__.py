@@ -1,0 +1,1 @@
+"""Evaluations: CLIP retrieval, the BLIP tasks through one runner, LLaVA-1.5 in its own file formats."""

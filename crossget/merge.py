@@ -180,6 +180,17 @@ class TokenBookkeeping:
             token_map=torch.arange(n, device=dev).expand(b, n) if track else None,
         )
 
+    def append_padding(self, k: int) -> None:
+        """Account for ``k`` padding tokens appended after the current ``N`` (see
+        :func:`padding_room`): unprotected, not valid, visible to nobody."""
+        b = self.protected.shape[0]
+        self.protected = torch.cat([self.protected, self.protected.new_zeros(b, k)], 1)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(b, k)], 1)
+        if self.pos is not None:
+            self.pos = torch.cat([self.pos, self.pos.amax(1, keepdim=True).expand(b, k)], 1)
+        if self.size is not None:
+            self.size = torch.cat([self.size, self.size.new_ones(b, k, 1)], 1)
+
     def apply(self, merge: Merge, x: torch.Tensor) -> torch.Tensor:
         """Merge ``x`` ``[B, N, C]`` and update every fact; returns ``[B, N - r, C]``."""
         x, self.size = merge(x, self.size)
@@ -222,6 +233,10 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.T
     a = a.float()
     if b is None:
         prod = a @ a.transpose(1, 2)
+        # a matmul is not bit-symmetric (its blocking depends on N): average with the
+        # transpose so that mutual best pairs tie exactly and ties break by token index
+        # (docs/method.md §4), whatever the sequence length or padding
+        prod = prod.add_(prod.transpose(1, 2).clone()).mul_(0.5)
         inv_a = inv_b = prod.diagonal(dim1=1, dim2=2).clamp_min(1e-24).rsqrt()
     else:
         b = b.float()
@@ -265,6 +280,70 @@ def clamp_r(r: int, n_free: torch.Tensor, n_finite: torch.Tensor | None) -> int:
     if n_finite is not None:
         r = min(r, int(n_finite.min()))
     return max(r, 0)
+
+
+def padding_budget(
+    r: int, n_free: torch.Tensor, n_free_real: torch.Tensor, real: torch.Tensor, finite: torch.Tensor
+) -> tuple[int, torch.Tensor]:
+    """The batch's ``r`` and each row's share of it spent on real tokens (docs/method.md §4).
+
+    A row merges its real tokens exactly as it would alone, unpadded: ``cap = min(r,
+    floor((N_real - P) / 2), real candidates with a partner)``; its padding (group 0)
+    absorbs the rest of the batch's ``r``. ``r`` shrinks for the whole batch only by the
+    usual ``floor((N - P) / 2)`` or when a row has too little padding with a partner.
+
+    Args:
+        r: tokens the layer removes.
+        n_free: ``[B]`` unprotected tokens per row.
+        n_free_real: ``[B]`` unprotected real (not padding) tokens per row.
+        real: bool ``[B, M]`` candidates that are real tokens.
+        finite: bool ``[B, M]`` candidates that have a partner to merge into.
+
+    Returns:
+        ``(r, cap)``: the batch's r and ``[B]`` real merges per row.
+    """
+    cap = torch.minimum(n_free_real // 2, (finite & real).sum(-1)).clamp(max=r)
+    room = cap + (finite & ~real).sum(-1)
+    r = max(min(r, int(n_free.min()) // 2, int(room.min())), 0)
+    return r, cap.clamp(max=r)
+
+
+def padding_room(
+    r: int, valid: torch.Tensor, protected: torch.Tensor, bipartite: bool
+) -> tuple[int, int]:
+    """``(r, k)``: the batch's ``r`` and how many padding tokens to append so that every row
+    can spend ``min(r, floor((N_real - P) / 2))`` merges on its real tokens and absorb the rest
+    of ``r`` in its padding (docs/method.md §4). ``k`` is 0 unless some row has too little
+    padding left (deep layers, after earlier layers' merges went into it).
+
+    ``valid``, ``protected``: bool ``[B, N]``; ``bipartite``: ToMe's alternating sets (padding
+    absorbs through its A tokens that have a B partner) rather than the complete graph.
+    """
+    n = valid.shape[1]
+    r = max(min(r, int((~protected).sum(-1).min()) // 2), 0)
+    need = (r - ((valid & ~protected).sum(-1) // 2).clamp(max=r)).clamp(min=0)  # [B]
+    pad = ~valid
+    is_a = torch.arange(n, device=valid.device) % 2 == 0
+    for k in range(0, 2 * int(need.max()) + 3):
+        if bipartite:
+            extra_a = (torch.arange(n, n + k, device=valid.device) % 2 == 0).sum()
+            pad_a = (pad & is_a).sum(-1) + extra_a
+            pad_b = (pad & ~is_a).sum(-1) + (k - extra_a)
+            room = torch.where(pad_b > 0, pad_a, 0)
+        else:
+            room = (pad.sum(-1) + k - 1).clamp(min=0)
+        if bool((room >= need).all()):
+            return r, k
+    return r, 0  # not reached: k = 2 * need + 1 always suffices
+
+
+def real_tokens_first(order: torch.Tensor, real: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """Reorder candidates ``order`` ``[B, M]`` (best first) so that each row takes its first
+    ``cap`` ``[B]`` real ones, then its padding, then the rest; each part keeps its order."""
+    real_sorted = real.gather(1, order)
+    real_rank = real_sorted.cumsum(-1) - 1
+    part = torch.where(real_sorted, torch.where(real_rank < cap.unsqueeze(1), 0, 2), 1)
+    return order.gather(1, part.argsort(dim=-1, stable=True))
 
 
 def attention_bias(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from crossget.merge import Merge, TokenBookkeeping, attention_bias, gather_tokens
+from crossget.merge import Merge, TokenBookkeeping, attention_bias, gather_tokens, padding_room
 from crossget.methods import crossget as crossget_method
 from crossget.methods import tome
 
@@ -75,6 +75,8 @@ class TowerState:
     cross: torch.Tensor | None = None  # [B, 1, C] cross token output of the last layer
     cross_outputs: list[torch.Tensor] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # tokens after each layer
+    # token map after each layer (None until something merged, or untracked): hidden states' restore
+    token_maps: list[torch.Tensor | None] = field(default_factory=list)
     # optional observer of every matching + merging step: called with the layer input x,
     # returns a context manager (the benchmarks' timer)
     match_observer: Callable[[torch.Tensor], AbstractContextManager] | None = None
@@ -106,6 +108,7 @@ class TowerState:
         self.book = TokenBookkeeping.start(x, self.anchor, self.input_valid, self.causal, track)
         self.cross_outputs = []
         self.tokens = []
+        self.token_maps = []
         self.cross = None
         if self.settings.uses_cross_token:
             # docs/method.md §3: the cross token starts as a copy of CLS (vision) / EOT (text).
@@ -183,10 +186,31 @@ class TowerState:
         if r > 0:
             observed = self.match_observer(x) if self.match_observer is not None else nullcontext()
             with torch.profiler.record_function("crossget.match"), observed:
+                if self.book.valid is not None:
+                    x, r = self.make_padding_room(x, r)
                 x = self.book.apply(self.match(r), x)
         self.keys = self.cross_query = self.attention = None
         self.tokens.append(x.shape[1] - self.with_cross)
+        self.token_maps.append(self.book.token_map if self.book.merged else None)
         return x
+
+    def make_padding_room(self, x: torch.Tensor, r: int) -> tuple[torch.Tensor, int]:
+        """Padded text: give every row enough padding to absorb the merges it cannot spend on
+        its own tokens, so that its real tokens merge as the row alone would (docs/method.md
+        §4). Appends ``k`` padding tokens (zeros, keys all ones) after the current ``N``
+        when a row has too little (usually ``k = 0``); returns ``(x, r)``."""
+        book = self.book
+        r, k = padding_room(r, book.valid, book.protected, self.settings.method == "tome")
+        if k == 0:
+            return x, r
+        if self.attention is not None:
+            raise ValueError("attention-based importance does not take padded inputs")
+        n = book.valid.shape[1]
+        b = x.shape[0]
+        x = torch.cat([x[:, :n], x.new_zeros(b, k, x.shape[2]), x[:, n:]], 1)
+        self.keys = torch.cat([self.keys[:, :n], self.keys.new_ones(b, k, self.keys.shape[2]), self.keys[:, n:]], 1)
+        book.append_padding(k)
+        return x, r
 
     def match(self, r: int) -> Merge:
         """This layer's merge, from the keys its attention observed."""

@@ -10,7 +10,16 @@ import math
 
 import torch
 
-from crossget.merge import Merge, check_match_inputs, clamp_r, cosine_similarity, expand_index, protected_mask
+from crossget.merge import (
+    Merge,
+    check_match_inputs,
+    clamp_r,
+    cosine_similarity,
+    expand_index,
+    padding_budget,
+    protected_mask,
+    real_tokens_first,
+)
 
 
 def cross_importance(keys: torch.Tensor, cross_query: torch.Tensor) -> torch.Tensor:
@@ -46,8 +55,9 @@ def complete_graph_soft_matching(
         r: tokens to remove, clamped to ``floor((N - P) / 2)``.
         importance: ``[B, N]`` cross-guided importance ``I_i`` or None (``I = 0``).
         protected: bool ``[N]`` or ``[B, N]``; never a source nor a destination.
-        groups: optional int ``[B, N]``; tokens only merge within their group (padding
-            vs real text tokens).
+        groups: optional int ``[B, N]``; tokens only merge within their group. Group 0 is
+            padding: it only takes the merges a row cannot spend on its real tokens, so a
+            row's real tokens merge as they would with the row alone, unpadded.
 
     Returns:
         A :class:`Merge` whose ensemble weights are ``exp(importance)``.
@@ -80,10 +90,14 @@ def complete_graph_soft_matching(
         score = -best_later
         if importance is not None:
             score = score + importance.float()
-        n_finite = torch.isfinite(score).sum(-1) if groups is not None else None
-        r = clamp_r(r, (~protected).sum(-1), n_finite)
-
         candidates = score.argsort(dim=-1, stable=True)  # ascending: least important, most redundant first
+        if groups is None:
+            r = clamp_r(r, (~protected).sum(-1), None)
+        else:  # padding absorbs only what a row cannot spend on its real tokens
+            real = groups != 0
+            n_free = (~protected).sum(-1)
+            r, cap = padding_budget(r, n_free, (real & ~protected).sum(-1), real, torch.isfinite(score))
+            candidates = real_tokens_first(candidates, real, cap)
         src, rest = candidates[:, :r], candidates[:, r:]
         keep = rest.sort(dim=-1).values  # surviving tokens in their original order
         # Each source joins its most similar surviving token (plain S: protected

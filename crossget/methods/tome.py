@@ -9,7 +9,15 @@ import math
 
 import torch
 
-from crossget.merge import Merge, check_match_inputs, clamp_r, cosine_similarity, protected_mask
+from crossget.merge import (
+    Merge,
+    check_match_inputs,
+    clamp_r,
+    cosine_similarity,
+    padding_budget,
+    protected_mask,
+    real_tokens_first,
+)
 
 
 def bipartite_soft_matching(
@@ -37,11 +45,16 @@ def bipartite_soft_matching(
             blocked = blocked | (groups[:, a_idx].unsqueeze(2) != groups[:, b_idx].unsqueeze(1))
         sim = sim.masked_fill(blocked, -math.inf)
         node_max, node_idx = sim.max(dim=-1)  # best B partner of each A token
-        n_finite = torch.isfinite(node_max).sum(-1)
-        # At most every unprotected A token can leave.
-        r = min(clamp_r(r, (~protected).sum(-1), None), int(n_finite.min()))
-
-        edge_order = node_max.argsort(dim=-1, descending=True)
+        finite = torch.isfinite(node_max)
+        if groups is None:
+            # At most every unprotected A token can leave.
+            r = min(clamp_r(r, (~protected).sum(-1), None), int(finite.sum(-1).min()))
+            edge_order = node_max.argsort(dim=-1, descending=True, stable=True)  # ties: by token index
+        else:  # padding absorbs only what a row cannot spend on its real tokens
+            real = groups != 0
+            n_free = (~protected).sum(-1)
+            r, cap = padding_budget(r, n_free, (real & ~protected).sum(-1), real[:, a_idx], finite)
+            edge_order = real_tokens_first(node_max.argsort(dim=-1, descending=True, stable=True), real[:, a_idx], cap)
         src_a = edge_order[:, :r]  # index within A
         src = a_idx[src_a]
         dst_tok = b_idx[node_idx.gather(1, src_a)]

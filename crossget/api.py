@@ -111,7 +111,8 @@ def patch_from_config(model: nn.Module, saved: PatchConfig | Mapping[str, Any]) 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the stock model (classes, forwards, no hooks, no cross-token parameters)."""
     family_of(model).unpatch(model)
-    unmark(model, fields=("config",))
+    for module in model.modules():  # a tower patched on its own inside the model too
+        unmark(module, fields=("config",))
     return model
 
 

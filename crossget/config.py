@@ -9,6 +9,8 @@ trained cross tokens and in every result file.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -92,6 +94,16 @@ class PatchConfig:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"importance must be one of {IMPORTANCE}, got {self.importance!r}")
+        if self.flops is not None:
+            # any real number (numpy scalars too); 1 means the stock computation (no merging)
+            if isinstance(self.flops, bool) or not isinstance(self.flops, numbers.Real) \
+                    or not math.isfinite(self.flops) or not 0 < self.flops <= 1:
+                raise ValueError(f"flops must be a ratio in (0, 1], got {self.flops!r}")
+            object.__setattr__(self, "flops", float(self.flops))
+        if self.text_len is not None:
+            if isinstance(self.text_len, bool) or not isinstance(self.text_len, numbers.Integral) or self.text_len < 1:
+                raise ValueError(f"text_len must be a positive int (text tokens), got {self.text_len!r}")
+            object.__setattr__(self, "text_len", int(self.text_len))
 
     # ------------------------------------------------------------------ forms
     def to_dict(self) -> dict[str, Any]:

@@ -29,6 +29,10 @@ class Record:
     glue: Any = None  # family-level additions (BLIP's bias hooks, LLaVA's LM state, ...)
     output: Any = None  # weak reference to the last output (BLIP vision towers)
 
+    def __getstate__(self) -> dict:
+        # the last output is per forward (and a weak reference cannot be pickled)
+        return {**vars(self), "output": None}
+
 
 def record(module: nn.Module) -> Record | None:
     return module.__dict__.get(ATTR)

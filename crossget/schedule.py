@@ -8,6 +8,7 @@ of pre-LN encoder layers; the FLOPs actually reached are then measured with
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -103,6 +104,18 @@ class EncoderCost:
         return total
 
 
+def flops_ratio(
+    costs: Mapping[str, EncoderCost],
+    schedules: Mapping[str, Sequence[int]],
+    patched: Mapping[str, Mapping] | None = None,
+) -> float:
+    """Estimated FLOPs of every encoder in ``costs`` under ``schedules`` (what the patch adds
+    included, see :func:`solve_flops`) over the stock FLOPs."""
+    patched = patched or {}
+    base = sum(c.flops() for c in costs.values())
+    return sum(c.flops(schedules.get(k), **patched.get(k, {})) for k, c in costs.items()) / base
+
+
 def solve_flops(
     target: float,
     costs: Mapping[str, EncoderCost],
@@ -125,13 +138,14 @@ def solve_flops(
     Raises:
         ValueError: target outside (0, 1], or below what maximal merging reaches.
     """
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+    if isinstance(target, bool) or not isinstance(target, numbers.Real) or not 0 < target <= 1:
         raise ValueError(f"flops must be a ratio in (0, 1], got {target!r}")
-    base = sum(c.flops() for c in costs.values())
-    patched = patched or {}
+    if target >= 1:  # the stock computation: nothing merges
+        zeros = {k: [0] * costs[k].num_layers for k in reduced}
+        return zeros, flops_ratio(costs, zeros, patched)
 
     def ratio(sched: Mapping[str, Sequence[int]]) -> float:
-        return sum(c.flops(sched.get(k), **patched.get(k, {})) for k, c in costs.items()) / base
+        return flops_ratio(costs, sched, patched)
 
     def uniform(r: int) -> dict[str, list[int]]:
         return {k: [r] * costs[k].num_layers for k in reduced}

@@ -202,7 +202,12 @@ class Family:
         """Patch ``model`` in place as ``cfg`` asks; returns the resolved config."""
         found = self.towers(model)
         method, metric = cfg.method, cfg.resolved_metric
-        reduced = cfg.towers if cfg.towers is not None else self.default_towers(found)
+        if cfg.towers is not None:
+            reduced = cfg.towers
+        elif isinstance(cfg.r, Mapping):
+            reduced = tuple(cfg.r)  # a schedule per tower names the towers it reduces
+        else:
+            reduced = self.default_towers(found)
         if not reduced or any(t not in found for t in reduced):
             raise ValueError(f"towers must name some of {tuple(found)}, got {cfg.towers!r}")
         r = cfg.r

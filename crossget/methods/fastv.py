@@ -91,6 +91,10 @@ class FastV:
     reduced: dict = field(default_factory=dict)  # kwargs for layers after K (mask, rope, positions)
     dropped: torch.Tensor | None = None  # [B, L - L', C] states of the pruned tokens at layer K
 
+    def __getstate__(self) -> dict:
+        # the KV cache link is per generation (and a weak reference cannot be pickled)
+        return {**vars(self), "cache": None}
+
     @property
     def attn(self) -> nn.Module:
         return self.lm.layers[self.layer - 1].self_attn

@@ -227,9 +227,11 @@ def test_sincos_positions_order_the_patch_grid():
 
 
 # ------------------------------------------------------------------------------- the shared loop
-def _linear_loop(steps: int = 6, checkpoint=None, resume: bool = False, **kw):
+def _linear_loop(steps: int = 6, checkpoint=None, resume: bool = False, nan_at: int | None = None,
+                 batches: int | None = None, **kw):
     """Linear regression through TrainLoop on fixed batches (no randomness), so runs compare bitwise.
-    Returns the loop after fit, the step it resumed at and the on_save calls."""
+    Returns the loop after fit, the step it resumed at and the on_save calls. ``nan_at``: the loss of
+    that step (1-based) is NaN; ``batches``: the batches end after that many steps."""
     from crossget.tools.train.loop import TrainLoop
 
     torch.manual_seed(0)
@@ -242,10 +244,13 @@ def _linear_loop(steps: int = 6, checkpoint=None, resume: bool = False, **kw):
 
     def loss_fn(model, batch, step):
         loss = torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+        if step + 1 == nan_at:
+            loss = loss * float("nan")
         return loss, {"loss": loss, "at": float(step), "absent": None}
 
     saves = []
-    loop.fit(lambda first: ({"x": x[i], "y": y[i]} for i in range(first, steps)), loss_fn,
+    end = steps if batches is None else batches
+    loop.fit(lambda first: ({"x": x[i], "y": y[i]} for i in range(first, end)), loss_fn,
              on_save=lambda step, final: saves.append((step, final)))
     return loop, done, saves
 
@@ -305,3 +310,95 @@ def test_train_loop_ends_with_the_batches_and_refuses_logged_names_it_uses_itsel
     with pytest.raises(ValueError, match="'step'"):
         loop.fit(lambda first: ({"x": torch.ones(1, 1)} for _ in range(2)),
                  lambda m, b, step: (m(b["x"]).sum(), {"step": step}))
+
+
+def test_train_loop_stops_on_a_non_finite_loss_and_keeps_the_last_checkpoint(tmp_path):
+    from crossget.tools.train.loop import AccelerateCheckpoint, NonFiniteLossError, TrainableCheckpoint
+
+    for fmt in (AccelerateCheckpoint, TrainableCheckpoint):
+        good, bad = tmp_path / f"{fmt.__name__}-good", tmp_path / f"{fmt.__name__}-bad"
+        _linear_loop(checkpoint=fmt(good), batches=3)  # the same run, its batches ending after step 3
+        with pytest.raises(NonFiniteLossError, match=r"step 4 of 6 is nan.*checkpoint of step 3 is as it was") as e:
+            _linear_loop(checkpoint=fmt(bad), nan_at=4)  # a checkpoint every step
+        assert isinstance(e.value, ValueError) and isinstance(e.value, FloatingPointError)
+        assert fmt(bad).saved_step() == 3
+        # the checkpoint on disk is step 3's: resumed, it gives the same weights, moments and schedule
+        kept, done, _ = _linear_loop(checkpoint=fmt(bad), resume=True, batches=3)
+        want, _, _ = _linear_loop(checkpoint=fmt(good), resume=True, batches=3)
+        assert done == 3 and kept.step == 3
+        assert all(torch.equal(a, b) for a, b in zip(kept.unwrapped().state_dict().values(),
+                                                    want.unwrapped().state_dict().values()))
+        assert str(kept.opt.state_dict()) == str(want.opt.state_dict())
+        assert kept.sched.state_dict() == want.sched.state_dict()
+    with pytest.raises(NonFiniteLossError, match="step 1 of 6 is nan.*no checkpoint was written"):
+        _linear_loop(nan_at=1)
+
+
+def test_cross_token_training_stops_on_a_non_finite_loss_with_the_last_good_tokens(tmp_path, monkeypatch):
+    import crossget.tools.train.clip as train_clip
+
+    def run(out, steps):
+        model = make_clip()
+        crossget.patch(model, r=2, method="crossget", towers=("vision",))
+        return train_cross_tokens(model, tiny_pairs(), out, steps=steps, batch_size=8, lr=0.05, checkpoint_every=1,
+                                  progress=False)
+
+    run(tmp_path / "two", 2)
+    calls = []
+
+    def nan_on_the_third(model):
+        calls.append(1)
+        loss = crossget.cross_token_loss(model)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_clip, "cross_token_loss", nan_on_the_third)
+    with pytest.raises(ValueError, match="step 3 of 5 is nan"):
+        run(tmp_path / "nan", 5)
+    from safetensors.torch import load_file
+
+    got, want = (load_file(tmp_path / d / "cross_tokens.safetensors") for d in ("nan", "two"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert json.loads((tmp_path / "nan" / "progress.json").read_text()) == {"step": 2}
+
+
+def test_cross_token_training_needs_one_batch_and_positive_finite_learning_rates(tmp_path):
+    model = make_clip()
+    crossget.patch(model, r=2, method="crossget", towers=("vision",))
+    with pytest.raises(ValueError, match="16 images, fewer than one batch of 64"):
+        train_cross_tokens(model, tiny_pairs(), tmp_path / "big", batch_size=64, progress=False)
+    assert not (tmp_path / "big").exists()
+    for bad in (dict(lr=-1.0), dict(lr=float("nan")), dict(lr=0.0), dict(weights_lr=float("inf"))):
+        with pytest.raises(ValueError, match="positive finite"):
+            train_cross_tokens(model, tiny_pairs(), tmp_path / "lr", batch_size=8, progress=False, **bad)
+    with pytest.raises(ValueError, match="cross_weight"):
+        train_cross_tokens(model, tiny_pairs(), tmp_path / "w", batch_size=8, cross_weight=float("nan"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--lr", "-1"], ["train", "--lr", "nan"], ["train", "--lr", "inf"], ["train", "--lr", "0"],
+    ["train", "--lr", "fast"], ["train", "--weights-lr=-1e-4"], ["train", "--weights-lr", "nan"],
+    ["train", "--cross-weight", "1.5"], ["train", "--cross-weight", "-0.1"], ["train", "--cross-weight", "nan"],
+    ["train-base", "--lr", "nan"], ["train-base", "--lr", "-1"],
+])
+def test_the_training_commands_refuse_bad_learning_rates_and_weights(argv, capsys, tmp_path):
+    from crossget.tools.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert f"argument {argv[1].split('=')[0]}: expected a" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_learning_rate_and_weight_argument_types():
+    import argparse
+
+    from crossget.tools.cli.options import positive_float, unit_float
+
+    assert positive_float("1e-3") == 1e-3 and unit_float("0") == 0.0 and unit_float("1") == 1.0
+    for bad in ("0", "-1", "nan", "inf", "-inf", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_float(bad)
+    for bad in ("-0.01", "1.01", "nan", "inf", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            unit_float(bad)

@@ -8,13 +8,16 @@ import os
 
 import torch
 
+from crossget.io import read_cross_tokens
 from crossget.tools.cli.options import (
     comma_list,
     device_argument,
     int_at_least,
     non_negative_int,
+    positive_float,
     ratio,
     save_training_log,
+    unit_float,
     vars_meta,
 )
 from crossget.tools.default import trained_cross_tokens
@@ -43,7 +46,12 @@ def _evaluate(args: argparse.Namespace, configs: list[dict], json_path: str | No
 
 
 def _trained(args: argparse.Namespace) -> str | None:
-    return trained_cross_tokens(args.model, args.cross_tokens)
+    """The cross-token file of ``--cross-tokens``, read once here so that a bad file is an error
+    before any evaluation runs (whether it fits the model is checked when it is loaded)."""
+    path = trained_cross_tokens(args.model, args.cross_tokens)
+    if path is not None:
+        read_cross_tokens(path)
+    return path
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,7 +129,7 @@ def train_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="crossget/assets/default", help="where the model is saved")
     p.add_argument("--epochs", type=int_at_least(1), default=8)
     p.add_argument("--batch", type=int_at_least(2), default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int_at_least(1), default=2)
     p.add_argument("--max-minutes", type=float, default=None, help="stop after the epoch that passes this")
@@ -160,12 +168,12 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("crossget",), default="crossget")
     p.add_argument("--r", type=non_negative_int, default=None)
     p.add_argument("--flops", type=ratio, default=0.58)
-    p.add_argument("--cross-weight", type=float, default=0.5, help="w in (1 - w) L_task + w L_cross")
+    p.add_argument("--cross-weight", type=unit_float, default=0.5, help="w in (1 - w) L_task + w L_cross, in [0, 1]")
     p.add_argument("--steps", type=int_at_least(1), default=300)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=positive_float, default=1e-2)
     p.add_argument("--all-weights", action="store_true",
                    help="fine-tune every weight too (saved to OUT/model), not only the cross tokens")
-    p.add_argument("--weights-lr", type=float, default=1e-4, help="learning rate of the weights with --all-weights")
+    p.add_argument("--weights-lr", type=positive_float, default=1e-4, help="learning rate of the weights with --all-weights")
     p.add_argument("--out", default="runs/cross-tokens", help="checkpoints and cross_tokens.safetensors")
     p.add_argument("--no-resume", dest="resume", action="store_false")
 

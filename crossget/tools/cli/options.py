@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -63,6 +64,28 @@ def ratio(s: str) -> float:
     v = float(s)
     if not 0 < v <= 1:
         raise ValueError(f"{v:g} is not in (0, 1]")
+    return v
+
+
+def positive_float(s: str) -> float:
+    """A finite number > 0 (learning rates): ``-1``, ``0``, ``nan`` and ``inf`` are refused."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s!r}")
+    return v
+
+
+def unit_float(s: str) -> float:
+    """A number in [0, 1] (loss weights); ``nan`` is refused."""
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
     return v
 
 

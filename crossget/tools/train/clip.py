@@ -13,6 +13,7 @@ on one CPU or, launched with ``accelerate launch``, on several GPUs. Checkpoints
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -179,6 +180,25 @@ def add_sincos_positions(vision_model: nn.Module, amplitude: float) -> None:
     table[1:] += amplitude * sincos_grid(grid, table.shape[1], temperature=2.0 * grid).to(table)
 
 
+def check_learning_rate(name: str, value: float) -> None:
+    """ValueError unless ``value`` is a finite number > 0 (``nan`` would train NaN weights silently)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_batch(batch_size: int, images: int) -> None:
+    """ValueError when ``images`` do not fill one batch: :meth:`PairData.batches` gives only full
+    batches of distinct images (a contrastive batch of fewer pairs would be another task), so a
+    smaller data set would give no batch at all."""
+    if batch_size > images:
+        raise ValueError(f"the data has {images} images, fewer than one batch of {batch_size}: "
+                         f"give a batch size of at most {images} (--batch)")
+
+
 def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups as in CLIP/open_clip: no decay on biases, norms and ``logit_scale`` (decay would
     pull the temperature towards 1)."""
@@ -238,9 +258,9 @@ def train_base(
         raise ValueError(f"scene_only_steps must be >= 0 and needs a scene weight > 0, got {scene_only_steps}")
     if text_warmup_steps < 0 or (text_warmup_steps and not use_text_scene):
         raise ValueError(f"text_warmup_steps must be >= 0 and needs text_scene_weight > 0, got {text_warmup_steps}")
+    check_learning_rate("lr", lr)
+    check_batch(batch_size, data.pixel_values.shape[0])
     steps_per_epoch = data.pixel_values.shape[0] // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {batch_size} is more than the {data.pixel_values.shape[0]} images")
     config = config or BaseModelConfig()
     torch.manual_seed(seed)
     if init_from is not None:
@@ -374,11 +394,21 @@ def train_cross_tokens(
     ``all_weights`` the finished run also writes the model, without its cross tokens, as a plain
     ``CLIPModel`` in ``out_dir/model`` with every ``model_parts`` (tokenizer, processor).
 
+    Batches hold ``batch_size`` distinct images, each with one of its captions; the images left
+    over at an epoch's end wait for the next epoch, so the data must hold at least one batch.
+    A step whose loss is not finite stops the run with a
+    :class:`~crossget.tools.train.loop.NonFiniteLossError` (a ``ValueError``) and leaves the last
+    checkpoint (``cross_tokens.safetensors``, ``state/``) as it was.
+
     Raises:
-        ValueError: the model is not patched with cross tokens, or a bad weight.
+        ValueError: the model is not patched with cross tokens, a bad weight or learning rate,
+            fewer images than one batch, or a non-finite loss.
     """
     if not 0 <= cross_weight <= 1:
         raise ValueError(f"cross_weight must be in [0, 1], got {cross_weight}")
+    check_learning_rate("lr", lr)
+    check_learning_rate("weights_lr", weights_lr)
+    check_batch(batch_size, data.pixel_values.shape[0])
     thetas = [s.cross_tokens for s in states(model).values() if s.cross_tokens is not None]
     if not thetas:
         raise ValueError("train_cross_tokens needs a model patched with method='crossget'")

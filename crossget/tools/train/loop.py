@@ -166,6 +166,11 @@ class TrainableCheckpoint:
 
 
 # --------------------------------------------------------------------------- the loop
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """A step's loss is NaN or infinite: :meth:`TrainLoop.fit` stops before that step changes
+    anything. A ``ValueError`` too, so that the ``crossget`` commands report it as an error."""
+
+
 class TrainLoop:
     """``steps`` optimizer steps of ``model`` with ``optimizer``, through ``accelerate``.
 
@@ -181,6 +186,10 @@ class TrainLoop:
     Attributes after :meth:`fit`: ``step`` (steps done, resumed ones included), ``history``,
     ``elapsed`` (seconds from the start of :meth:`fit` to the end of the last step), ``stopped``
     (the time limit ended the run).
+
+    A step whose loss is not finite (on any process) ends :meth:`fit` with a
+    :class:`NonFiniteLossError` before its backward pass: the model, the optimizer and the
+    checkpoint on disk stay as the last good step left them.
     """
 
     def __init__(
@@ -259,6 +268,7 @@ class TrainLoop:
                         break
                     batch = {k: v.to(acc.device) for k, v in batch.items()}
                     loss, logs = loss_fn(self.model, batch, self.step)
+                    self._check_finite(loss)
                     acc.backward(loss)
                     if self.grad_clip:
                         acc.clip_grad_norm_(params, self.grad_clip)
@@ -287,6 +297,23 @@ class TrainLoop:
             if hasattr(data, "close"):  # a generator's data loader workers end now, not when collected
                 data.close()
         return time.perf_counter() - start
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """:class:`NonFiniteLossError` naming the step (1-based, as in :attr:`history`) and the loss
+        when ``loss`` is not finite on some process (every process stops, none waits in a collective)."""
+        value = torch.as_tensor(loss).detach().float().reshape(1)
+        if self.acc.num_processes > 1:
+            value = self.acc.gather(value)
+        bad = value[~torch.isfinite(value)]
+        if bad.numel():
+            saved = self.checkpoint.saved_step() if self.checkpoint is not None else None
+            kept = ("no checkpoint was written" if self.checkpoint is None
+                    else "there is no checkpoint yet" if saved is None
+                    else f"the checkpoint of step {saved} is as it was")
+            raise NonFiniteLossError(
+                f"the loss of step {self.step + 1} of {self.steps} is {bad[0].item()}: training stopped before "
+                f"that step changed the model; {kept} (a learning rate too high, or bad data?)"
+            )
 
     def _log(self, window: list[dict[str, float | None]], on_log: Callable[[dict[str, Any]], None] | None) -> None:
         """Append the window's means (``None`` where a step had no value) to :attr:`history`."""
@@ -324,5 +351,5 @@ def save_trained(acc: Any, model: nn.Module, out_dir: str | os.PathLike, log: di
     return model
 
 
-__all__ = ["AccelerateCheckpoint", "Checkpoint", "TrainLoop", "TrainableCheckpoint", "load_named", "progress_bar",
-           "repeat_epochs", "save_trained"]
+__all__ = ["AccelerateCheckpoint", "Checkpoint", "NonFiniteLossError", "TrainLoop", "TrainableCheckpoint", "load_named",
+           "progress_bar", "repeat_epochs", "save_trained"]

@@ -34,7 +34,14 @@ from transformers.models.blip_2.modeling_blip_2 import eager_attention_forward
 from transformers.pytorch_utils import apply_chunking_to_forward
 
 from crossget.families.base import Family, Tower, no_inputs
-from crossget.families.clip import CrossGETCLIPEncoderLayer, DetachedProjection
+from crossget.families.clip import (
+    DetachedProjection,
+    own_checkpointing,
+    pre_ln_layer,
+    restore_hidden_states,
+    run_layer,
+    without_cross,
+)
 from crossget.merge import attention_bias
 from crossget.record import mark, record, unmark
 from crossget.schedule import EncoderCost
@@ -56,18 +63,21 @@ def fused_qkv_attention(
     ``hidden_states``: ``[B, N, C]``; ``attention_mask``: float ``[B, 1, 1 | N, N]`` or None.
     Eager math is BLIP's own (``softmax(q k^T * scale + mask) v``), so with no mask the
     result equals the stock attention; other implementations (BLIP-2's ``sdpa``) come
-    from the model's ``_attn_implementation``. Returns ``(out [B, N, C], weights or None)``.
+    from the model's ``_attn_implementation``. Returns ``(out [B, N, C], weights or None)``;
+    the weights (what ``output_attentions=True`` collects) leave the cross token out,
+    ``[B, H, N, N]`` over the layer's tokens before its merge.
     """
     b, n, c = hidden_states.shape
     q, k, v = attn.qkv(hidden_states).view(b, n, 3, c).unbind(2)
-    attn._crossget.state.observe(q, k)
+    state = attn._crossget.state
+    state.observe(q, k)
     q, k, v = (t.view(b, n, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
     out, weights = attend(
         attn, q, k, v, attention_mask,
         scaling=attn.scale, dropout=attn.config.attention_dropout if attn.training else 0.0, **kwargs,
     )
-    return attn.projection(out.reshape(b, n, c)), weights
+    return attn.projection(out.reshape(b, n, c)), without_cross(weights, state)
 
 
 class CrossGETBlipAttention(hf.BlipAttention):
@@ -77,18 +87,25 @@ class CrossGETBlipAttention(hf.BlipAttention):
         return fused_qkv_attention(self, hidden_states, attention_mask, **kwargs)
 
 
+@own_checkpointing
 class CrossGETBlipEncoderLayer(hf.BlipEncoderLayer):
-    """Pre-LN vision layer with token reduction between attention and MLP (docs/method.md §1)."""
+    """Pre-LN vision layer with token reduction between attention and MLP (docs/method.md §1).
+
+    As CLIP's (:class:`~crossget.families.clip.CrossGETCLIPEncoderLayer`): hidden states are
+    the merged sequences, attention maps leave the cross token out, gradient checkpointing
+    recomputes the layer's merge exactly."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         # CLIP's layer structure (layer_norm1, self_attn, layer_norm2, mlp); upstream passes no mask
-        return CrossGETCLIPEncoderLayer.forward(self, hidden_states, attention_mask, **kwargs)
+        return run_layer(self, pre_ln_layer, hidden_states, attention_mask=attention_mask, **kwargs)
 
 
 # --------------------------------------------------------------------------- text
 class CrossGETBlipTextSelfAttention(hf_text.BlipTextSelfAttention):
     """Self-attention of a reduced BLIP text-encoder layer: takes the layer's mask and shows
-    its queries and keys ``[B, N, C]`` to the tower state. Never a decoder's (no cache)."""
+    its queries and keys ``[B, N, C]`` to the tower state. Never a decoder's (no cache).
+    Its weights (``output_attentions=True``) leave the cross token out: ``[B, H, N, N]`` over
+    the layer's tokens before its merge."""
 
     def forward(
         self,
@@ -101,19 +118,45 @@ class CrossGETBlipTextSelfAttention(hf_text.BlipTextSelfAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, n, _ = hidden_states.shape
         q, k, v = self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)
-        self._crossget.state.observe(q, k)
+        state = self._crossget.state
+        state.observe(q, k)
         q, k, v = (t.view(b, n, -1, self.attention_head_size).transpose(1, 2) for t in (q, k, v))
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attend(
             self, q, k, v, attention_mask,
             scaling=self.attention_head_size**-0.5, dropout=self.dropout.p if self.training else 0.0,
         )
-        return out.reshape(b, n, self.all_head_size), weights
+        return out.reshape(b, n, self.all_head_size), without_cross(weights, state)
 
 
+def post_ln_text_layer(
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One reduced BLIP text-encoder layer: self-attention, merge, cross-attention, feed-forward."""
+    state, layer = module._crossget.state, module._crossget.layer
+    x, mask, _ = state.begin_layer(hidden_states, attention_mask, layer)
+    x = module.attention(x, attention_mask=mask)[0]
+    x = state.reduce(x, layer)
+    if encoder_hidden_states is not None:
+        x = module.crossattention(x, attention_mask=encoder_attention_mask, encoder_hidden_states=encoder_hidden_states)[0]
+    x = apply_chunking_to_forward(module.feed_forward_chunk, module.chunk_size_feed_forward, module.seq_len_dim, x)
+    return state.end_layer(x)
+
+
+@own_checkpointing
 class CrossGETBlipTextLayer(hf_text.BlipTextLayer):
     """Post-LN BERT layer of a reduced text encoder: self-attention, merge, cross-attention
-    to the image (on the reduced text), feed-forward (docs/method.md §1 for a post-LN layer)."""
+    to the image (on the reduced text), feed-forward (docs/method.md §1 for a post-LN layer).
+
+    ``output_attentions=True``: self- and cross-attention maps over the layer's text tokens
+    (before / after its merge), without the cross token. ``output_hidden_states=True``: every
+    layer's output at the input length, as ``last_hidden_state``
+    (:class:`~crossget.families.clip.FullLengthHiddenStates`). Gradient checkpointing
+    recomputes the layer's merge exactly (:func:`~crossget.families.clip.run_layer`)."""
 
     def forward(
         self,
@@ -126,30 +169,31 @@ class CrossGETBlipTextLayer(hf_text.BlipTextLayer):
     ) -> torch.Tensor:
         if past_key_values is not None:
             raise ValueError("a reduced BLIP text encoder cannot run as a cached decoder (past_key_values given)")
-        state, layer = self._crossget.state, self._crossget.layer
-        x, mask, _ = state.begin_layer(hidden_states, attention_mask, layer)
-        x = self.attention(x, attention_mask=mask)[0]
-        x = state.reduce(x, layer)
-        if encoder_hidden_states is not None:
-            x = self.crossattention(
-                x, attention_mask=encoder_attention_mask, encoder_hidden_states=encoder_hidden_states
-            )[0]
-        x = apply_chunking_to_forward(self.feed_forward_chunk, self.chunk_size_feed_forward, self.seq_len_dim, x)
-        return state.end_layer(x)
+        return run_layer(
+            self, post_ln_text_layer, hidden_states, encoder_hidden_states,
+            attention_mask=attention_mask, encoder_attention_mask=encoder_attention_mask,
+        )
 
 
 class BlipTextCrossAttention(hf_text.BlipTextSelfAttention):
     """Text cross-attention that honours its mask: upstream's ``BlipTextAttention`` hands the
     cross-attention mask over as ``attention_mask`` and ``BlipTextSelfAttention`` then reads
-    ``encoder_attention_mask`` (None), so the mask, and with it any ``log(size)`` bias, is dropped."""
+    ``encoder_attention_mask`` (None), so the mask, and with it any ``log(size)`` bias, is dropped.
+
+    In a reduced text-encoder layer (its record holds the tower state) the cross token's
+    query row is left out of the weights it returns (``output_attentions=True``)."""
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 past_key_values=None, **kwargs):
         if encoder_hidden_states is not None and encoder_attention_mask is None:
             encoder_attention_mask = attention_mask
-        return super().forward(
+        out, weights = super().forward(
             hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, past_key_values, **kwargs
         )
+        rec = record(self)
+        if weights is not None and rec is not None and rec.state is not None and rec.state.with_cross:
+            weights = weights[:, :, :-1]
+        return out, weights
 
 
 # --------------------------------------------------------------------------- towers
@@ -348,8 +392,12 @@ class BlipFamily(Family):
     def install_glue(self, model: nn.Module) -> None:
         """Model-level patch: bias injection into every text model fed the image, the
         cross-attention mask fix, and ``text_decoder.generate``."""
-        vision = find_towers(model)["vision"]
+        towers = find_towers(model)
+        vision = towers["vision"]
         handles = [watch_vision(vision)]
+        text_tower = towers.get("text")
+        if text_tower is not None and record(text_tower.encoder) is not None:
+            handles += restore_hidden_states(text_tower, text_tower.encoder)
         swapped = []
         for text in (m for m in model.modules() if isinstance(m, hf_text.BlipTextModel)):
             handles.append(inject_bias(text, vision))
@@ -358,6 +406,9 @@ class BlipFamily(Family):
                 if cross is not None:
                     cross.self.__class__ = BlipTextCrossAttention
                     swapped.append(cross.self)
+                    layer_rec = record(layer)
+                    if layer_rec is not None and layer_rec.state is not None:  # a reduced text encoder's
+                        mark(cross.self, state=layer_rec.state)
         decoder = getattr(model, "text_decoder", None)
         if isinstance(decoder, hf_text.BlipTextLMHeadModel):
             decoder.generate = BiasedGenerate(decoder, vision)
@@ -372,6 +423,7 @@ class BlipFamily(Family):
             h.remove()
         for m in glue.swapped:
             m.__class__ = hf_text.BlipTextSelfAttention
+            unmark(m, ("state",))
         unmark(model, ("glue",))
         release_vision(find_towers(model)["vision"])
         decoder = getattr(model, "text_decoder", None)

@@ -22,7 +22,7 @@ from transformers.models.blip_2 import modeling_blip_2 as hf
 
 from crossget.families.base import Family, Tower, no_inputs
 from crossget.families.blip import encoder_cost, fused_qkv_attention, inject_bias, release_vision, watch_vision
-from crossget.families.clip import CrossGETCLIPEncoderLayer
+from crossget.families.clip import own_checkpointing, pre_ln_layer, run_layer
 from crossget.record import mark, record, unmark
 from crossget.schedule import EncoderCost
 
@@ -34,12 +34,17 @@ class CrossGETBlip2Attention(hf.Blip2Attention):
         return fused_qkv_attention(self, hidden_states, attention_mask, **kwargs)
 
 
+@own_checkpointing
 class CrossGETBlip2EncoderLayer(hf.Blip2EncoderLayer):
-    """Pre-LN vision layer with token reduction between attention and MLP (docs/method.md §1)."""
+    """Pre-LN vision layer with token reduction between attention and MLP (docs/method.md §1).
+
+    As CLIP's (:class:`~crossget.families.clip.CrossGETCLIPEncoderLayer`): hidden states are
+    the merged sequences, attention maps (eager) leave the cross token out, gradient
+    checkpointing recomputes the layer's merge exactly."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         # CLIP's layer structure (layer_norm1, self_attn, layer_norm2, mlp); upstream passes no mask
-        return CrossGETCLIPEncoderLayer.forward(self, hidden_states, attention_mask, **kwargs)
+        return run_layer(self, pre_ln_layer, hidden_states, attention_mask=attention_mask, **kwargs)
 
 
 CLASSES = (

@@ -112,7 +112,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     """Restore the stock model (classes, forwards, no hooks, no cross-token parameters)."""
     family_of(model).unpatch(model)
     for module in model.modules():  # a tower patched on its own inside the model too
-        unmark(module, fields=("config",))
+        unmark(module, fields=("config", "kept"))
     return model
 
 

@@ -28,6 +28,7 @@ class Record:
     config: PatchConfig | None = None  # the patched model: what crossget.config reports
     glue: Any = None  # family-level additions (BLIP's bias hooks, LLaVA's LM state, ...)
     output: Any = None  # weak reference to the last output (BLIP vision towers)
+    kept: dict | None = None  # the patched model: trained cross tokens of towers left unpatched, by kind
 
     def __getstate__(self) -> dict:
         # the last output is per forward (and a weak reference cannot be pickled)

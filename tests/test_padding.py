@@ -11,6 +11,7 @@ from test_blip import make_blip, texts
 from transformers import BlipForImageTextRetrieval
 
 import crossget
+from crossget.merge import padding_room
 from crossget.methods.crossget import complete_graph_soft_matching
 from crossget.methods.tome import bipartite_soft_matching
 
@@ -79,8 +80,16 @@ def real_groups(merge, row, k):
 @given(padded_rows())
 def test_matchers_merge_real_tokens_as_the_unpadded_row_does(args):
     metric, groups, protected, lengths, r = args
-    for match in (lambda m, r, p, g: complete_graph_soft_matching(m, r, None, p, g), bipartite_soft_matching):
-        batch = match(metric, r, protected, groups)
+    cases = [(lambda m, r, p, g: complete_graph_soft_matching(m, r, None, p, g), False), (bipartite_soft_matching, True)]
+    for match, bipartite in cases:
+        # as TowerState does: first append the padding a row may lack (usually none)
+        r_batch, k = padding_room(r, groups != 0, protected, bipartite)
+        b, _, c = metric.shape
+        m = torch.cat([metric, torch.ones(b, k, c)], 1)
+        g = torch.cat([groups, groups.new_zeros(b, k)], 1)
+        p = torch.cat([protected, protected.new_zeros(b, k)], 1)
+        batch = match(m, r_batch, p, g)
+        assert batch.r == r_batch
         for row, k in enumerate(lengths):
             alone = match(metric[row : row + 1, :k], r, protected[row : row + 1, :k], None)
             assert real_groups(batch, row, k) == real_groups(alone, 0, k)

@@ -92,6 +92,17 @@ class TowerHooks:
         return output
 
 
+def drop_cross_tokens(module: nn.Module, state_dict: dict, prefix: str, _local_metadata: dict) -> None:
+    """State-dict hook: the cross tokens are not part of the model's checkpoint."""
+    state_dict.pop(prefix + CROSS_PARAM, None)
+
+
+def allow_missing_cross_tokens(module: nn.Module, incompatible_keys) -> None:
+    """Load hook: a stock state dict (without cross tokens) loads strictly; theta stays as it is."""
+    for key in [k for k in incompatible_keys.missing_keys if k.rpartition(".")[2] == CROSS_PARAM]:
+        incompatible_keys.missing_keys.remove(key)
+
+
 def install(tower: Tower, settings: TowerSettings, theta: nn.Parameter | None = None) -> TowerState:
     """Patch ``tower`` in place (it must not be patched).
 
@@ -107,6 +118,10 @@ def install(tower: Tower, settings: TowerSettings, theta: nn.Parameter | None = 
     ]
     if tower.encoder is tower.module:
         handles += record(tower.module).handles
+    # checkpoints stay stock: theta is not in state_dict() (it travels in crossget.save_cross_tokens
+    # files), and a stock state dict loads strictly into the patched model
+    handles += [tower.encoder.register_state_dict_post_hook(drop_cross_tokens),
+                tower.encoder.register_load_state_dict_post_hook(allow_missing_cross_tokens)]
     mark(tower.encoder, state=state, handles=handles)
     for i, layer in enumerate(tower.layers):
         attn = layer.get_submodule(tower.attention_attr)
@@ -238,18 +253,24 @@ class Family:
 
         # reconfiguring: fresh classes and hooks, trained cross tokens carried over
         thetas = {kind: uninstall(tower) for kind, tower in found.items()}
+        kept = dict(record(model).kept) if record(model) is not None and record(model).kept else {}
+        thetas = {kind: theta if theta is not None else kept.get(kind) for kind, theta in thetas.items()}
         self.uninstall_glue(model)
+        kept = {}
         for kind, tower in found.items():
             if kind in schedules:
                 sched = schedules[kind]
             elif cross:
                 sched = [0] * len(tower.layers)  # runs its cross token for the loss, never merges
             else:
+                if thetas[kind] is not None:
+                    kept[kind] = thetas[kind]  # an unpatched tower's trained theta waits for a later re-patch
                 continue
             settings = TowerSettings(kind, tuple(sched), method, cfg.prop_attn, metric, cfg.trace_sources,
                                      importance=cfg.importance)
             install(tower, settings, thetas[kind])
         self.install_glue(model)
+        mark(model, kept=kept or None)
         return cfg.replace(r={k: tuple(v) for k, v in schedules.items()}, towers=tuple(reduced), metric=metric,
                            flops_estimate=estimate)
 

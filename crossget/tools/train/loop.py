@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from crossget.api import is_patched, states
 from crossget.tools.train.common import accelerator, cosine_lr
 
 Batch = dict[str, torch.Tensor]
@@ -99,6 +100,9 @@ class Checkpoint(Protocol):
         """Mark the checkpoint complete at ``step``; called on the main process, last."""
 
 
+CROSS_TOKENS = "cross_tokens.safetensors"  # beside accelerate's state: what the model's state dict leaves out
+
+
 class AccelerateCheckpoint:
     """``accelerate``'s ``save_state`` in ``folder/state`` (model, optimizer, random states, the
     schedule if there is one) and the step in ``folder/progress.json`` (``{"step": N}``): the format
@@ -122,10 +126,26 @@ class AccelerateCheckpoint:
     def load(self, loop: TrainLoop) -> None:
         self._register(loop)
         loop.acc.load_state(str(self.state))
+        thetas = self._cross_tokens(loop)
+        if thetas and (self.state / CROSS_TOKENS).exists():
+            with torch.no_grad():
+                for kind, value in load_file(self.state / CROSS_TOKENS).items():
+                    thetas[kind].copy_(value)
 
     def write_state(self, loop: TrainLoop) -> None:
         self._register(loop)
         loop.acc.save_state(str(self.state))  # collective: every process calls it
+        # the model's state dict leaves the cross tokens out (checkpoints stay stock): keep them here
+        thetas = self._cross_tokens(loop)
+        if thetas and loop.acc.is_main_process:
+            save_file({k: t.detach().cpu().contiguous() for k, t in thetas.items()}, self.state / CROSS_TOKENS)
+
+    @staticmethod
+    def _cross_tokens(loop: TrainLoop) -> dict[str, torch.Tensor]:
+        model = loop.unwrapped()
+        if not is_patched(model):
+            return {}
+        return {k: s.cross_tokens for k, s in states(model).items() if s.cross_tokens is not None}
 
     def write_step(self, step: int) -> None:
         self.progress.write_text(json.dumps({"step": step}))

@@ -33,6 +33,7 @@ def patch(
     prop_attn: bool = True,
     metric: str | None = None,
     text_len: int | None = None,
+    image_size: int | None = None,
     trace_sources: bool = False,
     keep: int | None = None,
     importance: str = "cross",
@@ -58,6 +59,9 @@ def patch(
             (ToMe's default).
         text_len: text length assumed when solving ``flops`` (default: the text
             tower's maximum, 77 for CLIP; LLaVA: 64 prompt tokens).
+        image_size: image side in pixels that ``flops`` plans for (default: the model
+            config's ``image_size``); give the size the model runs at when it differs
+            (``interpolate_pos_encoding=True``): a schedule is per layer, whatever the input.
         trace_sources: track which input tokens each output token covers, for
             :func:`sources` (text towers always track it, to restore their length).
         keep: instead of ``r``, the visual tokens per image that reach a language model
@@ -79,7 +83,8 @@ def patch(
     """
     cfg = PatchConfig(
         method=method, r=r, flops=flops, keep=keep, towers=towers, prop_attn=prop_attn, metric=metric,
-        importance=importance, text_len=text_len, trace_sources=trace_sources, fastv_layer=fastv_layer,
+        importance=importance, text_len=text_len, image_size=image_size, trace_sources=trace_sources,
+        fastv_layer=fastv_layer,
         contextual=contextual,
     )
     return _patch(model, cfg)
@@ -147,13 +152,18 @@ def sources(model: nn.Module, tower: str = "vision") -> torch.Tensor:
     return sources_from_token_map(st.token_map, n_out)
 
 
-def tokens_per_layer(model: nn.Module, text_len: int | None = None) -> dict[str, list[int]]:
+def tokens_per_layer(
+    model: nn.Module, text_len: int | None = None, image_size: int | None = None
+) -> dict[str, list[int]]:
     """Tokens after each layer of every patched tower for the current schedule.
 
-    Vision counts are exact; text counts assume an unpadded text of ``text_len``
-    tokens (default: the tower's maximum).
+    Vision counts are exact for images of ``image_size`` pixels (default: the size the
+    patch was planned for, ``config(model).image_size``, else the model config's); text
+    counts assume an unpadded text of ``text_len`` tokens (default: the tower's maximum).
     """
-    return family_of(model).tokens_per_layer(model, text_len)
+    if image_size is None and is_patched(model):
+        image_size = config(model).image_size
+    return family_of(model).tokens_per_layer(model, text_len, image_size)
 
 
 def joint_projection(model: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -60,6 +60,10 @@ class PatchConfig:
         importance: ``"cross"`` (cross-token guidance), ``"attention"`` (LLaVA's rule) or
             ``"none"`` (no cross token: an ablation of the guidance).
         text_len: text length assumed when solving ``flops``; None: the family's default.
+        image_size: image side in pixels the ``flops`` schedule is planned for and token
+            counts are reported at; None: the model config's ``image_size``. At another input
+            size (``interpolate_pos_encoding=True``) every layer still removes its ``r``
+            tokens (fewer if it has fewer), so plan for the size the model runs at.
         trace_sources: keep the input -> output token map (:func:`crossget.sources`).
         fastv_layer: FastV's K (LLaVA); None: the method's default.
         contextual: VisionZip's contextual tokens (LLaVA); None: 10/64 of ``keep``.
@@ -77,6 +81,7 @@ class PatchConfig:
     metric: str | None = None
     importance: str = "cross"
     text_len: int | None = None
+    image_size: int | None = None
     trace_sources: bool = False
     fastv_layer: int | None = None
     contextual: int | None = None
@@ -104,6 +109,11 @@ class PatchConfig:
             if isinstance(self.text_len, bool) or not isinstance(self.text_len, numbers.Integral) or self.text_len < 1:
                 raise ValueError(f"text_len must be a positive int (text tokens), got {self.text_len!r}")
             object.__setattr__(self, "text_len", int(self.text_len))
+        if self.image_size is not None:
+            if isinstance(self.image_size, bool) or not isinstance(self.image_size, numbers.Integral) \
+                    or self.image_size < 1:
+                raise ValueError(f"image_size must be a positive int (pixels), got {self.image_size!r}")
+            object.__setattr__(self, "image_size", int(self.image_size))
 
     # ------------------------------------------------------------------ forms
     def to_dict(self) -> dict[str, Any]:

@@ -61,3 +61,25 @@ def test_unpatch_clears_a_tower_patched_on_its_own():
     crossget.unpatch(llava)
     assert not crossget.is_patched(llava.model.vision_tower)
     assert not any(hasattr(m, "_crossget") for m in llava.modules())
+
+
+def test_schedules_follow_the_image_size_they_are_planned_for(images):
+    """A model whose config says 64 px but runs at 32 px (interpolate_pos_encoding): flops=
+    plans for image_size= and tokens_per_layer reports what that forward then has."""
+    model = make_clip(image_size=64)
+    crossget.patch(model, flops=0.8, towers=("vision",))
+    planned_64 = crossget.config(model).r["vision"]
+    crossget.patch(model, flops=0.8, towers=("vision",), image_size=32)
+    cfg = crossget.config(model)
+    assert cfg.image_size == 32 and sum(cfg.r["vision"]) < sum(planned_64)
+    with torch.no_grad():
+        model.get_image_features(pixel_values=images[:1], interpolate_pos_encoding=True)
+    assert crossget.states(model)["vision"].tokens == crossget.tokens_per_layer(model)["vision"]
+    assert crossget.tokens_per_layer(model, image_size=64)["vision"][0] == 1 + 16**2 - cfg.r["vision"][0]
+    crossget.patch_from_config(model, cfg.to_dict())
+    assert crossget.config(model) == cfg
+    for bad in (0, -32, 32.5):
+        with pytest.raises(ValueError, match="image_size must be a positive int"):
+            crossget.patch(model, flops=0.8, image_size=bad)
+    with pytest.raises(ValueError, match="image_size= is not an option of the LLaVA family"):
+        crossget.patch(make_llava(), keep=20, image_size=32)

@@ -28,7 +28,9 @@ from crossget.schedule import EncoderCost, resolve_r, solve_flops, token_counts
 from crossget.state import TowerSettings, TowerState
 
 CROSS_PARAM = "crossget_cross_tokens"  # parameter on an encoder: theta, [layers, C]
-ENCODER_OPTIONS = frozenset({"r", "flops", "towers", "prop_attn", "metric", "importance", "text_len", "trace_sources"})
+ENCODER_OPTIONS = frozenset(
+    {"r", "flops", "towers", "prop_attn", "metric", "importance", "text_len", "image_size", "trace_sources"}
+)
 
 
 @dataclass
@@ -179,8 +181,11 @@ class Family:
         """The model's towers by kind (``vision`` / ``text``)."""
         raise NotImplementedError
 
-    def encoder_cost(self, module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
-        """Analytic cost of one tower, for :func:`crossget.schedule.solve_flops`."""
+    def encoder_cost(
+        self, module: nn.Module, kind: str, text_len: int | None = None, image_size: int | None = None
+    ) -> EncoderCost:
+        """Analytic cost of one tower, for :func:`crossget.schedule.solve_flops` (``text_len``
+        tokens of text, images of ``image_size`` pixels; None: the config's)."""
         raise NotImplementedError
 
     def joint_projection(self, model: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -234,7 +239,7 @@ class Family:
             r = 0
         cross = cfg.uses_cross_token  # every tower then carries a cross token
         if cfg.flops is not None:
-            costs = {k: self.encoder_cost(t.module, k, cfg.text_len) for k, t in found.items()}
+            costs = {k: self.encoder_cost(t.module, k, cfg.text_len, cfg.image_size) for k, t in found.items()}
             match = {"crossget": "complete", "tome": "bipartite"}.get(method)
             added = {
                 k: {"extra": int(cross), "match": match,
@@ -282,12 +287,14 @@ class Family:
     def states(self, model: nn.Module) -> dict[str, TowerState]:
         return {k: t.state for k, t in self.towers(model).items() if t.state is not None}
 
-    def tokens_per_layer(self, model: nn.Module, text_len: int | None = None) -> dict[str, list[int]]:
+    def tokens_per_layer(
+        self, model: nn.Module, text_len: int | None = None, image_size: int | None = None
+    ) -> dict[str, list[int]]:
         out = {}
         for kind, tower in self.towers(model).items():
             if tower.state is None:
                 continue
-            cost = self.encoder_cost(tower.module, kind, text_len)
+            cost = self.encoder_cost(tower.module, kind, text_len, image_size)
             r = tower.state.settings.r if tower.state.settings.method != "none" else [0] * len(tower.layers)
             out[kind] = [m for _, m in token_counts(cost.n_tokens, r, cost.protected)]
         return out

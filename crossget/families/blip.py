@@ -240,7 +240,9 @@ def find_towers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def encoder_cost(module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
+def encoder_cost(
+    module: nn.Module, kind: str, text_len: int | None = None, image_size: int | None = None
+) -> EncoderCost:
     """Analytic cost of one tower, for :func:`crossget.schedule.solve_flops` (BLIP-2's vision too).
 
     The BLIP text encoder's cross-attention is counted as fixed, at the unreduced image
@@ -250,7 +252,7 @@ def encoder_cost(module: nn.Module, kind: str, text_len: int | None = None) -> E
     cfg = module.config
     c = cfg.hidden_size
     if kind == "vision":
-        patches = (cfg.image_size // cfg.patch_size) ** 2
+        patches = ((image_size or cfg.image_size) // cfg.patch_size) ** 2
         fixed = 2 * patches * c * getattr(cfg, "num_channels", 3) * cfg.patch_size**2  # patch embedding
         return EncoderCost(c, cfg.intermediate_size, cfg.num_hidden_layers, patches + 1, 1, fixed)
     n = text_len or TEXT_LEN
@@ -383,8 +385,10 @@ class BlipFamily(Family):
     def towers(self, model: nn.Module) -> dict[str, Tower]:
         return {kind: tower(kind, m) for kind, m in find_towers(model).items()}
 
-    def encoder_cost(self, module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
-        return encoder_cost(module, kind, text_len)
+    def encoder_cost(
+        self, module: nn.Module, kind: str, text_len: int | None = None, image_size: int | None = None
+    ) -> EncoderCost:
+        return encoder_cost(module, kind, text_len, image_size)
 
     def joint_projection(self, model: nn.Module, kind: str) -> DetachedProjection | None:
         return joint_projection(model, kind)

@@ -85,8 +85,10 @@ class Blip2Family(Family):
             )
         }
 
-    def encoder_cost(self, module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
-        return encoder_cost(module, kind, text_len)
+    def encoder_cost(
+        self, module: nn.Module, kind: str, text_len: int | None = None, image_size: int | None = None
+    ) -> EncoderCost:
+        return encoder_cost(module, kind, text_len, image_size)
 
     # joint_projection: None, BLIP-2's joint space is reached through the Q-Former, not from a vision token
 

@@ -300,11 +300,13 @@ def find_towers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def encoder_cost(module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
+def encoder_cost(
+    module: nn.Module, kind: str, text_len: int | None = None, image_size: int | None = None
+) -> EncoderCost:
     """Analytic cost of one CLIP tower (also LLaVA's vision tower)."""
     cfg = module.config
     if kind == "vision":
-        patches = (cfg.image_size // cfg.patch_size) ** 2
+        patches = ((image_size or cfg.image_size) // cfg.patch_size) ** 2
         n, fixed = patches + 1, 2 * patches * cfg.hidden_size * cfg.num_channels * cfg.patch_size**2
     else:
         n, fixed = text_len or cfg.max_position_embeddings, 0.0
@@ -324,8 +326,10 @@ class CLIPFamily(Family):
     def towers(self, model: nn.Module) -> dict[str, Tower]:
         return {kind: tower(kind, m) for kind, m in find_towers(model).items()}
 
-    def encoder_cost(self, module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
-        return encoder_cost(module, kind, text_len)
+    def encoder_cost(
+        self, module: nn.Module, kind: str, text_len: int | None = None, image_size: int | None = None
+    ) -> EncoderCost:
+        return encoder_cost(module, kind, text_len, image_size)
 
     def install_glue(self, model: nn.Module) -> None:
         """A patched text tower's ``hidden_states`` at full length (:class:`FullLengthHiddenStates`)."""

@@ -481,7 +481,7 @@ class LlavaFamily(Family):
     name = "LLaVA"
     classes = (hf.LlavaForConditionalGeneration, hf.LlavaModel)
     methods = METHODS
-    options = ENCODER_OPTIONS | {"keep", "fastv_layer", "contextual"}
+    options = (ENCODER_OPTIONS - {"image_size"}) | {"keep", "fastv_layer", "contextual"}  # the processor fixes the size
     importance = ("cross", "attention", "none")
 
     def towers(self, model: nn.Module) -> dict[str, Tower]:
@@ -496,10 +496,12 @@ class LlavaFamily(Family):
         )
         return {"vision": _vision_tower_record(model), "text": text}
 
-    def encoder_cost(self, module: nn.Module, kind: str, text_len: int | None = None) -> EncoderCost:
+    def encoder_cost(
+        self, module: nn.Module, kind: str, text_len: int | None = None, image_size: int | None = None
+    ) -> EncoderCost:
         if kind != "vision":
             raise ValueError("the LLaVA language model is not an encoder: see crossget.families.llava.prefill_flops")
-        return clip.encoder_cost(module, kind, text_len)
+        return clip.encoder_cost(module, kind, text_len, image_size)
 
     def joint_projection(self, model: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """``vision``: the multimodal projector with detached weights (into the LM's width);
@@ -635,7 +637,9 @@ class LlavaFamily(Family):
         uninstall(_vision_tower_record(model))
         _uninstall_glue(model)
 
-    def tokens_per_layer(self, model: nn.Module, text_len: int | None = None) -> dict[str, list[int]]:
+    def tokens_per_layer(
+        self, model: nn.Module, text_len: int | None = None, image_size: int | None = None
+    ) -> dict[str, list[int]]:
         """Tokens after each vision layer (``vision``) and in each LM layer (``language``,
         for one image and ``text_len`` other prompt tokens, default 64)."""
         g = glue(model)

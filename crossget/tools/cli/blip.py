@@ -15,6 +15,7 @@ from crossget.tools.cli.options import (
     device_argument,
     int_at_least,
     need_budget,
+    positive_float,
     save_training_log,
 )
 from crossget.tools.eval.blip_common import summary_line
@@ -36,7 +37,7 @@ def train_blip_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="where the model, processor and training.json are saved")
     p.add_argument("--steps", type=int_at_least(1), default=550)
     p.add_argument("--batch", type=int_at_least(1), default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="text side; the vision tower gets 0.2x (default 1e-3)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="text side; the vision tower gets 0.2x (default 1e-3)")
     p.add_argument("--text-layers", type=int_at_least(1), default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int_at_least(1), default=1)

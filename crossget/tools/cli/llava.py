@@ -15,6 +15,8 @@ from crossget.tools.cli.options import (
     command_line,
     device_argument,
     int_at_least,
+    positive_float,
+    unit_float,
     vars_meta,
 )
 from crossget.tools.eval.llava import run_llava_eval
@@ -71,9 +73,9 @@ def train_llava_arguments(p: argparse.ArgumentParser) -> None:
                         "projector+lm: projector and LM, vision tower frozen (default cross)")
     p.add_argument("--steps", type=int_at_least(1), default=1000)
     p.add_argument("--batch", type=int_at_least(1), default=16, help="samples per step and process (default 16)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="peak learning rate (default: 1e-2 cross, 2e-4 lora, 2e-5 projector+lm)")
-    p.add_argument("--cross-weight", type=float, default=None, help="w in (1 - w) L_LM + w L_cross (default 0.001)")
+    p.add_argument("--cross-weight", type=unit_float, default=None, help="w in (1 - w) L_LM + w L_cross (default 0.001)")
     p.add_argument("--max-length", type=int_at_least(1), default=2048, help="tokens per sample, image included (default 2048)")
     p.add_argument("--checkpoint-every", type=int_at_least(1), default=200)
     p.add_argument("--log-every", type=int_at_least(1), default=10)

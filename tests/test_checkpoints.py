@@ -49,3 +49,14 @@ def test_blip_checkpoint_is_stock_too():
     crossget.patch(model, r=2, towers=("vision", "text"))
     assert set(model.state_dict()) == keys
     make_blip(BlipForImageTextRetrieval, seed=1).load_state_dict(model.state_dict(), strict=True)
+
+
+def test_llava_checkpoint_is_stock_too():
+    from test_llava import make_llava
+
+    model = make_llava()
+    keys = set(model.state_dict())
+    crossget.patch(model, keep=20, method="crossget")  # cross tokens in the tower and in the LM
+    assert set(model.state_dict()) == keys
+    make_llava(seed=1).load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(make_llava(seed=2).state_dict(), strict=True)

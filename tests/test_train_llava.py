@@ -76,9 +76,14 @@ def trained_logits(model, files):
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
 
 
+def weights(model):
+    """Every parameter and buffer by name (the cross tokens too, which state_dict() leaves out)."""
+    return {**model.state_dict(), **dict(model.named_parameters())}
+
+
 def changed(before, model):
     """Keys whose values moved; peft's wrapped layers keep their weights under ``.base_layer``."""
-    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}
+    after = {k.replace(".base_layer", ""): v for k, v in weights(model).items()}
     assert before.keys() <= after.keys()
     return {k for k in before if not torch.equal(before[k], after[k])}
 
@@ -129,7 +134,7 @@ def test_clear_errors(files, tmp_path, content, match):
 # --------------------------------------------------------------------------- training
 def test_cross_tokens_learn_and_nothing_else(files, tmp_path):
     model = load(files, keep=20)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.detach().clone() for k, v in weights(model).items()}
     model, log = run(files, model, tmp_path / "run")
     assert changed(before, model) == {"model.vision_tower.encoder.crossget_cross_tokens",
                                       "model.language_model.crossget_cross_tokens"}
@@ -158,7 +163,7 @@ def test_resume_continues_from_the_saved_step(files, tmp_path):
 
 def test_projector_and_lm_from_an_unpatched_model(files, tmp_path):
     model = load(files)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.detach().clone() for k, v in weights(model).items()}
     model, log = run(files, model, tmp_path / "run", trainable="projector+lm", lr=3e-3)
     moved = changed(before, model)
     assert not any("vision_tower" in k for k in moved)
@@ -171,7 +176,7 @@ def test_projector_and_lm_from_an_unpatched_model(files, tmp_path):
 def test_lora_trains_adapters_and_cross_tokens(files, tmp_path):
     pytest.importorskip("peft")
     model = load(files, keep=20)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.detach().clone() for k, v in weights(model).items()}
     model, log = run(files, model, tmp_path / "run", trainable="lora", lr=1e-2)
     lora = {k for k in model.state_dict() if "lora_" in k}
     assert lora and all("language_model" in k and "self_attn" in k for k in lora)

@@ -48,7 +48,17 @@ from transformers.models.llava import modeling_llava as hf
 
 from crossget.config import MERGING, METHODS, PatchConfig
 from crossget.families import clip
-from crossget.families.base import CROSS_PARAM, ENCODER_OPTIONS, Family, Tower, install, no_inputs, uninstall
+from crossget.families.base import (
+    CROSS_PARAM,
+    ENCODER_OPTIONS,
+    Family,
+    Tower,
+    allow_missing_cross_tokens,
+    drop_cross_tokens,
+    install,
+    no_inputs,
+    uninstall,
+)
 from crossget.methods import fastv, visionzip
 from crossget.record import mark, record, unmark
 from crossget.schedule import EncoderCost, RSpec, decoder_layer_flops, resolve_r, token_counts, vit_layer_flops
@@ -370,7 +380,10 @@ def _install_lm_cross_tokens(base: hf.LlavaModel, theta: nn.Parameter | None) ->
     )
     state.cross_tokens = theta
     mark(lm, state=state)
-    return state, LMCrossToken(state, theta).install(lm)
+    # as for the towers: the checkpoint stays stock (theta travels in cross-token files)
+    stock_checkpoint = [lm.register_state_dict_post_hook(drop_cross_tokens),
+                        lm.register_load_state_dict_post_hook(allow_missing_cross_tokens)]
+    return state, LMCrossToken(state, theta).install(lm) + stock_checkpoint
 
 
 _LLAVA_FORWARD = inspect.signature(hf.LlavaModel.forward)

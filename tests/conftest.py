@@ -28,6 +28,27 @@ def make_clip(impl: str = "sdpa", seed: int = 0, **kw) -> CLIPModel:
     return model
 
 
+def save_shapes_clip(root, train: int, test: int, image_size: int, vision_width: int, vision_layers: int,
+                     projection_dim: int):
+    """A tiny random CLIPModel with a word tokenizer over generated shapes captions, saved to
+    ``root/model`` beside its data set ``root/data``; returns ``(root, annotation file)``."""
+    from crossget.tools.data.karpathy import load_karpathy
+    from crossget.tools.data.shapes import generate_dataset
+    from crossget.tools.train.clip import BaseModelConfig, base_processor
+
+    ann = generate_dataset(root / "data", train, 0, test, image_size=image_size, seed=0)
+    processor = base_processor(load_karpathy(ann, split="train").captions, image_size)
+    cfg = BaseModelConfig(image_size=image_size, vision_width=vision_width, vision_layers=vision_layers,
+                          vision_heads=2, text_width=16, text_layers=1, text_heads=2, max_text_len=48,
+                          projection_dim=projection_dim)
+    tok = processor.tokenizer
+    torch.manual_seed(0)
+    model = CLIPModel(cfg.clip_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    return root, ann
+
+
 def make_texts(lengths, total: int = 16, seed: int = 0):
     """input_ids / attention_mask with BOS, random words, EOS, then padding (EOS ids)."""
     g = torch.Generator().manual_seed(seed)

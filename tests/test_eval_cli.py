@@ -3,31 +3,16 @@
 import json
 
 import pytest
-import torch
+from conftest import save_shapes_clip
 
 from crossget.tools.cli import main
-from crossget.tools.data.karpathy import load_karpathy
-from crossget.tools.data.shapes import generate_dataset
-from crossget.tools.train.clip import BaseModelConfig, base_processor
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    ann = generate_dataset(root / "data", 24, 0, 12, image_size=64, seed=0)
-    split = load_karpathy(ann, split="train")
-    processor = base_processor(split.captions, 64)
     # the vision tower dominates the FLOPs, as in the default model
-    cfg = BaseModelConfig(image_size=64, vision_width=32, vision_layers=4, vision_heads=2, text_width=16,
-                          text_layers=1, text_heads=2, max_text_len=48, projection_dim=16)
-    tok = processor.tokenizer
-    torch.manual_seed(0)
-    from transformers import CLIPModel
-
-    model = CLIPModel(cfg.clip_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    return root, ann
+    return save_shapes_clip(tmp_path_factory.mktemp("tiny"), 24, 12, image_size=64, vision_width=32,
+                            vision_layers=4, projection_dim=16)
 
 
 def test_train_eval_sweep_demo(tiny_setup, tmp_path):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_clip, tiny_clip_config
+from conftest import make_clip, save_shapes_clip, tiny_clip_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
@@ -240,21 +240,8 @@ def test_a_good_load_after_a_failed_one_works(tmp_path, images):
 @pytest.fixture(scope="module")
 def tiny_saved(tmp_path_factory):
     """A tiny saved CLIPModel with its processor and a small generated data set."""
-    from crossget.tools.data.karpathy import load_karpathy
-    from crossget.tools.data.shapes import generate_dataset
-    from crossget.tools.train.clip import BaseModelConfig, base_processor
-
-    root = tmp_path_factory.mktemp("tiny-loading")
-    ann = generate_dataset(root / "data", 6, 0, 6, image_size=48, seed=0)
-    processor = base_processor(load_karpathy(ann, split="train").captions, 48)
-    cfg = BaseModelConfig(image_size=48, vision_width=16, vision_layers=2, vision_heads=2, text_width=16,
-                          text_layers=1, text_heads=2, max_text_len=48, projection_dim=8)
-    tok = processor.tokenizer
-    torch.manual_seed(0)
-    model = CLIPModel(cfg.clip_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    return root, ann
+    return save_shapes_clip(tmp_path_factory.mktemp("tiny-loading"), 6, 6, image_size=48, vision_width=16,
+                            vision_layers=2, projection_dim=8)
 
 
 @pytest.mark.parametrize("bad", ["empty", "deeper"])

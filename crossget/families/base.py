@@ -159,8 +159,9 @@ def uninstall(tower: Tower) -> nn.Parameter | None:
 
 # --------------------------------------------------------------------------- protocol
 class Family:
-    """What a model family provides. Subclasses set the class attributes and implement
-    :meth:`towers` and :meth:`encoder_cost`; the rest has defaults for encoder families.
+    """What a model family provides. Subclasses set the class attributes and either the three
+    anatomy functions (``find_towers``, ``tower_record``, ``cost``) or override :meth:`towers` and
+    :meth:`encoder_cost`; the rest has defaults for encoder families.
 
     Attributes:
         name: shown in errors (``"CLIP"``).
@@ -168,6 +169,9 @@ class Family:
         methods: the methods it runs (of :data:`crossget.config.METHODS`).
         options: the :class:`~crossget.config.PatchConfig` fields it reads besides ``method``.
         importance: the importance rules it offers.
+        find_towers: ``model -> {kind: tower module}``.
+        tower_record: ``(kind, tower module) -> Tower``.
+        cost: ``(tower module, kind, text_len, image_size) -> EncoderCost``.
     """
 
     name: str = ""
@@ -175,18 +179,21 @@ class Family:
     methods: tuple[str, ...] = ("none", "tome", "crossget")
     options: frozenset[str] = ENCODER_OPTIONS
     importance: tuple[str, ...] = ("cross", "none")
+    find_towers: Callable[[nn.Module], dict[str, nn.Module]] | None = None
+    tower_record: Callable[[str, nn.Module], Tower] | None = None
+    cost: Callable[..., EncoderCost] | None = None
 
     # ---------------------------------------------------------------- anatomy
     def towers(self, model: nn.Module) -> dict[str, Tower]:
         """The model's towers by kind (``vision`` / ``text``)."""
-        raise NotImplementedError
+        return {kind: self.tower_record(kind, m) for kind, m in self.find_towers(model).items()}
 
     def encoder_cost(
         self, module: nn.Module, kind: str, text_len: int | None = None, image_size: int | None = None
     ) -> EncoderCost:
         """Analytic cost of one tower, for :func:`crossget.schedule.solve_flops` (``text_len``
         tokens of text, images of ``image_size`` pixels; None: the config's)."""
-        raise NotImplementedError
+        return self.cost(module, kind, text_len, image_size)
 
     def joint_projection(self, model: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``[*, C] -> [*, P]`` into the joint space the cross-token loss aligns in (weights

@@ -24,7 +24,6 @@ from crossget.families.base import Family, Tower, no_inputs
 from crossget.families.blip import encoder_cost, fused_qkv_attention, inject_bias, release_vision, watch_vision
 from crossget.families.clip import own_checkpointing, pre_ln_layer, run_layer
 from crossget.record import mark, record, unmark
-from crossget.schedule import EncoderCost
 
 
 class CrossGETBlip2Attention(hf.Blip2Attention):
@@ -85,10 +84,7 @@ class Blip2Family(Family):
             )
         }
 
-    def encoder_cost(
-        self, module: nn.Module, kind: str, text_len: int | None = None, image_size: int | None = None
-    ) -> EncoderCost:
-        return encoder_cost(module, kind, text_len, image_size)
+    cost = staticmethod(encoder_cost)
 
     # joint_projection: None, BLIP-2's joint space is reached through the Q-Former, not from a vision token
 

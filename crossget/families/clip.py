@@ -323,13 +323,9 @@ class CLIPFamily(Family):
         hf.CLIPTextModelWithProjection,
     )
 
-    def towers(self, model: nn.Module) -> dict[str, Tower]:
-        return {kind: tower(kind, m) for kind, m in find_towers(model).items()}
-
-    def encoder_cost(
-        self, module: nn.Module, kind: str, text_len: int | None = None, image_size: int | None = None
-    ) -> EncoderCost:
-        return encoder_cost(module, kind, text_len, image_size)
+    find_towers = staticmethod(find_towers)
+    tower_record = staticmethod(tower)
+    cost = staticmethod(encoder_cost)
 
     def install_glue(self, model: nn.Module) -> None:
         """A patched text tower's ``hidden_states`` at full length (:class:`FullLengthHiddenStates`)."""

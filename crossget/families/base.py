@@ -70,6 +70,31 @@ class Tower:
         rec = record(self.encoder)
         return rec.state if rec is not None else None
 
+    @classmethod
+    def of(
+        cls,
+        kind: str,
+        module: nn.Module,
+        layer_class: type,
+        attention_class: type,
+        *,
+        layers: list[nn.Module] | None = None,
+        attention_attr: str = "self_attn",
+        causal: bool = False,
+        restore_length: bool = False,
+        read_inputs: Callable[[tuple, dict], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+    ) -> Tower:
+        """The record of a Hugging Face tower ``module`` whose ``encoder`` runs its layers
+        (``encoder.layers`` unless given) and whose config has ``hidden_size`` and
+        ``num_attention_heads``."""
+        return cls(
+            kind=kind, module=module, encoder=module.encoder,
+            layers=list(module.encoder.layers) if layers is None else layers,
+            layer_class=layer_class, attention_class=attention_class, attention_attr=attention_attr,
+            causal=causal, restore_length=restore_length, read_inputs=read_inputs or no_inputs,
+            hidden=module.config.hidden_size, heads=module.config.num_attention_heads,
+        )
+
 
 def no_inputs(args: tuple, kwargs: dict) -> tuple[None, None]:
     """Vision towers: the anchor (CLS) is token 0, no padding."""

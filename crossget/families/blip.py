@@ -33,7 +33,7 @@ from transformers.models.blip import modeling_blip_text as hf_text
 from transformers.models.blip_2.modeling_blip_2 import eager_attention_forward
 from transformers.pytorch_utils import apply_chunking_to_forward
 
-from crossget.families.base import Family, Tower, no_inputs
+from crossget.families.base import Family, Tower
 from crossget.families.clip import (
     DetachedProjection,
     own_checkpointing,
@@ -209,22 +209,10 @@ def text_inputs(args: tuple, kwargs: dict) -> tuple[None, torch.Tensor | None]:
 
 
 def tower(kind: str, module: nn.Module) -> Tower:
-    cfg = module.config
-    vision = kind == "vision"
-    return Tower(
-        kind=kind,
-        module=module,
-        encoder=module.encoder,
-        layers=list(module.encoder.layers if vision else module.encoder.layer),
-        layer_class=CrossGETBlipEncoderLayer if vision else CrossGETBlipTextLayer,
-        attention_class=CrossGETBlipAttention if vision else CrossGETBlipTextSelfAttention,
-        attention_attr="self_attn" if vision else "attention.self",
-        causal=False,
-        restore_length=kind == "text",
-        read_inputs=text_inputs if kind == "text" else no_inputs,
-        hidden=cfg.hidden_size,
-        heads=cfg.num_attention_heads,
-    )
+    if kind == "vision":
+        return Tower.of(kind, module, CrossGETBlipEncoderLayer, CrossGETBlipAttention)
+    return Tower.of(kind, module, CrossGETBlipTextLayer, CrossGETBlipTextSelfAttention, layers=list(module.encoder.layer),
+                    attention_attr="attention.self", restore_length=True, read_inputs=text_inputs)
 
 
 def find_towers(model: nn.Module) -> dict[str, nn.Module]:

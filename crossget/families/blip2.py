@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.models.blip_2 import modeling_blip_2 as hf
 
-from crossget.families.base import Family, Tower, no_inputs
+from crossget.families.base import Family, Tower
 from crossget.families.blip import encoder_cost, fused_qkv_attention, inject_bias, release_vision, watch_vision
 from crossget.families.clip import own_checkpointing, pre_ln_layer, run_layer
 from crossget.record import mark, record, unmark
@@ -66,23 +66,7 @@ class Blip2Family(Family):
     def towers(self, model: nn.Module) -> dict[str, Tower]:
         """The one reducible encoder of a BLIP-2 model, its vision tower (the Q-Former's query
         tokens and the language model are never reduced)."""
-        vision = _vision(model)
-        return {
-            "vision": Tower(
-                kind="vision",
-                module=vision,
-                encoder=vision.encoder,
-                layers=list(vision.encoder.layers),
-                layer_class=CrossGETBlip2EncoderLayer,
-                attention_class=CrossGETBlip2Attention,
-                attention_attr="self_attn",
-                causal=False,
-                restore_length=False,
-                read_inputs=no_inputs,
-                hidden=vision.config.hidden_size,
-                heads=vision.config.num_attention_heads,
-            )
-        }
+        return {"vision": Tower.of("vision", _vision(model), CrossGETBlip2EncoderLayer, CrossGETBlip2Attention)}
 
     cost = staticmethod(encoder_cost)
 

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.clip import modeling_clip as hf
 
-from crossget.families.base import Family, Tower, no_inputs
+from crossget.families.base import Family, Tower
 from crossget.merge import TokenBookkeeping, gather_tokens
 from crossget.record import mark, record, unmark
 from crossget.schedule import EncoderCost
@@ -269,20 +269,8 @@ class TextInputs:
 def tower(kind: str, module: nn.Module) -> Tower:
     """The :class:`Tower` record of a CLIP vision or text model (also LLaVA's vision tower)."""
     text = kind == "text"
-    return Tower(
-        kind=kind,
-        module=module,
-        encoder=module.encoder,
-        layers=list(module.encoder.layers),
-        layer_class=CrossGETCLIPEncoderLayer,
-        attention_class=CrossGETCLIPAttention,
-        attention_attr="self_attn",
-        causal=text,
-        restore_length=text,
-        read_inputs=TextInputs(module.config.eos_token_id) if text else no_inputs,
-        hidden=module.config.hidden_size,
-        heads=module.config.num_attention_heads,
-    )
+    return Tower.of(kind, module, CrossGETCLIPEncoderLayer, CrossGETCLIPAttention, causal=text, restore_length=text,
+                    read_inputs=TextInputs(module.config.eos_token_id) if text else None)
 
 
 TOWER_CLASSES = {hf.CLIPVisionModel: "vision", hf.CLIPTextModel: "text"}

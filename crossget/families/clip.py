@@ -28,7 +28,7 @@ from transformers.models.clip import modeling_clip as hf
 
 from crossget.families.base import Family, Tower
 from crossget.merge import TokenBookkeeping, gather_tokens
-from crossget.record import mark, record, unmark
+from crossget.record import mark, record
 from crossget.schedule import EncoderCost
 from crossget.state import TowerState
 
@@ -320,14 +320,6 @@ class CLIPFamily(Family):
         text = find_towers(model).get("text")
         if text is not None and record(text.encoder) is not None:
             mark(model, glue=restore_hidden_states(text, text.encoder))
-
-    def uninstall_glue(self, model: nn.Module) -> None:
-        rec = record(model)
-        if rec is None or rec.glue is None:
-            return
-        for h in rec.glue:
-            h.remove()
-        unmark(model, ("glue",))
 
     def joint_projection(self, model: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """Final norm and projection into the joint space, weights detached (docs/method.md §3)."""

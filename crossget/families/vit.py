@@ -55,7 +55,7 @@ from transformers.models.vit import modeling_vit as hf_vit
 from crossget.families.base import Family, Tower
 from crossget.families.clip import own_checkpointing, run_layer, without_cross
 from crossget.merge import gather_tokens
-from crossget.record import mark, record, unmark
+from crossget.record import mark, record
 from crossget.schedule import EncoderCost
 from crossget.state import TowerState
 
@@ -379,13 +379,6 @@ class ViTFamily(Family):
                 backbone.register_forward_hook(hooks.backbone_post),
             ])
 
-    def uninstall_glue(self, model: nn.Module) -> None:
-        rec = record(model)
-        if rec is None or rec.glue is None:
-            return
-        for h in rec.glue:
-            h.remove()
-        unmark(model, ("glue",))
 
 
 FAMILY = ViTFamily()

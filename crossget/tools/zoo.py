@@ -1,6 +1,6 @@
 """The model zoo: named architectures with random weights (nothing is downloaded), for
 benchmarks, smoke runs and FLOPs counts: real-size CLIP ViT-B/16, BLIP ViT-B/16, BLIP-2
-ViT-g, LLaVA-1.5-7B/13B, and tiny versions of the encoders for tests."""
+ViT-g, SigLIP-B/16, DINOv2-S/14, LLaVA-1.5-7B/13B, and tiny versions of the encoders for tests."""
 
 from __future__ import annotations
 
@@ -85,6 +85,18 @@ def blip2_tiny() -> tf.Blip2Config:
     )
 
 
+def siglip_b16() -> tf.SiglipConfig:
+    """SigLIP-B/16 at 224 px (196 tokens, no CLS, attention-pooling head) and its 64-token text tower."""
+    return tf.SiglipConfig(vision_config=vit(768, 3072, 12, 12, 224, 16),
+                           text_config=text_encoder(768, 3072, 12, 12, max_position_embeddings=64, vocab_size=32000))
+
+
+def dinov2_s14() -> tf.Dinov2Config:
+    """DINOv2-S/14 at 224 px (257 tokens; its checkpoints' configs say 518 px)."""
+    return tf.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=224,
+                           layer_norm_eps=1e-6)
+
+
 # Llama-2 shapes of LLaVA-1.5's language models (vocabulary: Llama's 32000 + <image> + <pad>, padded to 32064)
 LLAVA15_SIZES: dict[str, dict[str, int]] = {
     "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32},
@@ -118,6 +130,8 @@ ARCHITECTURES: dict[str, Callable[[], Any]] = {
     "clip-vit-b16": clip_vit_b16,
     "blip-vit-b16": blip_vit_b16,
     "blip2-vit-g": blip2_vit_g,
+    "siglip-b16": siglip_b16,
+    "dinov2-s14": dinov2_s14,
     "clip-tiny": clip_tiny,  # for tests and smoke runs
     "blip-tiny": blip_tiny,
     "blip2-tiny": blip2_tiny,
@@ -151,6 +165,15 @@ def load_model(spec: str, tower: str = "vision", seed: int = 0) -> nn.Module:
 
 
 def _build(spec: str, cfg: Any, tower: str) -> nn.Module:
+    if isinstance(cfg, tf.Dinov2Config):
+        if tower != "vision":
+            raise ValueError(f"{spec} is a vision encoder: benchmark tower 'vision', got {tower!r}")
+        return tf.Dinov2Model(cfg)
+    if isinstance(cfg, tf.SiglipConfig):
+        if tower == "caption":
+            raise ValueError(f"tower 'caption' needs a captioning architecture (blip-*, blip2-*), got {spec!r}")
+        return {"vision": lambda: tf.SiglipVisionModel(cfg.vision_config), "text": lambda: tf.SiglipTextModel(cfg.text_config),
+                "both": lambda: tf.SiglipModel(cfg)}[tower]()
     if isinstance(cfg, (tf.BlipConfig, tf.Blip2Config)):
         blip = isinstance(cfg, tf.BlipConfig)
         if tower == "vision":

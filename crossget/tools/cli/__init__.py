@@ -37,6 +37,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("train-base", "train the small default CLIP model from scratch", clip.train_base_arguments,
             clip.train_base),
     Command("train", "train cross tokens of a CrossGET-patched model", clip.train_arguments, clip.train),
+    Command("train-dual", "a LiT-style dual encoder from two pretrained towers (projections trained)",
+            clip.train_dual_arguments, clip.train_dual),
     Command("train-llava", "train a LLaVA model: cross tokens, LoRA or projector + LM", llava.train_llava_arguments,
             llava.train_llava),
     Command("init-llava", "build a tiny LLaVA from the shipped CLIP's vision tower and a small random Llama",

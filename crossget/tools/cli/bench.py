@@ -35,7 +35,8 @@ def run_arguments(p: argparse.ArgumentParser, *, batch: int, rounds: int, out: s
 
 def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="clip-vit-b16",
-                   help="named architecture with random weights (clip-vit-b16, blip-vit-b16, blip2-vit-g, siglip-b16, dinov2-s14, "
+                   help="named architecture with random weights (clip-vit-b16, blip-vit-b16, blip2-vit-g, "
+                        "siglip-b16, dinov2-s14, "
                         "clip-tiny, blip-tiny, blip2-tiny) or a local model directory (from_pretrained); "
                         "default clip-vit-b16")
     p.add_argument("--tower", choices=("vision", "text", "both", "caption"), default="vision",

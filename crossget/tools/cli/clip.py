@@ -23,6 +23,7 @@ from crossget.tools.cli.options import (
 from crossget.tools.default import trained_cross_tokens
 from crossget.tools.eval.harness import evaluate_retrieval, results_table
 from crossget.tools.eval.plot import plot_sweep
+from crossget.tools.train.dual import train_dual_encoder
 from crossget.tools.train.jobs import train_base_on, train_cross_tokens_on
 
 
@@ -194,3 +195,28 @@ def train(args: argparse.Namespace) -> int:
           + (f" and the fine-tuned model to {os.path.join(args.out, 'model')}" if args.all_weights else ""))
     return 0
 
+
+
+def train_dual_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vision", required=True, help="pretrained vision model folder (e.g. crossget weights get dinov2-s)")
+    p.add_argument("--text", required=True, help="pretrained text model folder (e.g. crossget weights get minilm-l6)")
+    p.add_argument("--data", required=True, help="Karpathy-format JSON with train and test splits (e.g. crossget data-real)")
+    p.add_argument("--out", required=True, help="where the VisionTextDualEncoderModel and training.json go")
+    p.add_argument("--projection-dim", type=int_at_least(1), default=256)
+    p.add_argument("--steps", type=int_at_least(1), default=2000)
+    p.add_argument("--batch", type=int_at_least(2), default=256, help="images per contrastive batch")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int_at_least(1), default=2)
+
+
+def train_dual(args: argparse.Namespace) -> int:
+    """LiT-style dual encoder: frozen pretrained towers, trained projections; test-split recall."""
+    torch.set_num_threads(args.threads)
+    record = train_dual_encoder(args.vision, args.text, args.data, args.out, projection_dim=args.projection_dim,
+                                steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed)
+    test = record["test"]
+    print(f"test ({record['test_images']} images, {record['test_captions']} captions): "
+          + ", ".join(f"{k} {test[k]:.1f}" for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")))
+    print(f"wrote {args.out} (training.json: settings, losses, time)")
+    return 0

@@ -9,6 +9,9 @@ import pytest
 import torch
 from conftest import make_clip, make_texts
 from test_blip import make_blip, make_blip2
+from test_dual_encoder import make_dual, make_text
+from test_dual_encoder import run_dual as run_dual_encoder
+from test_dual_encoder import run_text as run_bert
 from test_llava import make_llava, make_prompts
 from test_siglip import both as siglip_inputs
 from test_siglip import make as make_siglip
@@ -111,6 +114,12 @@ GRID = [
     ("Siglip2Model", lambda: make_siglip("Siglip2Model"), lambda m: m(**siglip_inputs(True)).logits_per_image,
      [("none", {}), ("tome", {"r": 2}), ("tome", {"flops": 0.7}), ("crossget", {"r": [3, 2, 1]}),
       ("crossget", {"flops": 0.7}), ("crossget", {"r": 2, "towers": ("vision", "text")})]),
+    ("VisionTextDualEncoderModel", make_dual, lambda m: run_dual_encoder(m).logits_per_image,
+     ENCODER + [("crossget", {"r": {"vision": 2, "text": 1}, "towers": ("vision", "text")}),
+                ("tome", {"flops": 0.8, "towers": ("vision", "text")})]),
+    ("BertModel", make_text, lambda m: run_bert(m).pooler_output,
+     [("none", {}), ("tome", {"r": 1}), ("tome", {"flops": 0.8}), ("crossget", {"r": [2, 1]}),
+      ("crossget", {"flops": 0.8})]),
 ]
 CASES = [(name, build, run, method, kw) for name, build, run, cases in GRID for method, kw in cases]
 

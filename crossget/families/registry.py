@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from crossget.families import blip, blip2, clip, llava, siglip, vit
+from crossget.families import blip, blip2, clip, dual_encoder, llava, siglip, vit
 from crossget.families.base import Family
 
 # LLaVA first: a LlavaModel holds a CLIPVisionModel, which the CLIP family would also claim
-FAMILIES: tuple[Family, ...] = (llava.FAMILY, clip.FAMILY, blip.FAMILY, blip2.FAMILY, vit.FAMILY, siglip.FAMILY)
+FAMILIES: tuple[Family, ...] = (llava.FAMILY, clip.FAMILY, blip.FAMILY, blip2.FAMILY, vit.FAMILY, siglip.FAMILY,
+                               dual_encoder.FAMILY)
 
 
 def family_of(model: nn.Module) -> Family:

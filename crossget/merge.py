@@ -164,15 +164,20 @@ class TokenBookkeeping:
 
     @classmethod
     def start(
-        cls, x: torch.Tensor, anchor: torch.Tensor | None, valid: torch.Tensor | None, causal: bool, track: bool
+        cls, x: torch.Tensor, anchor: torch.Tensor | None, valid: torch.Tensor | None, causal: bool, track: bool,
+        protect_anchor: bool = True, protect_leading: int = 0,
     ) -> TokenBookkeeping:
-        """Fresh bookkeeping for encoder input ``x`` ``[B, N0, C]``; ``anchor`` ``[B]``
-        (default token 0) is protected; ``track`` keeps the token map."""
+        """Fresh bookkeeping for encoder input ``x`` ``[B, N0, C]``. Protected (docs/method.md §4):
+        ``anchor`` ``[B]`` (default token 0) unless ``protect_anchor`` is False (SigLIP vision:
+        no CLS), and the ``protect_leading`` first tokens (DeiT's distillation token, registers);
+        ``track`` keeps the token map."""
         b, n, _ = x.shape
         dev = x.device
         anchor = anchor if anchor is not None else torch.zeros(b, dtype=torch.long, device=dev)
         protected = torch.zeros(b, n, dtype=torch.bool, device=dev)
-        protected[torch.arange(b, device=dev), anchor] = True
+        if protect_anchor:
+            protected[torch.arange(b, device=dev), anchor] = True
+        protected[:, :protect_leading] = True
         return cls(
             protected=protected,
             valid=valid,
@@ -236,7 +241,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.T
         # a matmul is not bit-symmetric (its blocking depends on N): average with the
         # transpose so that mutual best pairs tie exactly and ties break by token index
         # (docs/method.md §4), whatever the sequence length or padding
-        prod = prod.add_(prod.transpose(1, 2).clone()).mul_(0.5)
+        prod = (prod + prod.transpose(1, 2)).mul_(0.5)
         inv_a = inv_b = prod.diagonal(dim1=1, dim2=2).clamp_min(1e-24).rsqrt()
     else:
         b = b.float()
@@ -323,15 +328,15 @@ def padding_room(
     r = max(min(r, int((~protected).sum(-1).min()) // 2), 0)
     need = (r - ((valid & ~protected).sum(-1) // 2).clamp(max=r)).clamp(min=0)  # [B]
     pad = ~valid
+    if not bipartite:  # n_pad + k padding tokens absorb n_pad + k - 1 merges
+        k = int((need - pad.sum(-1) + 1).masked_fill(need == 0, 0).clamp(min=0).max())
+        return r, k
     is_a = torch.arange(n, device=valid.device) % 2 == 0
     for k in range(0, 2 * int(need.max()) + 3):
-        if bipartite:
-            extra_a = (torch.arange(n, n + k, device=valid.device) % 2 == 0).sum()
-            pad_a = (pad & is_a).sum(-1) + extra_a
-            pad_b = (pad & ~is_a).sum(-1) + (k - extra_a)
-            room = torch.where(pad_b > 0, pad_a, 0)
-        else:
-            room = (pad.sum(-1) + k - 1).clamp(min=0)
+        extra_a = (torch.arange(n, n + k, device=valid.device) % 2 == 0).sum()
+        pad_a = (pad & is_a).sum(-1) + extra_a
+        pad_b = (pad & ~is_a).sum(-1) + (k - extra_a)
+        room = torch.where(pad_b > 0, pad_a, 0)
         if bool((room >= need).all()):
             return r, k
     return r, 0  # not reached: k = 2 * need + 1 always suffices

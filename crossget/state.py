@@ -67,6 +67,8 @@ class TowerState:
     cross_tokens: nn.Parameter | None = None  # theta, [layers, C]
     causal: bool = False
     restore_length: bool = False  # give the encoder output its input length back (text)
+    protect_anchor: bool = True  # the anchor (CLS / EOT) never merges; False: SigLIP vision (no CLS)
+    protect_leading: int = 0  # the first tokens never merge either (DeiT's distillation token, registers)
     # inputs of the tower, set by its pre-hook
     anchor: torch.Tensor | None = None  # [B] index of CLS / EOT
     input_valid: torch.Tensor | None = None  # [B, N0] bool, text padding
@@ -105,7 +107,8 @@ class TowerState:
     def start(self, x: torch.Tensor) -> None:
         """Reset the bookkeeping for encoder input ``x`` ``[B, N0, C]``."""
         track = self.restore_length or self.settings.trace_sources
-        self.book = TokenBookkeeping.start(x, self.anchor, self.input_valid, self.causal, track)
+        self.book = TokenBookkeeping.start(x, self.anchor, self.input_valid, self.causal, track,
+                                           self.protect_anchor, self.protect_leading)
         self.cross_outputs = []
         self.tokens = []
         self.token_maps = []

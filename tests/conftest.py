@@ -1,5 +1,7 @@
 """Tiny random-weight CLIP models shared by the tests."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
@@ -64,3 +66,17 @@ def make_texts(lengths, total: int = 16, seed: int = 0):
 @pytest.fixture
 def images():
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def pixels():
+    """Three 32 px images (the same as ``images``, under the name the family tests use)."""
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def quiet_warnings():
+    """Silence warnings a test expects (sdpa with output_attentions, gradient_checkpointing_enable's deprecation)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -2,7 +2,6 @@
 ``output_hidden_states`` (the cross token never shows, text hidden states at full length)
 and gradient checkpointing (the same gradients as without it), for CLIP, BLIP and BLIP-2."""
 
-import warnings
 
 import pytest
 import torch
@@ -23,16 +22,7 @@ from crossget.merge import gather_tokens
 FLAGS = dict(output_attentions=True, output_hidden_states=True)
 
 
-@pytest.fixture
-def pixels():
-    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():  # sdpa and output_attentions, gradient_checkpointing_enable's deprecation
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def assert_all_close(outs, refs, what, atol=1e-6):

@@ -4,7 +4,6 @@ attention, batching, copies, Hugging Face switches, pooling and errors."""
 
 import copy
 import io
-import warnings
 
 import pytest
 import torch
@@ -80,16 +79,7 @@ def run(model, pixels, **kw):
         return model(pixel_values=pixels, **kw)
 
 
-@pytest.fixture
-def pixels():
-    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():  # sdpa and output_attentions, gradient_checkpointing_enable's deprecation
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 # --------------------------------------------------------------------------- exactness

@@ -64,6 +64,8 @@ class Tower:
     read_inputs: Callable[[tuple, dict], tuple[torch.Tensor | None, torch.Tensor | None]]
     hidden: int
     heads: int
+    protect_anchor: bool = True  # False: no token anchors the tower (SigLIP vision)
+    protect_leading: int = 0  # leading tokens that never merge besides the anchor
 
     @property
     def state(self) -> TowerState | None:
@@ -83,6 +85,8 @@ class Tower:
         causal: bool = False,
         restore_length: bool = False,
         read_inputs: Callable[[tuple, dict], tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+        protect_anchor: bool = True,
+        protect_leading: int = 0,
     ) -> Tower:
         """The record of a Hugging Face tower ``module`` whose ``encoder`` runs its layers
         (``encoder.layers`` unless given) and whose config has ``hidden_size`` and
@@ -93,6 +97,7 @@ class Tower:
             layer_class=layer_class, attention_class=attention_class, attention_attr=attention_attr,
             causal=causal, restore_length=restore_length, read_inputs=read_inputs or no_inputs,
             hidden=module.config.hidden_size, heads=module.config.num_attention_heads,
+            protect_anchor=protect_anchor, protect_leading=protect_leading,
         )
 
 
@@ -136,7 +141,8 @@ def install(tower: Tower, settings: TowerSettings, theta: nn.Parameter | None = 
     ``theta``: cross tokens to reuse (e.g. trained ones kept across a reconfiguration);
     zeros are created when the method needs them and none are given.
     """
-    state = TowerState(settings=settings, heads=tower.heads, causal=tower.causal, restore_length=tower.restore_length)
+    state = TowerState(settings=settings, heads=tower.heads, causal=tower.causal, restore_length=tower.restore_length,
+                       protect_anchor=tower.protect_anchor, protect_leading=tower.protect_leading)
     hooks = TowerHooks(state, tower.read_inputs)
     mark(tower.module, handles=[tower.module.register_forward_pre_hook(hooks.tower_pre, with_kwargs=True)])
     handles = [

@@ -185,15 +185,14 @@ def mean_token(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
 
 @dataclass(eq=False)
 class AnchorFree:
-    """Encoder pre-hook of a SigLIP vision tower, after the tower state's own start: no token
-    is protected (no CLS) and the cross token starts as the mean of the real patch embeddings
+    """Encoder pre-hook of a SigLIP vision tower, after the tower state's own start (which
+    protects no token: ``Tower.protect_anchor`` is False): the cross token starts as the mean of the real patch embeddings
     (module docstring: the choice and what was measured)."""
 
     state: TowerState
 
     def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         state = self.state
-        state.book.protected = torch.zeros_like(state.book.protected)
         if state.cross is not None:
             x = kwargs.get("inputs_embeds", args[0] if args else None)
             state.cross = mean_token(x, state.input_valid)
@@ -264,7 +263,7 @@ def tower(kind: str, module: nn.Module) -> Tower:
     if kind == "text":
         return Tower.of(kind, module, layer, attention, restore_length=True, read_inputs=TextInputs())
     inputs = siglip2_patches if isinstance(module, hf2.Siglip2VisionModel) else None
-    return Tower.of(kind, module, layer, attention, read_inputs=inputs)
+    return Tower.of(kind, module, layer, attention, read_inputs=inputs, protect_anchor=False)  # no CLS: P = 0
 
 
 def find_towers(model: nn.Module) -> dict[str, nn.Module]:

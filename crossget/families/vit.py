@@ -241,22 +241,17 @@ class ImageInputs:
 @dataclass(eq=False)
 class StartTower:
     """Forward hook on a backbone's embeddings: starts the tower state on the embedding output
-    ``[B, N0, C]`` (what an encoder pre-hook does for CLIP) and protects the ``protected``
-    leading special tokens; CLS (token 0) is the anchor (docs/method.md §3, §4). ``track``
+    ``[B, N0, C]`` (what an encoder pre-hook does for CLIP; the state protects the leading
+    special tokens, ``Tower.protect_leading``); CLS (token 0) is the anchor (docs/method.md §3, §4). ``track``
     keeps the token map (a head that averages the patch tokens reads it)."""
 
     state: TowerState
-    protected: int
     track: bool = False
 
     def __call__(self, _module: nn.Module, _args, output: torch.Tensor) -> None:
         state = self.state
-        state.start(output)
+        state.start(output)  # protects the leading special tokens (Tower.protect_leading)
         book = state.book
-        if self.protected > 1:
-            lead = torch.zeros_like(book.protected)
-            lead[:, : self.protected] = True
-            book.protected = book.protected | lead
         if self.track and book.token_map is None:
             b, n = book.protected.shape
             book.token_map = torch.arange(n, device=output.device).expand(b, n)
@@ -320,6 +315,7 @@ def tower(kind: str, module: nn.Module) -> Tower:
         kind=kind, module=module, encoder=layers, layers=list(layers), layer_class=a.layer_class,
         attention_class=a.attention_class, attention_attr="attention", causal=False, restore_length=False,
         read_inputs=ImageInputs(a.name, a.mask_arg), hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
+        protect_leading=a.protected(cfg),  # CLS (the anchor) and the distillation / register tokens
     )
 
 
@@ -369,7 +365,7 @@ class ViTFamily(Family):
         if state is None:
             return
         mean_head = backbone is not model and HEADS[_head_class(model)][1]
-        start = StartTower(state, _anatomy(backbone).protected(backbone.config), track=mean_head)
+        start = StartTower(state, track=mean_head)
         record(backbone).handles.append(backbone.embeddings.register_forward_hook(start))
         if mean_head:
             hooks = FullLengthForHead(t.encoder)

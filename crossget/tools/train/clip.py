@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from crossget.api import cross_token_loss, states
-from crossget.families.base import CROSS_PARAM
 from crossget.io import save_cross_tokens
 from crossget.tools.train.common import accelerator
 from crossget.tools.train.loop import AccelerateCheckpoint, TrainLoop, progress_bar, repeat_epochs, save_trained
@@ -439,7 +438,10 @@ def train_cross_tokens(
     def save(step: int, final: bool) -> None:
         save_cross_tokens(loop.unwrapped(), out / "cross_tokens.safetensors")
         if all_weights and final:  # checkpoints hold the weights in state/ already
-            _save_without_cross_tokens(loop.unwrapped(), out / "model", model_parts)
+            # a stock checkpoint: the state dict leaves the cross tokens out (they are in their own file)
+            loop.unwrapped().save_pretrained(out / "model", safe_serialization=True)
+            for part in model_parts:
+                part.save_pretrained(out / "model")
 
     seconds = loop.fit(lambda _: repeat_epochs(lambda: data.batches(batch_size, g)), loss_fn, on_save=save)
     log["loss"] = [[entry["task"], entry["cross"]] for entry in loop.history]
@@ -451,14 +453,6 @@ def train_cross_tokens(
 
 
 __all__ = ["BaseModelConfig", "PairData", "base_processor", "pair_data", "train_base", "train_cross_tokens"]
-
-
-def _save_without_cross_tokens(model: nn.Module, out: Path, parts: tuple[Any, ...]) -> None:
-    """``model`` as the stock class would save it: the cross tokens live in their own file."""
-    weights = {k: v for k, v in model.state_dict().items() if CROSS_PARAM not in k}
-    model.save_pretrained(out, state_dict=weights, safe_serialization=True)
-    for part in parts:
-        part.save_pretrained(out)
 
 
 def base_processor(captions: list[str], image_size: int):

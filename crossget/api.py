@@ -37,6 +37,8 @@ def patch(
     trace_sources: bool = False,
     keep: int | None = None,
     importance: str = "cross",
+    guidance: str = "reference",
+    guidance_scale: float = 1.0,
     fastv_layer: int | None = None,
     contextual: int | None = None,
 ) -> nn.Module:
@@ -69,6 +71,10 @@ def patch(
         importance: for ``method="crossget"``: ``"cross"`` (docs/method.md §3,
             cross-token guidance), ``"attention"`` (LLaVA's rule) or ``"none"``
             (complete-graph matching without any cross token: an ablation).
+        guidance: how the importance enters the ranking (docs/method.md §3 "Guidance"):
+            ``"reference"`` (the authors' rule, exactly), ``"scaled"``, ``"standardised"``,
+            ``"rank"`` or ``"ensemble"`` (the ensemble weights only).
+        guidance_scale: the scale of ``"scaled"``, ``"standardised"`` and ``"rank"``.
         fastv_layer: FastV's K, the LM layer after which visual tokens are pruned (LLaVA).
         contextual: VisionZip's contextual tokens out of ``keep`` (LLaVA).
 
@@ -83,7 +89,8 @@ def patch(
     """
     cfg = PatchConfig(
         method=method, r=r, flops=flops, keep=keep, towers=towers, prop_attn=prop_attn, metric=metric,
-        importance=importance, text_len=text_len, image_size=image_size, trace_sources=trace_sources,
+        importance=importance, guidance=guidance, guidance_scale=guidance_scale, text_len=text_len,
+        image_size=image_size, trace_sources=trace_sources,
         fastv_layer=fastv_layer,
         contextual=contextual,
     )

@@ -21,6 +21,10 @@ METHODS = ("none", "tome", "crossget", "fastv", "visionzip")
 MERGING = ("none", "tome", "crossget")  # run inside the encoder layers (bookkeeping + Merge)
 METRICS = ("keys", "keys_mean")
 IMPORTANCE = ("cross", "attention", "none")
+# how importance enters the ranking of docs/method.md §4 (§3 "Guidance"): "reference" is the
+# authors' rule, I_i as it is; the others rescale it or keep it out of the ranking
+GUIDANCE = ("reference", "scaled", "standardised", "rank", "ensemble")
+SCHEDULES = ("constant", "calibrated")
 
 RValue = int | tuple[int, ...] | Mapping[str, int | tuple[int, ...]] | None
 
@@ -57,8 +61,14 @@ class PatchConfig:
         towers: towers to reduce (``("vision",)``, ``("text",)``, both); None: the family's default.
         prop_attn: proportional attention, ``+log(size)`` on merged keys (docs/method.md §6).
         metric: ``"keys"`` (heads concatenated) or ``"keys_mean"``; None: the method's default.
-        importance: ``"cross"`` (cross-token guidance), ``"attention"`` (LLaVA's rule) or
-            ``"none"`` (no cross token: an ablation of the guidance).
+        importance: ``"cross"`` (cross-token guidance), ``"attention"`` (the attention a token
+            receives plus the cross token's, the authors' LLaVA rule) or ``"none"`` (no cross
+            token: an ablation of the guidance).
+        guidance: how the importance enters the ranking (docs/method.md §3 "Guidance"): one of
+            :data:`GUIDANCE`; ``"reference"`` is the authors' rule exactly.
+        guidance_scale: the ``lambda`` of ``"scaled"``, ``"standardised"`` and ``"rank"``.
+        schedule: ``"constant"`` (the FLOPs solver's near-uniform ``r``) or ``"calibrated"``
+            (per-layer ``r`` chosen on calibration data by :func:`crossget.calibrate`).
         text_len: text length assumed when solving ``flops``; None: the family's default.
         image_size: image side in pixels the ``flops`` schedule is planned for and token
             counts are reported at; None: the model config's ``image_size``. At another input
@@ -80,6 +90,9 @@ class PatchConfig:
     prop_attn: bool = True
     metric: str | None = None
     importance: str = "cross"
+    guidance: str = "reference"
+    guidance_scale: float = 1.0
+    schedule: str = "constant"
     text_len: int | None = None
     image_size: int | None = None
     trace_sources: bool = False
@@ -99,6 +112,17 @@ class PatchConfig:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"importance must be one of {IMPORTANCE}, got {self.importance!r}")
+        if self.guidance not in GUIDANCE:
+            raise ValueError(f"guidance must be one of {GUIDANCE}, got {self.guidance!r}")
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, numbers.Real) \
+                or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
+        object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        if self.guidance in ("reference", "ensemble") and self.guidance_scale != 1.0:
+            raise ValueError(f"guidance={self.guidance!r} takes no scale; use guidance='scaled' "
+                             f"(got guidance_scale={self.guidance_scale})")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.flops is not None:
             # any real number (numpy scalars too); 1 means the stock computation (no merging)
             if isinstance(self.flops, bool) or not isinstance(self.flops, numbers.Real) \

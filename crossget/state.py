@@ -48,6 +48,9 @@ class TowerSettings:
     # see observe()); "none" is complete-graph matching with a plain size-weighted average
     # (ablation: no cross token at all)
     importance: str = "cross"
+    # how importance enters the ranking (docs/method.md §3 "Guidance"; crossget.config.GUIDANCE)
+    guidance: str = "reference"
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "r", tuple(self.r))
@@ -84,8 +87,9 @@ class TowerState:
     match_observer: Callable[[torch.Tensor], AbstractContextManager] | None = None
     # handed from the attention to its layer within one layer call
     keys: torch.Tensor | None = None  # [B, N (+1), C]
+    queries: torch.Tensor | None = None  # [B, N (+1), C], kept for importance="attention" only
     cross_query: torch.Tensor | None = None  # [B, 1, C]
-    attention: torch.Tensor | None = None  # [B, N (+1), N (+1)] head-mean probabilities (importance="attention")
+    layer_mask: torch.Tensor | None = None  # the additive mask this layer's attention ran with
     with_cross: bool = False  # this layer's input carries the cross token last
 
     # ------------------------------------------------ read access to the bookkeeping
@@ -148,30 +152,26 @@ class TowerState:
         self.with_cross = self.cross is not None and self.cross_tokens is not None
         if not self.with_cross:
             if not book.merged:
+                self.layer_mask = upstream_mask
                 return x, upstream_mask, True
             size = book.size if self.settings.prop_attn else None
-            return x, attention_bias(size, book.valid, book.pos, x.dtype), False
+            self.layer_mask = attention_bias(size, book.valid, book.pos, x.dtype)
+            return x, self.layer_mask, False
         cross = self.cross.detach() + self.cross_tokens[layer].to(x.dtype)
         size = book.size if (book.merged and self.settings.prop_attn) else None
         if size is None and book.valid is None and book.pos is None:
             size = x.new_ones(x.shape[0], x.shape[1], 1)  # the mask needs a shape
-        mask = attention_bias(size, book.valid, book.pos, x.dtype, observer=True)
-        return torch.cat([x, cross], 1), mask, False
+        self.layer_mask = attention_bias(size, book.valid, book.pos, x.dtype, observer=True)
+        return torch.cat([x, cross], 1), self.layer_mask, False
 
-    def needs_attention(self, layer: int) -> bool:
-        """Whether ``layer``'s attention must hand its probabilities to :meth:`observe`
-        (``importance="attention"`` in a layer that merges)."""
-        s = self.settings
-        return s.importance == "attention" and s.method != "none" and s.r[layer] > 0
-
-    def observe(self, query: torch.Tensor, key: torch.Tensor, attention: torch.Tensor | None = None) -> None:
+    def observe(self, query: torch.Tensor, key: torch.Tensor) -> None:
         """Called by the patched attention with its ``[B, N (+1), C]`` projected queries and
-        keys, heads concatenated (before the split into heads), and for
-        ``importance="attention"`` its softmax probabilities averaged over heads,
-        ``[B, N (+1), N (+1)]`` (queries x keys)."""
+        keys, heads concatenated (before the split into heads). The attention itself runs
+        with the model's implementation (SDPA, flash, eager): ``importance="attention"``
+        recomputes the probabilities it needs from these in the merging layers only."""
         self.keys = key
         self.cross_query = query[:, -1:] if self.with_cross else None
-        self.attention = attention
+        self.queries = query if self.settings.importance == "attention" else None
 
     def end_layer(self, x: torch.Tensor) -> torch.Tensor:
         """Record and strip the cross token: the layer returns ``[B, N, C]``."""
@@ -192,7 +192,7 @@ class TowerState:
                 if self.book.valid is not None:
                     x, r = self.make_padding_room(x, r)
                 x = self.book.apply(self.match(r), x)
-        self.keys = self.cross_query = self.attention = None
+        self.keys = self.queries = self.cross_query = self.layer_mask = None
         self.tokens.append(x.shape[1] - self.with_cross)
         self.token_maps.append(self.book.token_map if self.book.merged else None)
         return x
@@ -206,7 +206,7 @@ class TowerState:
         r, k = padding_room(r, book.valid, book.protected, self.settings.method == "tome")
         if k == 0:
             return x, r
-        if self.attention is not None:
+        if self.queries is not None:
             raise ValueError("attention-based importance does not take padded inputs")
         n = book.valid.shape[1]
         b = x.shape[0]
@@ -227,9 +227,12 @@ class TowerState:
         groups = None if book.valid is None else book.valid.long()
         if self.settings.method == "tome":
             return tome.bipartite_soft_matching(metric, r, book.protected, groups)
+        s = self.settings
         importance = None
-        if self.settings.importance == "attention" and self.attention is not None:
-            importance = crossget_method.attention_importance(self.attention, keys.shape[1], self.with_cross)
+        if s.importance == "attention" and self.queries is not None:
+            probs = crossget_method.attention_probabilities(self.queries, self.keys, self.heads, self.layer_mask)
+            importance = crossget_method.attention_importance(probs, keys.shape[1], self.with_cross)
         elif self.cross_query is not None:
             importance = crossget_method.cross_importance(keys, self.cross_query)
-        return crossget_method.complete_graph_soft_matching(metric, r, importance, book.protected, groups)
+        return crossget_method.complete_graph_soft_matching(
+            metric, r, importance, book.protected, groups, guidance=s.guidance, scale=s.guidance_scale)

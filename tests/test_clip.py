@@ -205,7 +205,7 @@ def test_unguided_ablation_ignores_cross_tokens_and_keeps_them(images):
     assert torch.equal(crossget.states(model)["vision"].cross_tokens, theta)
     assert torch.allclose(run(model, images, *make_texts([16, 9, 5])).image_embeds, guided, atol=1e-6)
     with pytest.raises(ValueError, match="importance"):
-        crossget.patch(model, r=8, importance="attention")
+        crossget.patch(model, r=8, importance="received")
 
 
 def test_single_tower_models(images):

@@ -171,7 +171,7 @@ def test_the_grid_covers_every_family_and_method():
         (clip_model, {"r": 2, "method": "fastv"}, "for CLIP models"),
         (lambda: make_blip(BlipForImageTextRetrieval), {"r": 2, "contextual": 3}, "of the BLIP family"),
         (lambda: make_blip2(Blip2ForConditionalGeneration), {"keep": 30}, "of the BLIP-2 family"),
-        (clip_model, {"r": 2, "importance": "attention"}, "importance must be one of"),
+        (clip_model, {"r": 2, "importance": "received"}, "importance must be one of"),
         (clip_model, {"r": 2, "method": "bogus"}, "method must be one of"),
         (clip_model, {"r": 2, "towers": "vision"}, "sequence of tower names"),
     ],
@@ -213,3 +213,26 @@ def test_a_patched_model_deep_copies_with_its_config():
     crossget.patch(model, r=2)
     twin = copy.deepcopy(model)
     assert crossget.config(twin) == crossget.config(model)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"guidance": "bogus"}, "guidance must be one of"),
+     ({"guidance": "scaled", "guidance_scale": -1}, "guidance_scale must be"),
+     ({"guidance": "scaled", "guidance_scale": float("nan")}, "guidance_scale must be"),
+     ({"guidance": "reference", "guidance_scale": 0.5}, "takes no scale"),
+     ({"schedule": "learned"}, "schedule must be one of")],
+)
+def test_guidance_and_schedule_are_validated(kw, match):
+    with pytest.raises(ValueError, match=match):
+        PatchConfig(r=2, **kw)
+
+
+def test_guidance_round_trips_and_reaches_the_tower():
+    model = clip_model()
+    crossget.patch(model, r=2, guidance="standardised", guidance_scale=0.5)
+    cfg = crossget.config(model)
+    assert (cfg.guidance, cfg.guidance_scale) == ("standardised", 0.5)
+    assert PatchConfig.from_dict(cfg.to_dict()) == cfg
+    settings = crossget.states(model)["vision"].settings
+    assert (settings.guidance, settings.guidance_scale) == ("standardised", 0.5)

@@ -427,22 +427,26 @@ def test_attention_importance_rule(monkeypatch):
     seen = {}
     real = crossget_method.complete_graph_soft_matching
 
-    def spy(metric, r, importance=None, protected=None, groups=None):
+    def spy(metric, r, importance=None, protected=None, groups=None, **guidance):
         seen["importance"] = importance
-        return real(metric, r, importance, protected, groups)
+        return real(metric, r, importance, protected, groups, **guidance)
 
     monkeypatch.setattr(crossget_method, "complete_graph_soft_matching", spy)
     g = torch.Generator().manual_seed(0)
-    st = TowerState(settings=TowerSettings("vision", [2], "crossget", importance="attention"))
+    st = TowerState(settings=TowerSettings("vision", [2], "crossget", importance="attention"), heads=2)
     st.cross_tokens = torch.nn.Parameter(torch.zeros(1, 8))
     x = torch.randn(1, 6, 8, generator=g)
     st.start(x)
-    x, _, _ = st.begin_layer(x, None, 0)
-    attention = torch.rand(1, 7, 7, generator=g).softmax(-1)
-    st.observe(torch.randn(1, 7, 8, generator=g), torch.randn(1, 7, 8, generator=g), attention)
+    x, mask, _ = st.begin_layer(x, None, 0)
+    q, k = torch.randn(1, 7, 8, generator=g), torch.randn(1, 7, 8, generator=g)
+    st.observe(q, k)
     st.reduce(x, 0)
+    # the probabilities written out: 2 heads of width 4, the cross token (last) seen by nobody
+    logits = torch.einsum("bihd,bjhd->bhij", q.view(1, 7, 2, 4), k.view(1, 7, 2, 4)) / 2.0
+    logits[..., :6, 6] = -torch.inf
+    attention = logits.softmax(-1).mean(1)
     want = attention[:, :6, :6].mean(1) + attention[:, 6, :6]
-    assert torch.allclose(seen["importance"], want)
+    assert torch.allclose(seen["importance"], want, atol=1e-6)
 
 
 def test_llava_importance_reads_the_layers_attention(monkeypatch, images):
@@ -450,8 +454,8 @@ def test_llava_importance_reads_the_layers_attention(monkeypatch, images):
     real = crossget_method.complete_graph_soft_matching
     monkeypatch.setattr(
         crossget_method, "complete_graph_soft_matching",
-        lambda metric, r, importance=None, protected=None, groups=None: seen.append(importance)
-        or real(metric, r, importance, protected, groups),
+        lambda metric, r, importance=None, protected=None, groups=None, **guidance: seen.append(importance)
+        or real(metric, r, importance, protected, groups, **guidance),
     )
     model = make_llava("sdpa")
     with torch.no_grad():

@@ -10,7 +10,35 @@ from crossget.methods.crossget import complete_graph_soft_matching
 from crossget.methods.tome import bipartite_soft_matching
 
 
-def naive_complete_graph(metric, r, importance=None, protected=()):
+def naive_guidance(importance, later_best, guidance, scale):
+    """docs/method.md §3 "Guidance" for one row: the term each rule adds to the score.
+    ``later_best`` holds max_j S'_ij (-inf: not a candidate)."""
+    cands = [i for i, v in enumerate(later_best) if v != -math.inf]
+    if guidance == "reference":
+        return list(importance)
+    if guidance == "scaled":
+        return [scale * v for v in importance]
+    if guidance == "ensemble":
+        return [0.0] * len(importance)
+
+    def sd(xs):
+        m = sum(xs) / len(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+    vals = [importance[i] for i in cands]
+    if guidance == "rank":  # rank among candidates, ties by index
+        order = sorted(cands, key=lambda i: (importance[i], i))
+        rank = {t: p for p, t in enumerate(order)}
+        vals = [float(rank[i]) for i in cands]
+    m, s = sum(vals) / len(vals), sd(vals)
+    spread = sd([later_best[i] for i in cands])
+    term = [0.0] * len(importance)
+    for i, v in zip(cands, vals):
+        term[i] = scale * spread * (v - m) / s
+    return term
+
+
+def naive_complete_graph(metric, r, importance=None, protected=(), guidance="reference", scale=1.0):
     """docs/method.md §4 for one row, step by step, with Python loops. Returns a set of groups."""
     n = metric.shape[0]
     k = metric / metric.norm(dim=-1, keepdim=True)
@@ -23,17 +51,41 @@ def naive_complete_graph(metric, r, importance=None, protected=()):
     r = min(r, (n - len(protected)) // 2)
     order = sorted(range(n), key=lambda i: -max(s[i]))
     rank = {t: p for p, t in enumerate(order)}
-    score = []
-    for i in range(n):
-        later = [s[i][j] for j in range(n) if rank[j] > rank[i]]
-        imp = 0.0 if importance is None else float(importance[i])
-        score.append(imp - max(later, default=-math.inf))
+    later_best = [max((s[i][j] for j in range(n) if rank[j] > rank[i]), default=-math.inf) for i in range(n)]
+    imp = [0.0] * n if importance is None else naive_guidance([float(v) for v in importance], later_best, guidance, scale)
+    score = [imp[i] - later_best[i] for i in range(n)]
     sources = sorted(range(n), key=lambda i: score[i])[:r]
     groups = {j: {j} for j in range(n) if j not in sources}
     for i in sources:
         dst = max((j for j in range(n) if j not in sources), key=lambda j: s[i][j])
         groups[dst].add(i)
     return {frozenset(g) for g in groups.values()}
+
+
+@pytest.mark.parametrize("guidance, scale", [("scaled", 0.25), ("standardised", 0.5), ("rank", 0.5), ("ensemble", 1.0)])
+def test_guidance_rules_match_naive_spec(guidance, scale):
+    torch.manual_seed(1)
+    b, n, c, r = 4, 15, 8, 6
+    metric = torch.randn(b, n, c)
+    importance = torch.randn(b, n) * 0.3
+    importance[2, 3] = importance[2, 5]  # a tie in the importance ranks
+    protected = torch.zeros(b, n, dtype=torch.bool)
+    protected[:, 0] = True
+    merge = complete_graph_soft_matching(metric, r, importance, protected, guidance=guidance, scale=scale)
+    for row in range(b):
+        expected = naive_complete_graph(metric[row], r, importance[row], {0}, guidance, scale)
+        assert groups_of(merge, row) == expected
+    # every rule keeps the ensemble weights exp(I) (docs/method.md §5)
+    assert torch.allclose(merge.weight[..., 0], importance.exp())
+
+
+def test_guidance_scale_zero_is_unguided_ranking():
+    torch.manual_seed(2)
+    metric, importance = torch.randn(3, 12, 8), torch.randn(3, 12)
+    unguided = complete_graph_soft_matching(metric, 4)
+    for rule in ("scaled", "standardised", "rank"):
+        m = complete_graph_soft_matching(metric, 4, importance, guidance=rule, scale=0.0)
+        assert torch.equal(m.src, unguided.src) and torch.equal(m.keep, unguided.keep)
 
 
 def groups_of(merge: Merge, row: int) -> set:

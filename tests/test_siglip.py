@@ -481,7 +481,7 @@ def test_bad_inputs_are_refused_clearly():
 @pytest.mark.parametrize(
     "kw, error, match",
     [({"keep": 30}, ValueError, "keep= is not an option of the SigLIP family"),
-     ({"importance": "attention"}, ValueError, "for SigLIP models"),
+     ({"fastv_layer": 3}, ValueError, "fastv_layer= is not an option of the SigLIP family"),
      ({"method": "fastv"}, ValueError, "for SigLIP models")],
 )
 def test_options_the_family_does_not_take(kw, error, match):

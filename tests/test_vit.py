@@ -421,7 +421,7 @@ def test_the_family_and_its_classes():
         (dict(r=2, keep=30), "keep= is not an option of the ViT family"),
         (dict(r=2, fastv_layer=1), "fastv_layer= is not an option of the ViT family"),
         (dict(r=2, method="fastv"), "for ViT models"),
-        (dict(r=2, importance="attention"), "importance must be one of"),
+        (dict(r=2, importance="received"), "importance must be one of"),
         (dict(r=-1), "-1"),
         (dict(r=[1, 2]), "2 entries"),
         (dict(flops=0.01), "out of reach"),

@@ -29,7 +29,8 @@ from crossget.state import TowerSettings, TowerState
 
 CROSS_PARAM = "crossget_cross_tokens"  # parameter on an encoder: theta, [layers, C]
 ENCODER_OPTIONS = frozenset(
-    {"r", "flops", "towers", "prop_attn", "metric", "importance", "text_len", "image_size", "trace_sources"}
+    {"r", "flops", "towers", "prop_attn", "metric", "importance", "guidance", "guidance_scale", "schedule",
+     "text_len", "image_size", "trace_sources"}
 )
 
 
@@ -209,7 +210,7 @@ class Family:
     classes: tuple[type, ...] = ()
     methods: tuple[str, ...] = ("none", "tome", "crossget")
     options: frozenset[str] = ENCODER_OPTIONS
-    importance: tuple[str, ...] = ("cross", "none")
+    importance: tuple[str, ...] = ("cross", "attention", "none")
     find_towers: Callable[[nn.Module], dict[str, nn.Module]] | None = None
     tower_record: Callable[[str, nn.Module], Tower] | None = None
     cost: Callable[..., EncoderCost] | None = None
@@ -316,7 +317,8 @@ class Family:
                     kept[kind] = thetas[kind]  # an unpatched tower's trained theta waits for a later re-patch
                 continue
             settings = TowerSettings(kind, tuple(sched), method, cfg.prop_attn, metric, cfg.trace_sources,
-                                     importance=cfg.importance)
+                                     importance=cfg.importance, guidance=cfg.guidance,
+                                     guidance_scale=cfg.guidance_scale)
             install(tower, settings, thetas[kind])
         self.install_glue(model)
         mark(model, kept=kept or None)

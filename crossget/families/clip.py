@@ -201,17 +201,12 @@ class CrossGETCLIPAttention(hf.CLIPAttention):
         state = self._crossget.state
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         q_heads, k_heads, v_heads = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-        probs_needed = state.needs_attention(self._crossget.layer)
-        if probs_needed:  # eager: the probabilities are the point (LLaVA's importance)
-            attend = hf.eager_attention_forward
-            kwargs.pop("is_causal", None)
-        else:
-            attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, hf.eager_attention_forward)
         out, weights = attend(
             self, q_heads, k_heads, v_heads, attention_mask,
             scaling=self.scale, dropout=self.dropout if self.training else 0.0, **kwargs,
         )
-        state.observe(q, k, weights.mean(1) if probs_needed else None)
+        state.observe(q, k)
         return self.out_proj(out.reshape(b, n, -1)), without_cross(weights, state)
 
 

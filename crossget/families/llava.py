@@ -494,7 +494,8 @@ class LlavaFamily(Family):
     name = "LLaVA"
     classes = (hf.LlavaForConditionalGeneration, hf.LlavaModel)
     methods = METHODS
-    options = (ENCODER_OPTIONS - {"image_size"}) | {"keep", "fastv_layer", "contextual"}  # the processor fixes the size
+    # the processor fixes the size; a calibrated schedule is for encoder families
+    options = (ENCODER_OPTIONS - {"image_size", "schedule"}) | {"keep", "fastv_layer", "contextual"}
     importance = ("cross", "attention", "none")
 
     def towers(self, model: nn.Module) -> dict[str, Tower]:
@@ -618,6 +619,7 @@ class LlavaFamily(Family):
             settings = TowerSettings(
                 "vision", tuple(sched), method, cfg.prop_attn, metric, cfg.trace_sources,
                 importance=importance if method == "crossget" else "cross",
+                guidance=cfg.guidance, guidance_scale=cfg.guidance_scale,
             )
             install(vision_record, settings, theta_vision)
             if method == "crossget" and importance != "none":
@@ -640,6 +642,8 @@ class LlavaFamily(Family):
             prop_attn=cfg.prop_attn,
             metric=metric,
             importance=importance if method == "crossget" else cfg.importance,
+            guidance=cfg.guidance,
+            guidance_scale=cfg.guidance_scale,
             text_len=text_len,
             trace_sources=cfg.trace_sources,
             fastv_layer=fastv_layer if method == "fastv" else None,

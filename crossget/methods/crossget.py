@@ -31,6 +31,30 @@ def cross_importance(keys: torch.Tensor, cross_query: torch.Tensor) -> torch.Ten
     return (keys @ q).squeeze(-1) / (keys.norm(dim=-1) * q.norm(dim=1)).clamp_min(1e-12)
 
 
+def attention_probabilities(
+    query: torch.Tensor, key: torch.Tensor, heads: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Head-mean attention probabilities ``[B, M, M]`` from projected ``query``, ``key``
+    ``[B, M, C]`` (heads concatenated, scaled by ``head_dim ** -0.5``) and the layer's
+    ``mask`` (additive ``[B, 1, M or 1, M]``, or bool with True = attend; None: none).
+
+    Computed apart from the layer's attention, which keeps its implementation (SDPA):
+    only merging layers pay for this one extra ``Q K^T``.
+    """
+    b, m, c = query.shape
+    d = c // heads
+    with torch.no_grad():
+        q = query.float().view(b, m, heads, d).transpose(1, 2)
+        k = key.float().view(b, m, heads, d).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2)).mul_(d ** -0.5)  # [B, H, M, M]
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                logits = logits.masked_fill(~mask, -torch.inf)
+            else:
+                logits = logits + mask.float()
+        return logits.softmax(-1).mean(1)
+
+
 def attention_importance(attention: torch.Tensor, n: int, with_cross: bool) -> torch.Tensor:
     """The authors' LLaVA rule (docs/method.md §10): the mean attention token ``i`` receives
     from the ``N`` tokens, plus the cross token's attention to it (its query is the last row).
@@ -41,12 +65,64 @@ def attention_importance(attention: torch.Tensor, n: int, with_cross: bool) -> t
     return importance + attention[:, -1, :n] if with_cross else importance
 
 
+def guidance_term(
+    importance: torch.Tensor, redundancy: torch.Tensor, guidance: str = "reference", scale: float = 1.0,
+    real: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """What importance adds to a token's score in the ranking of docs/method.md §4
+    (``score_i = term_i - redundancy_i``), by rule (docs/method.md §3 "Guidance"):
+
+    - ``"reference"``: ``I_i`` (the authors' rule);
+    - ``"scaled"``: ``scale * I_i``;
+    - ``"standardised"``: ``scale * sd(redundancy) * z(I)_i``, the importance standardised over
+      the row and put on the scale of the redundancy's own spread, whatever the source's range;
+    - ``"rank"``: as ``"standardised"`` with ``z`` replaced by the centred rank of ``I_i``
+      (uniform on ``[-sqrt 3, sqrt 3]``: unit variance, robust to outliers);
+    - ``"ensemble"``: None (the ranking is unguided; importance acts in the weights only).
+
+    ``importance``, ``redundancy`` ``[B, N]`` (``redundancy`` is ``max_j S'_ij``, ``-inf`` for
+    tokens that cannot be sources); row statistics are taken over the tokens that can be
+    sources, and only real ones when ``real`` ``[B, N]`` marks padding apart, so a row's term
+    does not depend on the batch it is in. Returns ``[B, N]`` or None.
+    """
+    if guidance == "reference":
+        return importance
+    if guidance == "scaled":
+        return importance * scale
+    if guidance == "ensemble":
+        return None
+    if guidance not in ("standardised", "rank"):
+        raise ValueError(f"unknown guidance {guidance!r}")
+    ok = torch.isfinite(redundancy)
+    if real is not None:
+        ok = ok & real
+    count = ok.sum(-1, keepdim=True).clamp_min(1)
+    if guidance == "standardised":
+        values = importance
+    else:  # centred ranks among the candidates (ties by index: stable sort)
+        order = importance.masked_fill(~ok, torch.inf).argsort(dim=-1, stable=True)
+        ranks = torch.empty_like(importance).scatter_(
+            1, order, torch.arange(importance.shape[1], device=importance.device, dtype=importance.dtype)
+            .expand_as(importance).contiguous())
+        values = ranks
+    values = values.masked_fill(~ok, 0)
+    mean = values.sum(-1, keepdim=True) / count
+    sd = ((values - mean).masked_fill(~ok, 0).square().sum(-1, keepdim=True) / count).sqrt()
+    red = redundancy.masked_fill(~ok, 0)
+    red_mean = red.sum(-1, keepdim=True) / count
+    red_sd = ((red - red_mean).masked_fill(~ok, 0).square().sum(-1, keepdim=True) / count).sqrt()
+    z = (values - mean) / sd.clamp_min(1e-12)
+    return (scale * red_sd * z).masked_fill(~ok, 0)
+
+
 def complete_graph_soft_matching(
     metric: torch.Tensor,
     r: int,
     importance: torch.Tensor | None = None,
     protected: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
+    guidance: str = "reference",
+    scale: float = 1.0,
 ) -> Merge:
     """CrossGET complete-graph soft matching (docs/method.md §4) with the cross-guided ensemble (§5).
 
@@ -58,6 +134,8 @@ def complete_graph_soft_matching(
         groups: optional int ``[B, N]``; tokens only merge within their group. Group 0 is
             padding: it only takes the merges a row cannot spend on its real tokens, so a
             row's real tokens merge as they would with the row alone, unpadded.
+        guidance, scale: how ``importance`` enters the ranking (:func:`guidance_term`);
+            ``"reference"`` is the authors' rule.
 
     Returns:
         A :class:`Merge` whose ensemble weights are ``exp(importance)``.
@@ -89,7 +167,10 @@ def complete_graph_soft_matching(
 
         score = -best_later
         if importance is not None:
-            score = score + importance.float()
+            real = None if groups is None else groups != 0
+            term = guidance_term(importance.float(), best_later, guidance, scale, real)
+            if term is not None:
+                score = score + term
         candidates = score.argsort(dim=-1, stable=True)  # ascending: least important, most redundant first
         if groups is None:
             r = clamp_r(r, (~protected).sum(-1), None)

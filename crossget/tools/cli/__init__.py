@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from crossget import __version__
-from crossget.tools.cli import bench, blip, clip, data, llava, weights
+from crossget.tools.cli import bench, blip, clip, data, features, llava, weights
 from crossget.tools.cli.llava import LLAVA_TRAINABLE
 
 
@@ -58,6 +58,8 @@ COMMANDS: tuple[Command, ...] = (
                 clip.eval_retrieval),
         Command("sweep", "retrieval of every method at several GFLOPs levels, with a plot", clip.eval_sweep_arguments,
                 clip.eval_sweep),
+        Command("features", "real pretrained features under every method and guidance variant (fidelity, k-NN)",
+                features.eval_features_arguments, features.eval_features),
         Command("itm-retrieval", "BLIP retrieval: ITC + ITM re-ranking, Recall@K", blip.eval_itm_retrieval_arguments,
                 blip.eval_itm_retrieval),
         Command("caption", "BLIP captioning: BLEU-4 and CIDEr (COCO format)", blip.eval_caption_arguments,

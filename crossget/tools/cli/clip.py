@@ -10,6 +10,7 @@ import torch
 
 from crossget.io import read_cross_tokens
 from crossget.tools.cli.options import (
+    choice,
     comma_list,
     device_argument,
     int_at_least,
@@ -21,6 +22,7 @@ from crossget.tools.cli.options import (
     vars_meta,
 )
 from crossget.tools.default import trained_cross_tokens
+from crossget.tools.eval.features import VARIANTS
 from crossget.tools.eval.harness import evaluate_retrieval, results_table
 from crossget.tools.eval.plot import plot_sweep
 from crossget.tools.train.dual import train_dual_encoder
@@ -105,6 +107,9 @@ def eval_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cross-tokens", default="default", help="trained cross tokens (default: the model's own)")
     p.add_argument("--out", default="benchmarks/shapes-sweep", help="folder for sweep.json/.md/.png")
     p.add_argument("--unguided", action="store_true", help="also complete-graph matching without cross tokens (ablation)")
+    p.add_argument("--variants", type=comma_list(choice(tuple(VARIANTS)), "variants"), default=None,
+                   help="instead of ToMe / CrossGET / unguided: these methods and guidance variants "
+                        f"({','.join(VARIANTS)}); trained cross tokens are added with the reference rule")
 
 
 def eval_sweep(args: argparse.Namespace) -> int:
@@ -112,6 +117,12 @@ def eval_sweep(args: argparse.Namespace) -> int:
     trained = _trained(args)
     configs = []
     for level in args.levels:
+        if args.variants:
+            configs += [{"name": f"{v} flops={level:g}", "variant": v, "flops": level, **VARIANTS[v]}
+                        for v in args.variants]
+            if trained:
+                configs.append({"method": "crossget", "flops": level, "cross_tokens": trained})
+            continue
         configs.append({"method": "tome", "flops": level})
         configs.append({"method": "crossget", "flops": level})
         if args.unguided:

@@ -31,9 +31,11 @@ RESULT_KEYS = (
 
 def apply_config(model: nn.Module, cfg: Mapping[str, Any]) -> None:
     """Patch ``model`` for one evaluation config: ``method`` (none | tome | crossget), ``r`` or
-    ``flops``, optional ``towers``, ``importance`` and ``cross_tokens`` (a trained safetensors file:
-    theta is one vector per layer, so it fits any schedule)."""
-    settings = {k: cfg[k] for k in ("method", "r", "flops", "towers", "importance") if cfg.get(k) is not None}
+    ``flops``, optional ``towers``, ``importance``, ``guidance``, ``guidance_scale`` and
+    ``cross_tokens`` (a trained safetensors file: theta is one vector per layer, so it fits any
+    schedule)."""
+    keys = ("method", "r", "flops", "towers", "importance", "guidance", "guidance_scale")
+    settings = {k: cfg[k] for k in keys if cfg.get(k) is not None}
     apply(model, settings, cross_tokens=cfg.get("cross_tokens") or None)
 
 
@@ -72,11 +74,14 @@ def evaluate_configs(
             ref = {"emb": emb, "gflops": gflops, "ips": ips}
         row = {
             "name": cfg.get("name") or _name(cfg),
+            "variant": cfg.get("variant"),
             "method": cfg["method"],
             "r": cfg.get("r"),
             "flops_target": cfg.get("flops"),
             "cross_tokens": cfg.get("cross_tokens"),
             "importance": cfg.get("importance"),
+            "guidance": cfg.get("guidance"),
+            "guidance_scale": cfg.get("guidance_scale"),
             **metrics,
             "gflops": gflops,
             "gflops_ratio": gflops / ref["gflops"],

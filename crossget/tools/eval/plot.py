@@ -19,6 +19,8 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
     def label(r: Mapping[str, Any]) -> str:
         if r["method"] == "none":
             return "unreduced"
+        if r.get("variant") and not r.get("cross_tokens"):
+            return r["variant"]
         if r["method"] == "tome":
             return "ToMe"
         if r.get("importance") == "none":

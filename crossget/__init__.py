@@ -3,6 +3,7 @@
     import crossget
     crossget.patch(model, r=16)            # or flops=0.58, method="tome", keep=64 (LLaVA)
     crossget.config(model)                 # the resolved PatchConfig
+    crossget.calibrate(model, images, flops=0.58)  # per-layer r chosen on data
     crossget.unpatch(model)
 """
 
@@ -18,6 +19,7 @@ from crossget.api import (
     tokens_per_layer,
     unpatch,
 )
+from crossget.calibrate import calibrate
 from crossget.config import METHODS, PatchConfig
 from crossget.families.llava import adapt_processor, image_tokens
 from crossget.io import apply, load_cross_tokens, save_cross_tokens
@@ -35,6 +37,7 @@ __all__ = [
     "adapt_processor",
     "apply",
     "bipartite_soft_matching",
+    "calibrate",
     "complete_graph_soft_matching",
     "config",
     "cross_token_alignment",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from crossget.calibrate import calibrate  # patches through the families, not through this module
 from crossget.config import PatchConfig, RValue, as_config
 from crossget.families.registry import family_of
 from crossget.loss import cross_token_alignment
@@ -41,6 +42,8 @@ def patch(
     guidance_scale: float = 1.0,
     fastv_layer: int | None = None,
     contextual: int | None = None,
+    schedule: str = "constant",
+    calibration: Any = None,
 ) -> nn.Module:
     """Make ``model`` reduce its tokens while it runs; in place, returns ``model``.
 
@@ -77,6 +80,12 @@ def patch(
         guidance_scale: the scale of ``"scaled"``, ``"standardised"`` and ``"rank"``.
         fastv_layer: FastV's K, the LM layer after which visual tokens are pruned (LLaVA).
         contextual: VisionZip's contextual tokens out of ``keep`` (LLaVA).
+        schedule: how ``flops`` becomes per-layer ``r``: ``"constant"`` (the solver's
+            near-uniform schedule) or ``"calibrated"`` (searched on ``calibration``, see
+            :func:`crossget.calibrate` and docs/calibration.md).
+        calibration: with ``schedule="calibrated"``: the model inputs to calibrate on (a dict
+            such as ``{"pixel_values": [B, 3, H, W]}``, or a pixel tensor); the search's
+            defaults apply (call :func:`crossget.calibrate` for ``embed=``, ``max_evals=``).
 
     With ``method="crossget"`` every tower gets cross tokens (``theta``, zeros: training
     free); towers not in ``towers`` run them with ``r = 0`` so the cross-token loss
@@ -92,12 +101,34 @@ def patch(
         importance=importance, guidance=guidance, guidance_scale=guidance_scale, text_len=text_len,
         image_size=image_size, trace_sources=trace_sources,
         fastv_layer=fastv_layer,
-        contextual=contextual,
+        contextual=contextual, schedule=schedule,
     )
+    if schedule == "calibrated":
+        if r is not None:
+            raise ValueError("schedule='calibrated' searches per-layer r for a flops= target: give flops=, not r= "
+                             "(to replay a calibrated schedule, use patch_from_config)")
+        if cfg.flops is None:
+            raise ValueError("schedule='calibrated' needs flops= (the target FLOPs ratio)")
+        if calibration is None:
+            raise ValueError("schedule='calibrated' needs calibration= data (model inputs, e.g. "
+                             "{'pixel_values': tensor}), or use crossget.calibrate")
+        return calibrate(model, calibration, cfg.flops, **_calibration_settings(cfg))
+    if calibration is not None:
+        raise ValueError("calibration= is for schedule='calibrated'")
     return _patch(model, cfg)
 
 
+def _calibration_settings(cfg: PatchConfig) -> dict[str, Any]:
+    """The keywords of :func:`crossget.calibrate` that rebuild ``cfg`` (budget and schedule aside)."""
+    settings = {k: v for k, v in cfg.explicit().items() if k not in ("r", "flops", "schedule", "flops_estimate")}
+    return {"method": cfg.method, **settings}
+
+
 def _patch(model: nn.Module, cfg: PatchConfig) -> nn.Module:
+    if cfg.schedule == "calibrated" and cfg.r is None:
+        # a calibrated schedule is data-dependent: only its saved r can be replayed
+        raise ValueError("a calibrated config needs its per-layer r (crossget.config(model) after crossget.calibrate); "
+                         "without it, calibrate again with crossget.calibrate")
     fam = family_of(model)
     fam.check(cfg)
     mark(model, config=fam.patch(model, cfg))

@@ -24,7 +24,7 @@ from torch import nn
 
 from crossget.config import PatchConfig
 from crossget.record import mark, record, swap_class, unmark
-from crossget.schedule import EncoderCost, resolve_r, solve_flops, token_counts
+from crossget.schedule import EncoderCost, flops_ratio, resolve_r, solve_flops, token_counts
 from crossget.state import TowerSettings, TowerState
 
 CROSS_PARAM = "crossget_cross_tokens"  # parameter on an encoder: theta, [layers, C]
@@ -32,6 +32,28 @@ ENCODER_OPTIONS = frozenset(
     {"r", "flops", "towers", "prop_attn", "metric", "importance", "guidance", "guidance_scale", "schedule",
      "text_len", "image_size", "trace_sources"}
 )
+
+
+@dataclass(frozen=True)
+class FlopsPlan:
+    """What a ``flops=`` target is measured against (docs/method.md §7): the analytic cost of
+    every tower that runs, the towers whose schedules are solved, and what the method adds
+    per tower (keyword arguments of :meth:`EncoderCost.flops`: the cross token, the matching
+    product). :meth:`Family.patch` solves with it and :func:`crossget.calibrate` searches
+    with it, so a constant and a calibrated schedule are compared at the same estimate.
+    """
+
+    costs: dict[str, EncoderCost]
+    reduced: tuple[str, ...]
+    added: dict[str, dict]
+
+    def ratio(self, schedules: Mapping[str, list[int] | tuple[int, ...]]) -> float:
+        """Estimated FLOPs of ``{tower: per-layer r}`` over the stock model's (towers left out run unreduced)."""
+        return flops_ratio(self.costs, schedules, self.added)
+
+    def solve(self, target: float) -> tuple[dict[str, list[int]], float]:
+        """The constant schedule of :func:`crossget.schedule.solve_flops` and its estimate."""
+        return solve_flops(target, self.costs, self.reduced, self.added)
 
 
 @dataclass
@@ -263,10 +285,13 @@ class Family:
             raise ValueError(f"importance must be one of {self.importance} for {self.name} models, got {cfg.importance!r}")
 
     # ---------------------------------------------------------------- patching
-    def patch(self, model: nn.Module, cfg: PatchConfig) -> PatchConfig:
-        """Patch ``model`` in place as ``cfg`` asks; returns the resolved config."""
-        found = self.towers(model)
-        method, metric = cfg.method, cfg.resolved_metric
+    def reduced_towers(self, found: Mapping[str, Tower], cfg: PatchConfig) -> tuple[str, ...]:
+        """The towers ``cfg`` reduces: ``towers=``, else those a per-tower ``r`` names, else the
+        family's default.
+
+        Raises:
+            ValueError: none, or a name the model has no tower for.
+        """
         if cfg.towers is not None:
             reduced = cfg.towers
         elif isinstance(cfg.r, Mapping):
@@ -275,6 +300,33 @@ class Family:
             reduced = self.default_towers(found)
         if not reduced or any(t not in found for t in reduced):
             raise ValueError(f"towers must name some of {tuple(found)}, got {cfg.towers!r}")
+        return tuple(reduced)
+
+    def flops_plan(self, model: nn.Module, cfg: PatchConfig, found: Mapping[str, Tower] | None = None) -> FlopsPlan:
+        """The cost model a ``flops=`` target of ``cfg`` is solved against: every tower's cost at
+        ``cfg.text_len`` / ``cfg.image_size``, what ``cfg.method`` adds (one cross token through
+        every layer with cross-token importance; CrossGET's complete-graph or ToMe's bipartite
+        similarity product over the metric width) and the reduced towers."""
+        found = self.towers(model) if found is None else found
+        reduced = self.reduced_towers(found, cfg)
+        costs = {k: self.encoder_cost(t.module, k, cfg.text_len, cfg.image_size) for k, t in found.items()}
+        match = {"crossget": "complete", "tome": "bipartite"}.get(cfg.method)
+        metric = cfg.resolved_metric
+        # attention-received importance recomputes Q K^T in merging layers: one more
+        # N x N product over the full width, counted as a wider similarity product
+        scores = cfg.method == "crossget" and cfg.importance == "attention"
+        added = {
+            k: {"extra": int(cfg.uses_cross_token), "match": match,
+                "metric_dim": (t.hidden // t.heads if metric == "keys_mean" else t.hidden) + t.hidden * scores}
+            for k, t in found.items()
+        }
+        return FlopsPlan(costs, reduced, added)
+
+    def patch(self, model: nn.Module, cfg: PatchConfig) -> PatchConfig:
+        """Patch ``model`` in place as ``cfg`` asks; returns the resolved config."""
+        found = self.towers(model)
+        method, metric = cfg.method, cfg.resolved_metric
+        reduced = self.reduced_towers(found, cfg)
         r = cfg.r
         if r is not None and cfg.flops is not None:
             raise ValueError("give either r= or flops=, not both")
@@ -284,14 +336,7 @@ class Family:
             r = 0
         cross = cfg.uses_cross_token  # every tower then carries a cross token
         if cfg.flops is not None:
-            costs = {k: self.encoder_cost(t.module, k, cfg.text_len, cfg.image_size) for k, t in found.items()}
-            match = {"crossget": "complete", "tome": "bipartite"}.get(method)
-            added = {
-                k: {"extra": int(cross), "match": match,
-                    "metric_dim": t.hidden // t.heads if metric == "keys_mean" else t.hidden}
-                for k, t in found.items()
-            }
-            schedules, estimate = solve_flops(cfg.flops, costs, reduced, added)
+            schedules, estimate = self.flops_plan(model, cfg, found).solve(cfg.flops)
         else:
             estimate = None
             schedules = {}

@@ -34,6 +34,20 @@ def test_clip_text_row_alone_equals_row_in_padded_batch(method, layers, r, lengt
             assert torch.allclose(alone.pooler_output, batch[i : i + 1], atol=1e-5), (i, n)
 
 
+@pytest.mark.parametrize("guidance", ["standardised", "rank"])
+def test_normalised_guidance_is_batch_invariant(guidance):
+    """Row statistics of docs/method.md §3 "Guidance" are over the row's own real tokens."""
+    model = make_clip(layers=3)
+    crossget.patch(model, r=3, towers=("text",), guidance=guidance, guidance_scale=0.5)
+    ids, mask = make_texts((16, 9, 5, 12), total=16)
+    with torch.no_grad():
+        batch = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+        for i in range(len(ids)):
+            n = int(mask[i].sum())
+            alone = model.get_text_features(input_ids=ids[i : i + 1, :n], attention_mask=mask[i : i + 1, :n])
+            assert torch.allclose(alone.pooler_output, batch[i : i + 1], atol=1e-5), (i, n)
+
+
 @pytest.mark.parametrize("method", ["crossget", "tome"])
 def test_blip_text_encoder_row_alone_equals_row_in_padded_batch(method):
     model = make_blip(BlipForImageTextRetrieval)

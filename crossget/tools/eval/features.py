@@ -276,6 +276,29 @@ def sweep_table(result: Mapping[str, Any]) -> str:
     return head + body
 
 
+def difference_table(result: Mapping[str, Any], metric: str = "nn10_retention", baseline: str = "tome",
+                     scale: float = 100.0) -> str:
+    """Markdown: every variant minus ``baseline`` on ``metric`` (x ``scale``) at every level, on all
+    images and on each half (``all (A / B)``): the halves' disagreement is the spread a difference
+    is read against."""
+    rows = result["results"]
+    levels = result["meta"]["levels"]
+    at = {(r["variant"], r["level"]): r for r in rows}
+    head = f"| {metric} minus {baseline} (x{scale:g}) | " + " | ".join(f"{lvl:g}" for lvl in levels) + " |\n"
+    head += "|---|" + "---:|" * len(levels) + "\n"
+    body = ""
+    for v in result["meta"]["variants"]:
+        if v == baseline:
+            continue
+        cells = []
+        for lvl in levels:
+            r, b = at[(v, lvl)], at[(baseline, lvl)]
+            d = [scale * (x[metric] - y[metric]) for x, y in ((r, b), (r["half_a"], b["half_a"]), (r["half_b"], b["half_b"]))]
+            cells.append(f"{d[0]:+.1f} ({d[1]:+.1f} / {d[2]:+.1f})")
+        body += f"| {v} | " + " | ".join(cells) + " |\n"
+    return head + body
+
+
 def plot_features(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Pooled fidelity, 10-NN retention, k-NN accuracy (and mean R@1) against the GFLOPs ratio,
     one line per variant."""
@@ -316,9 +339,12 @@ def write_sweep(result: Mapping[str, Any], out_dir: str | os.PathLike, stem: str
     out.mkdir(parents=True, exist_ok=True)
     js = write_json(out / f"{stem}.json", result)
     md = out / f"{stem}.md"
-    md.write_text(sweep_table(result))
+    keys = ["pooled_fidelity", "nn10_retention", "knn_acc"] + (["mean_r1"] if result["meta"].get("retrieval") else [])
+    scales = {"pooled_fidelity": 1000.0, "nn10_retention": 100.0, "knn_acc": 1.0, "mean_r1": 1.0}
+    md.write_text(sweep_table(result) + "".join("\n" + difference_table(result, k, scale=scales[k]) for k in keys))
     return [js, md, plot_features(result, out / f"{stem}.png")]
 
 
-__all__ = ["LEVELS", "VARIANTS", "FeatureSet", "feature_sweep", "knn_accuracy", "load_feature_set", "metrics_of",
+__all__ = ["LEVELS", "VARIANTS", "FeatureSet", "difference_table", "feature_sweep", "knn_accuracy", "load_feature_set",
+           "metrics_of",
            "plot_features", "retention", "sweep_table", "write_sweep"]

@@ -112,7 +112,7 @@ def run_calibration(
     flops: float,
     *,
     method: str = "crossget",
-    n: int = 128,
+    n: int = 64,
     split: str = "train",
     image_size: int | None = None,
     max_evals: int = DEFAULT_MAX_EVALS,

@@ -23,7 +23,7 @@ def calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("crossget", "tome"), default="crossget")
     p.add_argument("--importance", choices=IMPORTANCE, default="cross", help="CrossGET's importance (default cross)")
     p.add_argument("--guidance", choices=GUIDANCE, default="reference", help="CrossGET's guidance (default reference)")
-    p.add_argument("--n", type=int_at_least(1), default=128, help="calibration images (default 128)")
+    p.add_argument("--n", type=int_at_least(1), default=64, help="calibration images (default 64)")
     p.add_argument("--image-size", type=int_at_least(8), default=None,
                    help="resize the processor's pixels to this side (default: the processor's size)")
     p.add_argument("--max-evals", type=int_at_least(2), default=DEFAULT_MAX_EVALS,

@@ -89,9 +89,11 @@ def test_a_tiny_sweep_end_to_end(image_set, tmp_path):
     processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     variants = ["tome", "reference", "standardised-0.5", "attention"]
     res = feature_sweep(model, processor, fs, levels=[0.7], variants=variants, image_size=32, batch_size=10,
-                        progress=False)
+                        calibrated=["tome"], calibration=fs.paths[:6], calibration_evals=6, progress=False)
     rows = {r["name"]: r for r in res["results"]}
-    assert list(rows)[0] == "unreduced" and len(rows) == 1 + len(variants)
+    assert list(rows)[0] == "unreduced" and len(rows) == 2 + len(variants)
+    cal = rows["tome+calibrated flops=0.7"]
+    assert cal["settings"]["schedule"] == "calibrated" and cal["gflops_ratio"] <= rows["tome flops=0.7"]["gflops_ratio"] + 0.01
     ref = rows["unreduced"]
     assert ref["pooled_fidelity"] == pytest.approx(1.0) and ref["nn10_retention"] == 1.0
     for v in variants:

@@ -23,6 +23,11 @@ def eval_features_arguments(p: argparse.ArgumentParser) -> None:
                    help="GFLOPs targets (default 0.8,0.7,0.58,0.5,0.4)")
     p.add_argument("--variants", type=comma_list(choice(tuple(VARIANTS)), "variants"), default=list(VARIANTS),
                    help=f"methods and guidance variants (default all: {','.join(VARIANTS)})")
+    p.add_argument("--calibrated", type=comma_list(choice(tuple(VARIANTS)), "variants"), default=[],
+                   help="variants also run with a per-level calibrated schedule (crossget.calibrate)")
+    p.add_argument("--calibration", type=int_at_least(4), default=32,
+                   help="calibration images: the first N of the train split (default 32)")
+    p.add_argument("--calibration-evals", type=int_at_least(2), default=24, help="evaluations per calibration")
     p.add_argument("--image-size", type=int_at_least(14), default=224, help="the size the processor gives")
     p.add_argument("--batch", type=int_at_least(1), default=32)
     p.add_argument("--threads", type=int_at_least(1), default=2)
@@ -43,8 +48,10 @@ def eval_features(args: argparse.Namespace) -> int:
     fs = load_feature_set(args.data, args.classes, args.split, args.limit)
     print(f"{len(fs.paths)} {args.split} images, {len(args.variants)} variants x {len(args.levels)} levels, "
           f"{torch.get_num_threads()} threads")
+    cal = load_feature_set(args.data, args.classes, "train", args.calibration).paths if args.calibrated else []
     result = feature_sweep(model, processor, fs, levels=args.levels, variants=args.variants, tokenizer=tokenizer,
-                           image_size=args.image_size, batch_size=args.batch)
+                           image_size=args.image_size, batch_size=args.batch, calibrated=args.calibrated,
+                           calibration=cal, calibration_evals=args.calibration_evals)
     result["meta"] |= {"model": args.model, "data": args.data, "split": args.split, "command": command_line(),
                        "args": vars_meta(args)}
     paths = write_sweep(result, args.out, args.stem)

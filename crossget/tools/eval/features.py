@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from crossget.api import sources
+from crossget.api import config, sources
 from crossget.flops import count_flops
 from crossget.io import apply
 from crossget.tools.common import write_json
@@ -171,22 +171,43 @@ def _encode(model: nn.Module, pixels: torch.Tensor, ref_patch: torch.Tensor | No
     return res
 
 
+def calibrated_settings(vision: nn.Module, variant: str, level: float, pixels: torch.Tensor, image_size: int,
+                        max_evals: int) -> dict[str, Any]:
+    """Patch settings of ``variant`` with the per-layer schedule :func:`crossget.calibrate` finds
+    at ``level`` on ``pixels`` ``[B, 3, H, W]`` (images apart from the evaluated ones)."""
+    from crossget.calibrate import calibrate
+
+    settings = dict(VARIANTS[variant])
+    method = settings.pop("method")
+    calibrate(vision, {"pixel_values": pixels}, level, method=method, max_evals=max_evals, image_size=image_size,
+              **settings)
+    found = config(vision)
+    apply(vision, None)
+    return {**VARIANTS[variant], "r": {k: list(v) for k, v in found.r.items()}, "schedule": "calibrated",
+            "image_size": image_size, "trace_sources": True}
+
+
 def feature_sweep(
     model: nn.Module, processor: Any, fs: FeatureSet, *, levels: Sequence[float] = LEVELS,
     variants: Sequence[str] = tuple(VARIANTS), tokenizer: Any = None, image_size: int = 224, batch_size: int = 32,
+    calibrated: Sequence[str] = (), calibration: Sequence[Path] = (), calibration_evals: int = 24,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every variant at every FLOPs level over ``fs`` (see the module docstring).
 
     ``model``: a vision tower (``Dinov2Model``, ``ViTModel``, ...) or a
     ``VisionTextDualEncoderModel`` (then ``tokenizer`` encodes the captions for retrieval).
-    Returns ``{"meta", "results": [row, ...]}``; each row has ``name``, ``variant``, ``level``,
-    ``settings``, ``gflops``, ``gflops_ratio``, the metrics on all images and on each half
-    (``half_a``, ``half_b``).
+    ``calibrated``: variants also run with a schedule calibrated per level
+    (:func:`crossget.calibrate`, ``calibration_evals`` evaluations) on the ``calibration``
+    images, named ``<variant>+calibrated``. Returns ``{"meta", "results": [row, ...]}``; each
+    row has ``name``, ``variant``, ``level``, ``settings``, ``gflops``, ``gflops_ratio``, the
+    metrics on all images and on each half (``half_a``, ``half_b``).
     """
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted((set(variants) | set(calibrated)) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    if calibrated and not calibration:
+        raise ValueError("calibrated variants need calibration images")
     t0 = time.perf_counter()
     model.eval()
     vision = _vision(model)
@@ -204,6 +225,11 @@ def feature_sweep(
     configs = [("unreduced", None, None)] + [(v, lvl, {**VARIANTS[v], "flops": lvl, "image_size": image_size,
                                                       "trace_sources": True})
                                              for lvl in levels for v in variants]
+    if calibrated:
+        cal = processor(images=[Image.open(p).convert("RGB") for p in calibration], return_tensors="pt")["pixel_values"]
+        for lvl in tqdm(levels, desc="calibrating", disable=not progress, mininterval=10):
+            configs += [(f"{v}+calibrated", lvl, calibrated_settings(vision, v, lvl, cal, image_size, calibration_evals))
+                        for v in calibrated]
     store: dict[str, dict[str, list[torch.Tensor]]] = {name_of(v, lvl): {} for v, lvl, _ in configs}
     bar = tqdm(total=len(fs.paths) * len(configs), desc="feature sweep", unit="img", disable=not progress,
                mininterval=10)
@@ -245,7 +271,9 @@ def feature_sweep(
                 row[part] = m
         rows.append(row)
     apply(vision, None)
-    meta = {"images": n, "image_size": image_size, "levels": list(levels), "variants": list(variants),
+    meta = {"images": n, "image_size": image_size, "levels": list(levels),
+            "variants": list(variants) + [f"{v}+calibrated" for v in calibrated],
+            "calibration_images": len(calibration), "calibration_evals": calibration_evals,
             "batch_size": batch_size, "torch_threads": torch.get_num_threads(),
             "seconds": time.perf_counter() - t0, "retrieval": text_emb is not None}
     return {"meta": meta, "results": rows}

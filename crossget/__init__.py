@@ -19,7 +19,7 @@ from crossget.api import (
     tokens_per_layer,
     unpatch,
 )
-from crossget.calibrate import calibrate
+from crossget.calibration import calibrate
 from crossget.config import METHODS, PatchConfig
 from crossget.families.llava import adapt_processor, image_tokens
 from crossget.io import apply, load_cross_tokens, save_cross_tokens

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from crossget.calibrate import calibrate  # patches through the families, not through this module
+from crossget.calibration import calibrate  # patches through the families, not through this module
 from crossget.config import PatchConfig, RValue, as_config
 from crossget.families.registry import family_of
 from crossget.loss import cross_token_alignment

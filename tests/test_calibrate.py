@@ -13,7 +13,7 @@ from conftest import make_clip
 from test_vit import make
 
 import crossget
-from crossget.calibrate import default_embed, move, search_schedule
+from crossget.calibration import default_embed, move, search_schedule
 from crossget.config import PatchConfig
 from crossget.families.registry import family_of
 

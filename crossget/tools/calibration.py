@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from crossget.api import config, patch_from_config
-from crossget.calibrate import DEFAULT_MAX_EVALS, CalibrationResult, default_embed, search_schedule
+from crossget.calibration import DEFAULT_MAX_EVALS, CalibrationResult, default_embed, search_schedule
 from crossget.flops import count_flops
 from crossget.io import apply
 from crossget.tools.common import write_json

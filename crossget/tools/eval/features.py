@@ -175,7 +175,7 @@ def calibrated_settings(vision: nn.Module, variant: str, level: float, pixels: t
                         max_evals: int) -> dict[str, Any]:
     """Patch settings of ``variant`` with the per-layer schedule :func:`crossget.calibrate` finds
     at ``level`` on ``pixels`` ``[B, 3, H, W]`` (images apart from the evaluated ones)."""
-    from crossget.calibrate import calibrate
+    from crossget.calibration import calibrate
 
     settings = dict(VARIANTS[variant])
     method = settings.pop("method")

@@ -46,6 +46,14 @@ def test_tiny_bench_writes_results(tmp_path, capsys):
     assert (out / "results.md").read_text() in capsys.readouterr().out
 
 
+def test_bench_in_bfloat16(tmp_path):
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", "clip-tiny", "--r", "2", "--dtype", "bfloat16", "--out", str(out), *FAST]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["meta"]["dtype"] == "bfloat16" and "bfloat16" in (out / "results.md").read_text()
+    assert [r["name"] for r in doc["summary"]] == ["baseline", "tome r=2", "crossget r=2"]
+
+
 def test_bench_of_a_local_model_both_towers(tmp_path):
     model_dir = tmp_path / "clip"
     load_model("clip-tiny", "both").save_pretrained(model_dir)

@@ -417,7 +417,7 @@ def results_markdown(meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
     head = (
         f"# crossget benchmark: {meta.get('model', meta.get('model_class', 'model'))}"
         f"{' (' + meta['tower'] + ')' if meta.get('tower') else ''}\n\n"
-        f"batch {meta.get('batch')}, {meta.get('threads')} threads, {meta.get('device')}, "
+        f"batch {meta.get('batch')}, {meta.get('threads')} threads, {meta.get('device')}, {meta.get('dtype', 'float32')}, "
         f"{meta.get('rounds')} rounds (+{meta.get('warmup')} warm-up), medians; torch {meta.get('torch')}, "
         f"transformers {meta.get('transformers')}, {meta.get('date')}\n\n"
         "| config | tokens (after layer 1…last) | GFLOPs/sample | GFLOPs ratio | ms/batch | samples/s "
@@ -445,6 +445,9 @@ def write_results(out_dir, meta, configs, raw, rows) -> tuple[Path, Path]:
     return json_path, md_path
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def benchmark_model(
     model_spec: str,
     tower: str,
@@ -459,6 +462,7 @@ def benchmark_model(
     threads: int = 2,
     latency: bool = True,
     device: str = "cpu",
+    dtype: str = "float32",
     attn: str | None = None,
     max_new_tokens: int = 10,
     out_dir: str | os.PathLike | None = None,
@@ -466,18 +470,23 @@ def benchmark_model(
     """``crossget bench``: build or load ``model_spec`` (:func:`load_model`), benchmark every
     method at every ``r`` and FLOPs target (:func:`build_configs`, :func:`run_benchmark`) on one
     generated batch, and write ``results.json`` / ``results.md`` to ``out_dir`` (default
-    ``benchmarks/<model>-<tower>``); returns the folder."""
+    ``benchmarks/<model>-<tower>``); returns the folder. ``dtype``: the weights' and the floating
+    inputs' type (``bfloat16`` on a GPU; token sizes stay float32, docs/method.md §5)."""
     torch.set_num_threads(threads)
-    model = load_model(model_spec, tower).to(device)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model = load_model(model_spec, tower).to(device=device, dtype=DTYPES[dtype])
     if attn:
         model.set_attn_implementation(attn)
     name = os.path.basename(os.path.normpath(model_spec))
     out = Path(out_dir or os.path.join("benchmarks", f"{name}-{tower}"))
-    meta = {"model": model_spec, "tower": tower, "reduce": list(reduce) if reduce else None}
+    meta = {"model": model_spec, "tower": tower, "reduce": list(reduce) if reduce else None, "dtype": dtype}
+    inputs = {k: v.to(DTYPES[dtype]) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in make_inputs(model, tower, batch).items()}
     if tower == "caption":
         meta["max_new_tokens"] = max_new_tokens
     run_benchmark(
-        model, make_inputs(model, tower, batch), build_configs(methods, rs, flops, reduce),
+        model, inputs, build_configs(methods, rs, flops, reduce),
         rounds=rounds, warmup=warmup, threads=threads, forward=forward_for(model, tower, max_new_tokens),
         latency=latency, out_dir=out, meta=meta,
     )

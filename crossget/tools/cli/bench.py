@@ -61,6 +61,8 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="--model llava-1.5: layers of the timed scaled-down Llama (default 3; FastV prunes after 2)")
     p.add_argument("--prompt-tokens", type=int_at_least(1), default=64,
                    help="--model llava-1.5: prompt text tokens besides the image (default 64)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights and inputs (bfloat16 on a GPU; default float32)")
     run_arguments(p, batch=8, rounds=5, out=None)
 
 
@@ -79,7 +81,7 @@ def bench(args: argparse.Namespace) -> int:
     out = benchmark_model(
         args.model, args.tower, args.methods or list(ENCODER_METHODS), args.r, args.flops, reduce,
         batch=args.batch, rounds=args.rounds, warmup=args.warmup, threads=args.threads, latency=args.latency,
-        device=args.device, attn=args.attn, max_new_tokens=args.max_new_tokens, out_dir=args.out,
+        device=args.device, dtype=args.dtype, attn=args.attn, max_new_tokens=args.max_new_tokens, out_dir=args.out,
     )
     print_file(out / "results.md")
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")

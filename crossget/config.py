@@ -155,6 +155,9 @@ class PatchConfig:
         data = dict(data)
         if data.get("importance") is None:
             data.pop("importance", None)  # older files store None for methods without one
+        # files written before guidance= existed ran (and trained their cross tokens with) the
+        # authors' rule, whatever today's default is
+        data.setdefault("guidance", "reference")
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown patch config keys {unknown}; known: {sorted(known)}")

@@ -243,9 +243,10 @@ def apply(
     ``method="none"`` give the stock model; otherwise the model is patched as
     :func:`crossget.patch_from_config` replays ``cfg``, with cross tokens from
     ``cross_tokens`` (a :func:`save_cross_tokens` file) or else zeros (training free;
-    nothing carries over from an earlier configuration). Every benchmark, evaluation
-    and training command configures its models through this one function. On any error
-    the model is left exactly as it was.
+    nothing carries over from an earlier configuration); a ``cfg`` dict that names no
+    ``guidance`` then runs the guidance the file's cross tokens were trained with. Every
+    benchmark, evaluation and training command configures its models through this one
+    function. On any error the model is left exactly as it was.
 
     Raises:
         ValueError: ``cross_tokens`` for a configuration without cross tokens, a bad
@@ -258,6 +259,9 @@ def apply(
     if cross_tokens is not None:
         file = read_cross_tokens(cross_tokens)
         _check_fits(model, file)
+        if isinstance(cfg, Mapping) and "guidance" not in cfg:
+            # trained cross tokens run with the guidance rule they were trained with
+            cfg = {**cfg, "guidance": file.config.guidance, "guidance_scale": file.config.guidance_scale}
     with _Transaction(model):
         if is_patched(model):
             unpatch(model)

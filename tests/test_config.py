@@ -236,3 +236,8 @@ def test_guidance_round_trips_and_reaches_the_tower():
     assert PatchConfig.from_dict(cfg.to_dict()) == cfg
     settings = crossget.states(model)["vision"].settings
     assert (settings.guidance, settings.guidance_scale) == ("standardised", 0.5)
+
+
+def test_configs_saved_before_guidance_existed_read_as_the_reference_rule():
+    old = {k: v for k, v in PatchConfig(r=2).to_dict().items() if k not in ("guidance", "guidance_scale", "schedule")}
+    assert PatchConfig.from_dict(old).guidance == "reference"

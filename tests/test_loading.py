@@ -262,3 +262,12 @@ def test_the_command_turns_a_bad_cross_token_file_into_exit_2_naming_it(tiny_sav
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert "error:" in err and str(path) in err and "Traceback" not in err
+
+
+def test_apply_runs_trained_cross_tokens_with_the_guidance_they_were_trained_with(tmp_path):
+    path = saved(trained(make_clip(), guidance="scaled", guidance_scale=0.3), tmp_path / "ct.safetensors")
+    model = make_clip()
+    crossget.apply(model, {"method": "crossget", "r": 2}, cross_tokens=path)
+    assert (crossget.config(model).guidance, crossget.config(model).guidance_scale) == ("scaled", 0.3)
+    crossget.apply(model, {"method": "crossget", "r": 2, "guidance": "rank", "guidance_scale": 0.5}, cross_tokens=path)
+    assert crossget.config(model).guidance == "rank"  # named explicitly: as asked

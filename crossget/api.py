@@ -17,10 +17,10 @@ from torch import nn
 
 from crossget.calibration import calibrate  # patches through the families, not through this module
 from crossget.config import PatchConfig, RValue, as_config
-from crossget.families.registry import family_of
+from crossget.families.registry import family_of, install_config, remove_patch
 from crossget.loss import cross_token_alignment
 from crossget.merge import sources_from_token_map
-from crossget.record import mark, record, unmark
+from crossget.record import mark, record
 from crossget.state import TowerState
 
 
@@ -129,9 +129,7 @@ def _patch(model: nn.Module, cfg: PatchConfig) -> nn.Module:
         # a calibrated schedule is data-dependent: only its saved r can be replayed
         raise ValueError("a calibrated config needs its per-layer r (crossget.config(model) after crossget.calibrate); "
                          "without it, calibrate again with crossget.calibrate")
-    fam = family_of(model)
-    fam.check(cfg)
-    mark(model, config=fam.patch(model, cfg))
+    install_config(model, cfg)
     return model
 
 
@@ -153,9 +151,7 @@ def patch_from_config(model: nn.Module, saved: PatchConfig | Mapping[str, Any]) 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the stock model (classes, forwards, no hooks, no cross-token parameters)."""
-    family_of(model).unpatch(model)
-    for module in model.modules():  # a tower patched on its own inside the model too
-        unmark(module, fields=("config", "kept"))
+    remove_patch(model)
     return model
 
 

@@ -30,8 +30,8 @@ from torch import nn
 
 from crossget.config import PatchConfig
 from crossget.families.base import Family, FlopsPlan
-from crossget.families.registry import family_of
-from crossget.record import mark, record, unmark
+from crossget.families.registry import family_of, install_config, remove_patch
+from crossget.record import mark, record
 from crossget.schedule import token_counts
 
 Schedule = dict[str, list[int]]
@@ -85,15 +85,8 @@ class CalibrationResult:
 
 
 # --------------------------------------------------------------------------- patching
-# crossget.patch(schedule="calibrated") calls this module, so it patches through the family
-# itself rather than through crossget.api (which would be an import cycle)
-def _install(model: nn.Module, cfg: PatchConfig) -> None:
-    """Patch ``model`` as ``cfg`` (with a resolved ``r``) says and record the resolved config."""
-    fam = family_of(model)
-    fam.check(cfg)
-    mark(model, config=fam.patch(model, cfg))
-
-
+# crossget.patch(schedule="calibrated") calls this module, so it patches through the registry
+# (the same two steps crossget.patch / unpatch take) rather than through crossget.api
 def _current(model: nn.Module) -> PatchConfig | None:
     rec = record(model)
     return rec.config if rec is not None else None
@@ -104,8 +97,7 @@ def _restore(model: nn.Module, before: PatchConfig | None) -> None:
     (re-patching keeps the cross-token parameters it finds; the search never changes their values)."""
     if before is None:
         if _current(model) is not None:
-            family_of(model).unpatch(model)
-            unmark(model, fields=("config", "kept"))
+            remove_patch(model)
         return
     replay = before.replace(flops=None, flops_estimate=None) if before.r is not None else before
     fam = family_of(model)
@@ -301,7 +293,7 @@ def search_schedule(
 
     def evaluate(schedule: Schedule) -> float:
         nonlocal evals
-        _install(model, base.replace(r={k: tuple(v) for k, v in schedule.items()}))
+        install_config(model, base.replace(r={k: tuple(v) for k, v in schedule.items()}))
         evals += 1
         return fidelity(_embed_all(model, chunks, embed), ref)
 
@@ -313,7 +305,7 @@ def search_schedule(
             # the unreduced reference: the stock computation, with any trained cross tokens kept
             # aside by the re-patch (method="none" never reduces and keeps them for the next patch)
             if before is not None:
-                _install(model, PatchConfig(method="none", r=0))
+                install_config(model, PatchConfig(method="none", r=0))
             ref = _embed_all(model, chunks, embed)
             evals += 1
             best = _effective(start, plan)
@@ -340,7 +332,7 @@ def search_schedule(
                         best, best_f, since = cand, f, 0
                     if progress is not None:
                         progress(evals, f, best_f)
-            _install(model, base.replace(r={k: tuple(v) for k, v in best.items()}))
+            install_config(model, base.replace(r={k: tuple(v) for k, v in best.items()}))
     except BaseException as error:
         try:
             _restore(model, before)

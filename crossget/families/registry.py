@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from crossget.config import PatchConfig
 from crossget.families import blip, blip2, clip, dual_encoder, llava, siglip, vit
 from crossget.families.base import Family
+from crossget.record import mark, unmark
 
 # LLaVA first: a LlavaModel holds a CLIPVisionModel, which the CLIP family would also claim
 FAMILIES: tuple[Family, ...] = (llava.FAMILY, clip.FAMILY, blip.FAMILY, blip2.FAMILY, vit.FAMILY, siglip.FAMILY,
@@ -23,3 +25,19 @@ def family_of(model: nn.Module) -> Family:
             return fam
     names = ", ".join(cls.__name__ for fam in FAMILIES for cls in fam.classes)
     raise TypeError(f"crossget cannot patch {type(model).__name__}; supported classes: {names}")
+
+
+def install_config(model: nn.Module, cfg: PatchConfig) -> None:
+    """Patch ``model`` as ``cfg`` says through its family and record the resolved config
+    (what :func:`crossget.patch` and the calibration search both do)."""
+    fam = family_of(model)
+    fam.check(cfg)
+    mark(model, config=fam.patch(model, cfg))
+
+
+def remove_patch(model: nn.Module) -> None:
+    """The stock model again: the family's patch removed, every record of it dropped
+    (a tower patched on its own inside the model too)."""
+    family_of(model).unpatch(model)
+    for module in model.modules():
+        unmark(module, fields=("config", "kept"))

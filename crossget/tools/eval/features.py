@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from crossget.api import config, sources
+from crossget.api import config, states
 from crossget.flops import count_flops
 from crossget.io import apply
 from crossget.tools.common import write_json
@@ -159,7 +159,7 @@ def _encode(model: nn.Module, pixels: torch.Tensor, ref_patch: torch.Tensor | No
     out = vision(pixel_values=pixels)
     hidden = out.last_hidden_state  # [B, N_out, C]
     if reduced:
-        token_map = sources(vision).float().argmax(1)  # [B, N0]: output token covering each input token
+        token_map = states(vision)["vision"].token_map  # [B, N0]: output token covering each input token
         per_input = hidden.gather(1, token_map.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     else:
         per_input = hidden

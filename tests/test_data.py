@@ -236,6 +236,13 @@ def test_loader_reads_generated_data_back(shapes, data):
     assert torch.equal(split.families[base], split.families[twin])
     assert len(load_karpathy(shapes, split=("train", "val"))) == 12
     assert len(load_karpathy(shapes, split="train", limit=4)) == 4
+    # a second, disjoint subset: images after the first ones, captions renumbered from 0
+    rest = load_karpathy(shapes, split="test", skip=6, limit=2)
+    assert rest.image_paths == split.image_paths[6:8] and rest.captions == split.captions[30:40]
+    assert torch.equal(rest.txt2img, torch.arange(2).repeat_interleave(5))
+    assert len(load_karpathy(shapes, split="test", skip=20)) == 0
+    with pytest.raises(ValueError, match="skip"):
+        load_karpathy(shapes, split="test", skip=-1)
 
 
 def _write(path: Path, obj) -> Path:

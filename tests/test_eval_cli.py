@@ -42,6 +42,19 @@ def test_train_eval_sweep_demo(tiny_setup, tmp_path):
     assert main(["demo", *common, "--json", str(tmp_path / "demo.json")]) == 0
 
 
+def test_sweep_with_calibrated_schedules(tiny_setup, tmp_path):
+    root, ann = tiny_setup
+    common = ["--model", str(root / "model"), "--data", str(ann), "--threads", "1", "--batch", "8"]
+    assert main(["eval", "sweep", *common, "--levels", "0.7", "--variants", "tome,scaled-0.1",
+                 "--calibrated", "tome", "--calibration", "6", "--calibration-evals", "6",
+                 "--out", str(tmp_path / "sweep")]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "sweep" / "sweep.json").read_text())["results"]}
+    cal, const = rows["tome+calibrated flops=0.7"], rows["tome flops=0.7"]
+    # searched under the same estimate as the constant schedule: at most its measured GFLOPs (+ rounding)
+    assert cal["variant"] == "tome+calibrated" and cal["gflops_ratio"] <= const["gflops_ratio"] + 0.01
+    assert len(cal["schedule"]["vision"]) == 4 and sum(cal["schedule"]["vision"]) > 0
+
+
 def test_train_all_weights_then_eval_the_fine_tuned_model(tiny_setup, tmp_path):
     root, ann = tiny_setup
     common = ["--data", str(ann), "--threads", "1", "--batch", "8"]

@@ -67,6 +67,22 @@ def load_pixels(paths: Sequence[Path], processor: Any, image_size: int | None = 
     return pixels
 
 
+def calibrated_settings(model: nn.Module, pixels: torch.Tensor, flops: float, settings: dict[str, Any],
+                        max_evals: int, **patch_kwargs: Any) -> dict[str, Any]:
+    """``settings`` (patch keywords with ``method``) plus the per-layer ``r`` that
+    :func:`crossget.calibrate` finds at ``flops`` on ``pixels`` ``[B, 3, H, W]`` (images apart
+    from the evaluated ones), ready for :func:`crossget.io.apply`; ``model`` is left unpatched.
+    ``patch_kwargs`` go to the search and into the result (``image_size``, ...)."""
+    from crossget.calibration import calibrate
+
+    rest = {k: v for k, v in settings.items() if k != "method"}
+    calibrate(model, {"pixel_values": pixels}, flops, method=settings["method"], max_evals=max_evals, **rest,
+              **patch_kwargs)
+    found = config(model)
+    apply(model, None)
+    return {**settings, **patch_kwargs, "r": {k: list(v) for k, v in found.r.items()}, "schedule": "calibrated"}
+
+
 def load_model(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
     """``(model in eval mode, image processor)`` of a Hugging Face folder (``AutoModel``; a
     ``VisionTextDualEncoderModel`` as such)."""

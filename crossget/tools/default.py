@@ -60,14 +60,14 @@ class RetrievalData:
 
 def load_retrieval(
     model: str = "default", data: str = "default", split: str = "test", limit: int | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", skip: int = 0,
 ) -> RetrievalData:
     """The model (``"default"``: the shipped one, else a ``CLIPModel`` folder), its processor and
-    the Karpathy ``split`` of ``data`` (``"default"``: the generated shapes, made on first use),
-    preprocessed at the text tower's length."""
+    the Karpathy ``split`` of ``data`` (``"default"``: the generated shapes, made on first use;
+    ``limit`` images after the first ``skip``), preprocessed at the text tower's length."""
     clip, processor = load_default(None if model == "default" else model)
     annotation = default_annotation() if data == "default" else data
-    pairs = load_karpathy(annotation, split=split, limit=limit)
+    pairs = load_karpathy(annotation, split=split, limit=limit, skip=skip)
     inputs = preprocess(pairs, processor, clip.config.text_config.max_position_embeddings)
     return RetrievalData(clip.to(device), processor, pairs, {k: v.to(device) for k, v in inputs.items()})
 

@@ -7,6 +7,7 @@ import argparse
 import os
 
 import torch
+from tqdm.auto import tqdm
 
 from crossget.io import read_cross_tokens
 from crossget.tools.cli.options import (
@@ -21,7 +22,8 @@ from crossget.tools.cli.options import (
     unit_float,
     vars_meta,
 )
-from crossget.tools.default import trained_cross_tokens
+from crossget.tools.calibration import calibrated_settings
+from crossget.tools.default import load_retrieval, trained_cross_tokens
 from crossget.tools.eval.features import VARIANTS
 from crossget.tools.eval.harness import evaluate_retrieval, results_table
 from crossget.tools.eval.plot import plot_sweep
@@ -110,6 +112,12 @@ def eval_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", type=comma_list(choice(tuple(VARIANTS)), "variants"), default=None,
                    help="instead of ToMe / CrossGET / unguided: these methods and guidance variants "
                         f"({','.join(VARIANTS)}); trained cross tokens are added with the reference rule")
+    p.add_argument("--calibrated", type=comma_list(choice(tuple(VARIANTS)), "variants"), default=[],
+                   help="variants also run with a per-level schedule calibrated on train images (crossget.calibrate)")
+    p.add_argument("--calibration", type=int_at_least(4), default=32,
+                   help="calibration images: the first N of the train split, or where the data has none (the "
+                        "generated test split) the N after the --limit evaluated ones (default 32)")
+    p.add_argument("--calibration-evals", type=int_at_least(2), default=24, help="evaluations per calibration")
 
 
 def eval_sweep(args: argparse.Namespace) -> int:
@@ -129,11 +137,38 @@ def eval_sweep(args: argparse.Namespace) -> int:
             configs.append({"method": "crossget", "flops": level, "importance": "none"})
         if trained:
             configs.append({"method": "crossget", "flops": level, "cross_tokens": trained})
+    configs += _calibrated_configs(args)
     rows, path = _evaluate(args, configs, os.path.join(args.out, "sweep.json"))
     png = plot_sweep(rows, os.path.join(args.out, "sweep.png"))
     print(path.with_suffix(".md").read_text())
     print(f"wrote {path}, {path.with_suffix('.md')} and {png}")
     return 0
+
+
+def _calibrated_configs(args: argparse.Namespace) -> list[dict]:
+    """One config per level and ``--calibrated`` variant: its per-layer schedule searched on the
+    first ``--calibration`` train images (where the data has no train split: the images of the
+    evaluated split after the ``--limit`` evaluated ones), at the level's FLOPs target."""
+    if not args.calibrated:
+        return []
+    torch.set_num_threads(args.threads)
+    try:
+        job = load_retrieval(args.model, args.data, "train", args.calibration, args.device)
+    except ValueError as err:
+        if "not in" not in str(err):
+            raise
+        if args.limit is None:
+            raise ValueError(f"{err}: give --limit so that calibration images can be held out of the "
+                             f"{args.split} split") from None
+        job = load_retrieval(args.model, args.data, args.split, args.calibration, args.device, skip=args.limit)
+        if len(job.split) < args.calibration:
+            raise ValueError(f"only {len(job.split)} {args.split} images after the first {args.limit} for "
+                             f"--calibration {args.calibration}") from None
+        print(f"calibration: {len(job.split)} {args.split} images after the {args.limit} evaluated ones")
+    pixels = job.inputs["pixel_values"]
+    return [{"name": f"{v}+calibrated flops={level:g}", "variant": f"{v}+calibrated",
+             **calibrated_settings(job.model, pixels, level, VARIANTS[v], args.calibration_evals)}
+            for level in tqdm(args.levels, desc="calibrating", mininterval=10) for v in args.calibrated]
 
 
 def train_base_arguments(p: argparse.ArgumentParser) -> None:

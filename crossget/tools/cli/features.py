@@ -18,7 +18,9 @@ def eval_features_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/real/dataset_real.json", help="Karpathy-format annotation (crossget data-real)")
     p.add_argument("--classes", default="data/real/classes_real.json", help="the labels of the same images")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int_at_least(20), default=None, help="first N images of the split")
+    p.add_argument("--limit", type=int_at_least(20), default=None, help="first N images of the split (after --skip)")
+    p.add_argument("--skip", type=int_at_least(0), default=0,
+                   help="leave out the first N images of the split (a second, disjoint subset)")
     p.add_argument("--levels", type=comma_list(ratio, "ratios"), default=list(LEVELS),
                    help="GFLOPs targets (default 0.8,0.7,0.58,0.5,0.4)")
     p.add_argument("--variants", type=comma_list(choice(tuple(VARIANTS)), "variants"), default=list(VARIANTS),
@@ -45,7 +47,7 @@ def eval_features(args: argparse.Namespace) -> int:
     model = (VisionTextDualEncoderModel if dual else AutoModel).from_pretrained(args.model).eval()
     processor = AutoImageProcessor.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model) if dual else None
-    fs = load_feature_set(args.data, args.classes, args.split, args.limit)
+    fs = load_feature_set(args.data, args.classes, args.split, args.limit, args.skip)
     print(f"{len(fs.paths)} {args.split} images, {len(args.variants)} variants x {len(args.levels)} levels, "
           f"{torch.get_num_threads()} threads")
     cal = load_feature_set(args.data, args.classes, "train", args.calibration).paths if args.calibrated else []

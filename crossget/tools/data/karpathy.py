@@ -84,6 +84,7 @@ def load_karpathy(
     limit: int | None = None,
     captions_per_image: int | None = 5,
     check_images: bool = True,
+    skip: int = 0,
 ) -> RetrievalSplit:
     """Read a ``dataset_{flickr30k,coco,shapes}.json`` split.
 
@@ -96,6 +97,8 @@ def load_karpathy(
         captions_per_image: keep the first k captions of each image (5 is the standard protocol;
             a few COCO images have 6-7); None keeps all.
         check_images: fail up front if an image of the split is missing.
+        skip: leave out the first ``skip`` images of the split (before ``limit``): a second,
+            disjoint subset.
 
     Raises:
         FileNotFoundError: the annotation file or images of the split are missing (names the paths).
@@ -110,7 +113,9 @@ def load_karpathy(
     present = sorted({str(e["split"]) for e in entries})
     if not wanted & set(present):
         raise ValueError(f"split {split!r} not in {annotation}; it has {present}")
-    entries = [e for e in entries if e["split"] in wanted][:limit]
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise ValueError(f"skip must be a non-negative int, got {skip!r}")
+    entries = [e for e in entries if e["split"] in wanted][skip:][:limit]
     paths, captions, txt2img, img2txts = [], [], [], []
     for i, e in enumerate(entries):
         paths.append(root / str(e.get("filepath", "")) / str(e["filename"]))

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from crossget.api import config, states
 from crossget.flops import count_flops
 from crossget.io import apply
+from crossget.tools.calibration import calibrated_settings
 from crossget.tools.common import write_json
 from crossget.tools.data.karpathy import load_karpathy
 from crossget.tools.eval.retrieval import retrieval_metrics
@@ -72,16 +73,17 @@ class FeatureSet:
 
 
 def load_feature_set(data: str | os.PathLike, classes: str | os.PathLike, split: str = "test",
-                     limit: int | None = None) -> FeatureSet:
-    """A Karpathy ``split`` of ``data`` with each image's label from the classification file
-    ``classes`` (``crossget data-real`` writes both; images are matched by path).
+                     limit: int | None = None, skip: int = 0) -> FeatureSet:
+    """A Karpathy ``split`` of ``data`` (``limit`` images after the first ``skip``) with each
+    image's label from the classification file ``classes`` (``crossget data-real`` writes both;
+    images are matched by path).
 
     Raises:
         ValueError: an image of the split has no label.
     """
     from crossget.tools.data.real_images import load_classification
 
-    pairs = load_karpathy(data, split=split, captions_per_image=None, limit=limit)
+    pairs = load_karpathy(data, split=split, captions_per_image=None, limit=limit, skip=skip)
     paths, labels, _ = load_classification(classes)
     label_of = {Path(p).resolve(): lab for p, lab in zip(paths, labels)}
     missing = [p for p in pairs.image_paths if Path(p).resolve() not in label_of]
@@ -171,22 +173,6 @@ def _encode(model: nn.Module, pixels: torch.Tensor, ref_patch: torch.Tensor | No
     return res
 
 
-def calibrated_settings(vision: nn.Module, variant: str, level: float, pixels: torch.Tensor, image_size: int,
-                        max_evals: int) -> dict[str, Any]:
-    """Patch settings of ``variant`` with the per-layer schedule :func:`crossget.calibrate` finds
-    at ``level`` on ``pixels`` ``[B, 3, H, W]`` (images apart from the evaluated ones)."""
-    from crossget.calibration import calibrate
-
-    settings = dict(VARIANTS[variant])
-    method = settings.pop("method")
-    calibrate(vision, {"pixel_values": pixels}, level, method=method, max_evals=max_evals, image_size=image_size,
-              **settings)
-    found = config(vision)
-    apply(vision, None)
-    return {**VARIANTS[variant], "r": {k: list(v) for k, v in found.r.items()}, "schedule": "calibrated",
-            "image_size": image_size, "trace_sources": True}
-
-
 def feature_sweep(
     model: nn.Module, processor: Any, fs: FeatureSet, *, levels: Sequence[float] = LEVELS,
     variants: Sequence[str] = tuple(VARIANTS), tokenizer: Any = None, image_size: int = 224, batch_size: int = 32,
@@ -228,7 +214,8 @@ def feature_sweep(
     if calibrated:
         cal = processor(images=[Image.open(p).convert("RGB") for p in calibration], return_tensors="pt")["pixel_values"]
         for lvl in tqdm(levels, desc="calibrating", disable=not progress, mininterval=10):
-            configs += [(f"{v}+calibrated", lvl, calibrated_settings(vision, v, lvl, cal, image_size, calibration_evals))
+            configs += [(f"{v}+calibrated", lvl, {**calibrated_settings(vision, cal, lvl, VARIANTS[v], calibration_evals,
+                                                                   image_size=image_size), "trace_sources": True})
                         for v in calibrated]
     store: dict[str, dict[str, list[torch.Tensor]]] = {name_of(v, lvl): {} for v, lvl, _ in configs}
     bar = tqdm(total=len(fs.paths) * len(configs), desc="feature sweep", unit="img", disable=not progress,

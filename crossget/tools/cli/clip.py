@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crossget.io import read_cross_tokens
+from crossget.tools.calibration import calibrated_settings
 from crossget.tools.cli.options import (
     choice,
     comma_list,
@@ -22,7 +23,6 @@ from crossget.tools.cli.options import (
     unit_float,
     vars_meta,
 )
-from crossget.tools.calibration import calibrated_settings
 from crossget.tools.default import load_retrieval, trained_cross_tokens
 from crossget.tools.eval.features import VARIANTS
 from crossget.tools.eval.harness import evaluate_retrieval, results_table

@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from crossget.api import config, states
+from crossget.api import states
 from crossget.flops import count_flops
 from crossget.io import apply
 from crossget.tools.calibration import calibrated_settings

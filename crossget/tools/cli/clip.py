@@ -40,12 +40,20 @@ def retrieval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int_at_least(1), default=2)
 
 
+def evaluation_arguments(p: argparse.ArgumentParser) -> None:
+    """What every retrieval evaluation takes: the model and data, the device, and a subset."""
+    retrieval_arguments(p)
+    device_argument(p)
+    p.add_argument("--skip", type=int_at_least(0), default=0,
+                   help="leave out the first N images of the split before --limit (a second, disjoint subset)")
+
+
 def _evaluate(args: argparse.Namespace, configs: list[dict], json_path: str | None, write_reference: bool = True):
 
 
     torch.set_num_threads(args.threads)
     return evaluate_retrieval(
-        args.model, args.data, configs, split=args.split, limit=args.limit, batch_size=args.batch,
+        args.model, args.data, configs, split=args.split, limit=args.limit, skip=args.skip, batch_size=args.batch,
         device=args.device, json_path=json_path, meta=vars_meta(args), write_reference=write_reference,
     )
 
@@ -60,8 +68,7 @@ def _trained(args: argparse.Namespace) -> str | None:
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
-    retrieval_arguments(p)
-    device_argument(p)
+    evaluation_arguments(p)
     p.add_argument("--flops", type=ratio, default=0.58, help="GFLOPs target of the reduced rows (default 0.58)")
     p.add_argument("--cross-tokens", default="default", help="trained cross tokens (default: the model's own)")
     p.add_argument("--json", default="runs/demo/demo.json", help="where the table goes (JSON + .md)")
@@ -80,8 +87,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def eval_retrieval_arguments(p: argparse.ArgumentParser) -> None:
-    retrieval_arguments(p)
-    device_argument(p)
+    evaluation_arguments(p)
     p.add_argument("--method", choices=("none", "tome", "crossget"), default="crossget")
     p.add_argument("--r", type=non_negative_int, default=None, help="tokens removed per vision layer")
     p.add_argument("--flops", type=ratio, default=None, help="target GFLOPs ratio, e.g. 0.58")
@@ -102,8 +108,7 @@ def eval_retrieval(args: argparse.Namespace) -> int:
 
 
 def eval_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    retrieval_arguments(p)
-    device_argument(p)
+    evaluation_arguments(p)
     p.add_argument("--levels", type=comma_list(ratio, "ratios"), default=[0.8, 0.7, 0.58, 0.5],
                    help="GFLOPs targets (default 0.8,0.7,0.58,0.5)")
     p.add_argument("--cross-tokens", default="default", help="trained cross tokens (default: the model's own)")
@@ -116,7 +121,7 @@ def eval_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="variants also run with a per-level schedule calibrated on train images (crossget.calibrate)")
     p.add_argument("--calibration", type=int_at_least(4), default=32,
                    help="calibration images: the first N of the train split, or where the data has none (the "
-                        "generated test split) the N after the --limit evaluated ones (default 32)")
+                        "generated test split) the N after the --skip and --limit ones (default 32)")
     p.add_argument("--calibration-evals", type=int_at_least(2), default=24, help="evaluations per calibration")
 
 
@@ -160,11 +165,12 @@ def _calibrated_configs(args: argparse.Namespace) -> list[dict]:
         if args.limit is None:
             raise ValueError(f"{err}: give --limit so that calibration images can be held out of the "
                              f"{args.split} split") from None
-        job = load_retrieval(args.model, args.data, args.split, args.calibration, args.device, skip=args.limit)
+        after = args.skip + args.limit
+        job = load_retrieval(args.model, args.data, args.split, args.calibration, args.device, skip=after)
         if len(job.split) < args.calibration:
-            raise ValueError(f"only {len(job.split)} {args.split} images after the first {args.limit} for "
+            raise ValueError(f"only {len(job.split)} {args.split} images after the first {after} for "
                              f"--calibration {args.calibration}") from None
-        print(f"calibration: {len(job.split)} {args.split} images after the {args.limit} evaluated ones")
+        print(f"calibration: {len(job.split)} {args.split} images after the {after} skipped or evaluated ones")
     pixels = job.inputs["pixel_values"]
     return [{"name": f"{v}+calibrated flops={level:g}", "variant": f"{v}+calibrated",
              **calibrated_settings(job.model, pixels, level, VARIANTS[v], args.calibration_evals)}

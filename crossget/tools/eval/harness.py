@@ -138,6 +138,7 @@ def evaluate_retrieval(
     *,
     split: str = "test",
     limit: int | None = None,
+    skip: int = 0,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     json_path: str | os.PathLike | None = None,
@@ -145,11 +146,12 @@ def evaluate_retrieval(
     write_reference: bool = True,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], Path | None]:
-    """Load (:func:`load_retrieval`), evaluate ``configs`` against the unreduced model
-    (:func:`evaluate_configs`) and, with ``json_path``, write the rows (all, or without the
+    """Load (:func:`load_retrieval`: ``limit`` images of ``split`` after the first ``skip``),
+    evaluate ``configs`` against the unreduced model (:func:`evaluate_configs`) and, with
+    ``json_path``, write the rows (all, or without the
     unreduced reference row unless ``write_reference``) with ``meta``. Returns the rows and the
     JSON path written (or None)."""
-    job = load_retrieval(model, data, split, limit, device)
+    job = load_retrieval(model, data, split, limit, device, skip=skip)
     if progress:
         print(f"{len(job.split)} {split} images, {len(job.split.captions)} captions, {torch.get_num_threads()} threads")
     rows = evaluate_configs(job.model, job.inputs, job.split, configs, batch_size, progress)

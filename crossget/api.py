@@ -38,8 +38,8 @@ def patch(
     trace_sources: bool = False,
     keep: int | None = None,
     importance: str = "cross",
-    guidance: str = "reference",
-    guidance_scale: float = 1.0,
+    guidance: str | None = None,
+    guidance_scale: float | None = None,
     fastv_layer: int | None = None,
     contextual: int | None = None,
     schedule: str = "constant",
@@ -76,8 +76,10 @@ def patch(
             (complete-graph matching without any cross token: an ablation).
         guidance: how the importance enters the ranking (docs/method.md §3 "Guidance"):
             ``"reference"`` (the authors' rule, exactly), ``"scaled"``, ``"standardised"``,
-            ``"rank"`` or ``"ensemble"`` (the ensemble weights only).
-        guidance_scale: the scale of ``"scaled"``, ``"standardised"`` and ``"rank"``.
+            ``"rank"`` or ``"ensemble"`` (the ensemble weights only). Default: the family's
+            (:data:`crossget.config.DEFAULT_GUIDANCE` for encoders, ``"reference"`` for LLaVA).
+        guidance_scale: the scale of ``"scaled"``, ``"standardised"`` and ``"rank"``
+            (default: the rule's, :data:`crossget.config.GUIDANCE_SCALES`).
         fastv_layer: FastV's K, the LM layer after which visual tokens are pruned (LLaVA).
         contextual: VisionZip's contextual tokens out of ``keep`` (LLaVA).
         schedule: how ``flops`` becomes per-layer ``r``: ``"constant"`` (the solver's

@@ -24,6 +24,11 @@ IMPORTANCE = ("cross", "attention", "none")
 # how importance enters the ranking of docs/method.md §4 (§3 "Guidance"): "reference" is the
 # authors' rule, I_i as it is; the others rescale it or keep it out of the ranking
 GUIDANCE = ("reference", "scaled", "standardised", "rank", "ensemble")
+# the scale a rule takes when none is given (the settings measured in docs/results-guidance.md)
+GUIDANCE_SCALES = {"reference": 1.0, "ensemble": 1.0, "scaled": 0.1, "standardised": 0.25, "rank": 0.25}
+# the rule of method="crossget" when none is given, for the encoder families (chosen from the
+# measurements of docs/results-guidance.md); LLaVA keeps the authors' rule (families/llava.py)
+DEFAULT_GUIDANCE = "reference"
 SCHEDULES = ("constant", "calibrated")
 
 RValue = int | tuple[int, ...] | Mapping[str, int | tuple[int, ...]] | None
@@ -65,8 +70,11 @@ class PatchConfig:
             receives plus the cross token's, the authors' LLaVA rule) or ``"none"`` (no cross
             token: an ablation of the guidance).
         guidance: how the importance enters the ranking (docs/method.md §3 "Guidance"): one of
-            :data:`GUIDANCE`; ``"reference"`` is the authors' rule exactly.
-        guidance_scale: the ``lambda`` of ``"scaled"``, ``"standardised"`` and ``"rank"``.
+            :data:`GUIDANCE`; ``"reference"`` is the authors' rule exactly. None: the family's
+            default (:data:`DEFAULT_GUIDANCE` for encoders, ``"reference"`` for LLaVA);
+            :func:`crossget.config` reports the rule that runs.
+        guidance_scale: the ``lambda`` of ``"scaled"``, ``"standardised"`` and ``"rank"``;
+            None: the rule's default (:data:`GUIDANCE_SCALES`).
         schedule: ``"constant"`` (the FLOPs solver's near-uniform ``r``) or ``"calibrated"``
             (per-layer ``r`` chosen on calibration data by :func:`crossget.calibrate`).
         text_len: text length assumed when solving ``flops``; None: the family's default.
@@ -90,8 +98,8 @@ class PatchConfig:
     prop_attn: bool = True
     metric: str | None = None
     importance: str = "cross"
-    guidance: str = "reference"
-    guidance_scale: float = 1.0
+    guidance: str | None = None
+    guidance_scale: float | None = None
     schedule: str = "constant"
     text_len: int | None = None
     image_size: int | None = None
@@ -112,12 +120,15 @@ class PatchConfig:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.importance not in IMPORTANCE:
             raise ValueError(f"importance must be one of {IMPORTANCE}, got {self.importance!r}")
-        if self.guidance not in GUIDANCE:
+        if self.guidance is not None and self.guidance not in GUIDANCE:
             raise ValueError(f"guidance must be one of {GUIDANCE}, got {self.guidance!r}")
-        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, numbers.Real) \
-                or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
-        object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        if self.guidance_scale is not None:
+            if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, numbers.Real) \
+                    or not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+                raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
+            object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        elif self.guidance is not None:
+            object.__setattr__(self, "guidance_scale", GUIDANCE_SCALES[self.guidance])
         if self.guidance in ("reference", "ensemble") and self.guidance_scale != 1.0:
             raise ValueError(f"guidance={self.guidance!r} takes no scale; use guidance='scaled' "
                              f"(got guidance_scale={self.guidance_scale})")
@@ -165,6 +176,11 @@ class PatchConfig:
 
     def replace(self, **changes: Any) -> PatchConfig:
         return replace(self, **changes)
+
+    def with_guidance(self, default: str) -> PatchConfig:
+        """This config with ``guidance=None`` resolved to ``default`` (a family's rule; a
+        scale given without a rule applies to it)."""
+        return self if self.guidance is not None else replace(self, guidance=default)
 
     @property
     def uses_cross_token(self) -> bool:

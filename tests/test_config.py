@@ -25,7 +25,7 @@ from transformers import (
 )
 
 import crossget
-from crossget.config import METHODS, PatchConfig
+from crossget.config import DEFAULT_GUIDANCE, GUIDANCE, GUIDANCE_SCALES, METHODS, PatchConfig
 from crossget.families.registry import FAMILIES, family_of
 
 PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -236,6 +236,23 @@ def test_guidance_round_trips_and_reaches_the_tower():
     assert PatchConfig.from_dict(cfg.to_dict()) == cfg
     settings = crossget.states(model)["vision"].settings
     assert (settings.guidance, settings.guidance_scale) == ("standardised", 0.5)
+
+
+def test_guidance_defaults_come_from_the_rule_and_the_family():
+    assert (PatchConfig().guidance, PatchConfig().guidance_scale) == (None, None)
+    assert [PatchConfig(guidance=g).guidance_scale for g in GUIDANCE] == [GUIDANCE_SCALES[g] for g in GUIDANCE]
+    assert GUIDANCE_SCALES["scaled"] == 0.1 and GUIDANCE_SCALES["rank"] == 0.25  # the measured settings
+    model = clip_model()
+    crossget.patch(model, r=2)
+    cfg = crossget.config(model)
+    assert (cfg.guidance, cfg.guidance_scale) == (DEFAULT_GUIDANCE, GUIDANCE_SCALES[DEFAULT_GUIDANCE])
+    assert crossget.states(model)["vision"].settings.guidance == DEFAULT_GUIDANCE
+    # LLaVA's attention importance was not measured under the other rules: the authors' rule
+    llava = make_llava()
+    crossget.patch(llava, keep=32)
+    assert (crossget.config(llava).guidance, crossget.config(llava).guidance_scale) == ("reference", 1.0)
+    # a replayed config runs the rule it reports, whatever today's default
+    assert crossget.config(crossget.patch_from_config(clip_model(), cfg)) == cfg
 
 
 def test_configs_saved_before_guidance_existed_read_as_the_reference_rule():

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from crossget.config import PatchConfig
+from crossget.config import DEFAULT_GUIDANCE, PatchConfig
 from crossget.record import mark, record, swap_class, unmark
 from crossget.schedule import EncoderCost, flops_ratio, resolve_r, solve_flops, token_counts
 from crossget.state import TowerSettings, TowerState
@@ -223,6 +223,7 @@ class Family:
         methods: the methods it runs (of :data:`crossget.config.METHODS`).
         options: the :class:`~crossget.config.PatchConfig` fields it reads besides ``method``.
         importance: the importance rules it offers.
+        default_guidance: the guidance rule of ``method="crossget"`` when a config names none.
         find_towers: ``model -> {kind: tower module}``.
         tower_record: ``(kind, tower module) -> Tower``.
         cost: ``(tower module, kind, text_len, image_size) -> EncoderCost``.
@@ -233,6 +234,7 @@ class Family:
     methods: tuple[str, ...] = ("none", "tome", "crossget")
     options: frozenset[str] = ENCODER_OPTIONS
     importance: tuple[str, ...] = ("cross", "attention", "none")
+    default_guidance: str = DEFAULT_GUIDANCE
     find_towers: Callable[[nn.Module], dict[str, nn.Module]] | None = None
     tower_record: Callable[[str, nn.Module], Tower] | None = None
     cost: Callable[..., EncoderCost] | None = None

@@ -497,6 +497,9 @@ class LlavaFamily(Family):
     # the processor fixes the size; a calibrated schedule is for encoder families
     options = (ENCODER_OPTIONS - {"image_size", "schedule"}) | {"keep", "fastv_layer", "contextual"}
     importance = ("cross", "attention", "none")
+    # the authors' rule: the guidance rules were measured with cross-token importance in
+    # encoder towers (docs/results-guidance.md), not with LLaVA's attention importance
+    default_guidance = "reference"
 
     def towers(self, model: nn.Module) -> dict[str, Tower]:
         """``vision`` (the CLIP tower) and ``text`` (the language model, which only carries

@@ -31,6 +31,7 @@ def install_config(model: nn.Module, cfg: PatchConfig) -> None:
     """Patch ``model`` as ``cfg`` says through its family and record the resolved config
     (what :func:`crossget.patch` and the calibration search both do)."""
     fam = family_of(model)
+    cfg = cfg.with_guidance(fam.default_guidance)
     fam.check(cfg)
     mark(model, config=fam.patch(model, cfg))
 

@@ -285,6 +285,7 @@ def test_mismatched_prompt_says_what_to_call():
         (dict(method="visionzip", keep=8), "method must be one of"),
         (dict(method="tome"), "keep="),
         (dict(keep=8, towers=("vision",)), "towers"),
+        (dict(keep=8, guidance="scaled"), "no importance to guide"),
     ],
 )
 def test_bad_budgets_raise(kwargs, match):

@@ -381,6 +381,7 @@ class LlavaNextFamily(Family):
     options = frozenset({"keep", "flops", "fastv_layer", "text_len", "image_size", "towers", "importance", "guidance",
                          "guidance_scale"})
     importance = ("cross", "none")  # no cross tokens at the projector site: both run without
+    default_guidance = "reference"  # nothing is guided here: whatever the encoders' default becomes
 
     def towers(self, model: nn.Module) -> dict[str, Tower]:
         """None: no tower is patched (the reduction is at the projector site or in the LM)."""
@@ -400,8 +401,8 @@ class LlavaNextFamily(Family):
         base = base_model(model)
         method = cfg.method
         if cfg.towers not in (None, ()):
-            raise ValueError(f"LLaVA-NeXT reduces at the projector site, no tower: towers must be None, "
-                             f"got {cfg.towers!r}")
+            raise ValueError(f"LLaVA-NeXT reduces at the projector site, no tower: towers must be None "
+                             f"(or ()), got {cfg.towers!r}")
         if cfg.guidance not in (None, "reference") or cfg.guidance_scale not in (None, 1.0):
             raise ValueError("LLaVA-NeXT's projector-site matching has no importance to guide: "
                              f"guidance={cfg.guidance!r}, guidance_scale={cfg.guidance_scale!r} cannot apply")

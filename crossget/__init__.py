@@ -8,8 +8,10 @@
 """
 
 from crossget.api import (
+    adapt_processor,
     config,
     cross_token_loss,
+    image_tokens,
     is_patched,
     joint_projection,
     patch,
@@ -21,7 +23,6 @@ from crossget.api import (
 )
 from crossget.calibration import calibrate
 from crossget.config import METHODS, PatchConfig
-from crossget.families.llava import adapt_processor, image_tokens
 from crossget.io import apply, load_cross_tokens, save_cross_tokens
 from crossget.loss import cross_token_alignment
 from crossget.merge import Merge

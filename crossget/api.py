@@ -218,3 +218,27 @@ def cross_token_loss(model: nn.Module) -> torch.Tensor:
             forward ran.
     """
     return cross_token_alignment(*family_of(model).cross_token_pairs(model))
+
+
+def image_tokens(model: nn.Module, image_size: Any = None) -> int:
+    """``<image>`` placeholders every image needs in a prompt of a multimodal LLM, as the
+    model is patched now (``keep`` for a reduced one). LLaVA-1.5 gives every image the same
+    count; LLaVA-NeXT's depends on the image: give ``image_size=(height, width)``.
+
+    Raises:
+        TypeError: the model feeds no language model.
+        ValueError: the count depends on ``image_size`` and none is given.
+    """
+    return family_of(model).image_tokens(model, image_size)
+
+
+def adapt_processor(processor: Any, model: nn.Module) -> Any:
+    """Make the model's processor (``LlavaProcessor``, ``LlavaNextProcessor``) write
+    :func:`image_tokens` placeholders per image; returns it. Call it again after re-patching
+    or unpatching.
+
+    Raises:
+        TypeError: the model feeds no language model, or the processor is not its family's.
+        ValueError: the processor's patch size (or grid) differs from the model's.
+    """
+    return family_of(model).adapt_processor(processor, model)

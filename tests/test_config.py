@@ -13,6 +13,8 @@ from test_dual_encoder import make_dual, make_text
 from test_dual_encoder import run_dual as run_dual_encoder
 from test_dual_encoder import run_text as run_bert
 from test_llava import make_llava, make_prompts
+from test_llava_next import WIDE, make_next
+from test_llava_next import inputs as next_inputs
 from test_siglip import both as siglip_inputs
 from test_siglip import make as make_siglip
 from test_vit import make, make_head
@@ -100,6 +102,9 @@ GRID = [
       ("crossget", {"flops": 0.7, "text_len": 8}), ("crossget", {"r": 8, "importance": "none"}),
       ("fastv", {"keep": 20}), ("fastv", {"keep": 20, "fastv_layer": 1}), ("fastv", {"flops": 0.7, "text_len": 8}),
       ("visionzip", {"keep": 20}), ("visionzip", {"keep": 20, "contextual": 4}), ("visionzip", {"r": 8})]),
+    ("LlavaNextForConditionalGeneration", make_next, lambda m: m(**next_inputs(m, (WIDE, WIDE))).logits,
+     [("none", {}), ("tome", {"keep": 20}), ("crossget", {"keep": 20}),
+      ("crossget", {"flops": 0.5, "text_len": 8}), ("fastv", {"keep": 20})]),
     ("ViTModel", lambda: make("vit"), run_vision, ENCODER),
     ("DeiTForImageClassificationWithTeacher", lambda: make_head("DeiTForImageClassificationWithTeacher"),
      lambda m: m(pixel_values=PIXELS).logits, [("none", {}), ("tome", {"r": 2}), ("crossget", {"flops": 0.7})]),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -267,6 +268,23 @@ class Family:
         for h in rec.glue:
             h.remove()
         unmark(model, ("glue",))
+
+    def image_tokens(self, model: nn.Module, image_size: Any = None) -> int:
+        """``<image>`` placeholders an image (of ``image_size``, where the count depends on
+        it) needs in a prompt, as the model is patched now; families with a language model.
+
+        Raises:
+            TypeError: the family feeds no language model.
+        """
+        raise TypeError(f"{self.name} models feed no language model: they have no image placeholders")
+
+    def adapt_processor(self, processor: Any, model: nn.Module) -> Any:
+        """Make the family's processor write :meth:`image_tokens` placeholders; returns it.
+
+        Raises:
+            TypeError: the family feeds no language model, or it is not the family's processor.
+        """
+        raise TypeError(f"{self.name} models feed no language model: there is no processor to adapt")
 
     def default_towers(self, found: Mapping[str, Tower]) -> tuple[str, ...]:
         return ("vision",) if "vision" in found else tuple(found)

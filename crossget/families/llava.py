@@ -47,7 +47,7 @@ from transformers.models.clip import modeling_clip as hf_clip
 from transformers.models.llava import modeling_llava as hf
 
 from crossget.config import MERGING, METHODS, PatchConfig
-from crossget.families import clip, llava_next
+from crossget.families import clip
 from crossget.families.base import (
     CROSS_PARAM,
     ENCODER_OPTIONS,
@@ -134,16 +134,10 @@ def stock_image_tokens(model: nn.Module) -> int:
     return _tokens_in(model) - (_strategy(model) == "default")
 
 
-def image_tokens(model: nn.Module, image_size: Any = None) -> int:
+def image_tokens(model: nn.Module) -> int:
     """Visual tokens per image that reach the language model as the model is patched now:
-    the number of ``<image>`` placeholders every image needs in the prompt.
-
-    LLaVA-1.5 gives every image the same count (its processor resizes them), so
-    ``image_size`` is not needed; a LLaVA-NeXT model is handed to
-    :func:`crossget.families.llava_next.image_tokens`, where the count may depend on the
-    image's ``(height, width)``."""
-    if isinstance(model, llava_next.FAMILY.classes):
-        return llava_next.image_tokens(model, image_size)
+    the number of ``<image>`` placeholders every image needs in the prompt (the same for
+    every image: LLaVA-1.5's processor resizes them)."""
     g = glue(model)
     return g.image_tokens if g is not None else stock_image_tokens(model)
 
@@ -155,15 +149,10 @@ def adapt_processor(processor: Any, model: nn.Module) -> Any:
     The processor computes ``(h // p) * (w // p) + num_additional_image_tokens - (1 if
     "default")``; only ``num_additional_image_tokens`` changes.
 
-    A LLaVA-NeXT model is handed to :func:`crossget.families.llava_next.adapt_processor`
-    (a ``LlavaNextProcessor``).
-
     Raises:
         TypeError: ``processor`` is not a LLaVA-style processor.
         ValueError: its patch size differs from the vision tower's.
     """
-    if isinstance(model, llava_next.FAMILY.classes):
-        return llava_next.adapt_processor(processor, model)
     if not hasattr(processor, "num_additional_image_tokens") or not hasattr(processor, "patch_size"):
         raise TypeError(f"expected a LlavaProcessor, got {type(processor).__name__}")
     cfg = _vision(model).config
@@ -512,6 +501,13 @@ class LlavaFamily(Family):
     # the authors' rule: the guidance rules were measured with cross-token importance in
     # encoder towers (docs/results-guidance.md), not with LLaVA's attention importance
     default_guidance = "reference"
+
+    def image_tokens(self, model: nn.Module, image_size: Any = None) -> int:
+        """:func:`image_tokens` (one count for every image size)."""
+        return image_tokens(model)
+
+    def adapt_processor(self, processor: Any, model: nn.Module) -> Any:
+        return adapt_processor(processor, model)
 
     def towers(self, model: nn.Module) -> dict[str, Tower]:
         """``vision`` (the CLIP tower) and ``text`` (the language model, which only carries

@@ -383,6 +383,13 @@ class LlavaNextFamily(Family):
     importance = ("cross", "none")  # no cross tokens at the projector site: both run without
     default_guidance = "reference"  # nothing is guided here: whatever the encoders' default becomes
 
+    def image_tokens(self, model: nn.Module, image_size: ImageSize | None = None) -> int:
+        """:func:`image_tokens`."""
+        return image_tokens(model, image_size)
+
+    def adapt_processor(self, processor: Any, model: nn.Module) -> Any:
+        return adapt_processor(processor, model)
+
     def towers(self, model: nn.Module) -> dict[str, Tower]:
         """None: no tower is patched (the reduction is at the projector site or in the LM)."""
         base_model(model)

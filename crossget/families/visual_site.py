@@ -14,18 +14,52 @@ Both match on the features themselves (cosine), merge by size-weighted averages
 (:class:`crossget.merge.Merge`) and stop at exactly ``keep`` tokens; the output is in the
 order of each token's smallest original index, so spatial order is kept.
 
+The rest of the module is what such families share around the site (LLaVA-NeXT,
+LLaVA-OneVision): :class:`Site` (the method and budget a patched model reads, and FastV's
+per-forward wiring in the language model), :func:`reduce_packed` (every packed image to
+``keep`` tokens), :func:`check_placeholders` (a prompt/feature mismatch that says how to
+build prompts), :class:`FixedImageTokens` (a processor writing ``keep`` placeholders) and
+:class:`PackedSiteFamily`, the family logic (budgets, ``flops=``, placeholders, patching)
+on top of four per-family pieces: the base model, the stock count of an image, the
+patched class and the processor's settings.
+
 Shapes: ``L`` visual tokens of one image, ``D`` channels.
 """
 
 from __future__ import annotations
 
-import torch
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
+from torch import nn
+from transformers.image_processing_utils import select_best_resolution
+
+from crossget.config import PatchConfig
+from crossget.families.base import Family, Tower
 from crossget.merge import Merge
+from crossget.methods import fastv
 from crossget.methods.crossget import complete_graph_soft_matching
 from crossget.methods.tome import bipartite_soft_matching
+from crossget.record import TOWER_FIELDS, record, swap_class, unmark
+from crossget.schedule import decoder_layer_flops, vit_layer_flops
 
-__all__ = ["SITE_METHODS", "check_keep", "reduce_visual_tokens"]
+__all__ = [
+    "DEFAULT_TEXT_LEN",
+    "SITE_METHODS",
+    "FixedImageTokens",
+    "ImageSize",
+    "PackedSiteFamily",
+    "Site",
+    "check_keep",
+    "check_placeholders",
+    "image_hw",
+    "placeholder_mask",
+    "reduce_packed",
+    "reduce_visual_tokens",
+]
 
 SITE_METHODS = ("tome", "crossget")  # what reduce_visual_tokens runs
 
@@ -90,3 +124,419 @@ def reduce_visual_tokens(x: torch.Tensor, keep: int, method: str) -> tuple[torch
         order = first[0].argsort()  # indices are distinct: no ties
         first, tokens, size = first[:, order], tokens[:, order], size[:, order]
     return tokens[0], first[0]
+
+
+# --------------------------------------------------------------------------- shared around the site
+DEFAULT_TEXT_LEN = 64  # text tokens assumed when solving flops= (as for LLaVA-1.5)
+ImageSize = int | Sequence[int] | torch.Tensor  # (height, width) in pixels, or a square's side
+
+
+def image_hw(image_size: ImageSize) -> tuple[int, int]:
+    """``image_size`` as ``(height, width)`` pixels (one int: a square; a tensor: its two values).
+
+    Raises:
+        ValueError: not two positive ints.
+    """
+    if isinstance(image_size, torch.Tensor):
+        image_size = image_size.tolist()
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        image_size = (image_size, image_size)
+    if (not isinstance(image_size, Sequence) or isinstance(image_size, str) or len(image_size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in image_size)):
+        raise ValueError(f"image_size must be (height, width) in pixels (or one int for a square), got {image_size!r}")
+    return int(image_size[0]), int(image_size[1])
+
+
+def placeholder_mask(base: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` bool: the image placeholders of the prompts, found as upstream's
+    ``get_placeholder_mask`` finds them (the ids, else embeddings equal to the image token's)."""
+    if input_ids is not None:
+        return input_ids == base.config.image_token_id
+    token = base.get_input_embeddings()(torch.tensor(base.config.image_token_id, device=inputs_embeds.device))
+    return (inputs_embeds == token).all(-1)
+
+
+@dataclass(frozen=True)
+class FixedImageTokens:
+    """A processor's ``replace_image_token`` that writes ``count`` placeholders for every image
+    (LLaVA-NeXT's and LLaVA-OneVision's processors call it per image; set on the processor
+    instance by :meth:`PackedSiteFamily.adapt_processor`; picklable)."""
+
+    token: str
+    count: int
+
+    def __call__(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        return self.token * self.count
+
+
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _forward_signature(cls: type) -> inspect.Signature:
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(cls.forward)
+    return _SIGNATURES[cls]
+
+
+@dataclass(eq=False)
+class Site:
+    """What a :class:`PackedSiteFamily` patch put on the base model (its record's ``glue``): the
+    method and budget its patched class reads, and FastV's wiring (:meth:`on_forward` is the
+    base model's forward pre-hook with ``method="fastv"``).
+
+    Attributes:
+        method: ``none``, ``tome``, ``crossget`` or ``fastv``.
+        keep: visual tokens per image (0 with ``none``).
+        family: the family's name, in errors.
+        counts: ``(base model, forward kwargs) -> [stock visual tokens per image]`` for a
+            forward with ``pixel_values`` (a module-level function: picklable).
+        fastv: FastV in the language model (``method="fastv"``).
+        handles: the hooks to remove.
+    """
+
+    method: str
+    keep: int
+    family: str = ""
+    counts: Callable[[nn.Module, dict], list[int]] | None = None
+    fastv: fastv.FastV | None = None
+    handles: list = field(default_factory=list)
+
+    @property
+    def reduces(self) -> bool:
+        """Reduced at the projector site (``tome`` / ``crossget``): ``keep`` tokens per image."""
+        return self.method in SITE_METHODS
+
+    def on_forward(self, base: nn.Module, args: tuple, kwargs: dict) -> None:
+        """FastV: the image positions, the visual tokens per image (one count for the whole
+        batch) and the ranking query (last real prompt token) of this forward.
+
+        Raises:
+            ValueError: the images give different counts, or fewer than ``keep``.
+        """
+        fv = self.fastv
+        fv.image_mask = None
+        if args:
+            kwargs = {**_forward_signature(type(base)).bind_partial(base, *args).arguments, **kwargs}
+        pixels = kwargs.get("pixel_values")
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is not None:
+            counts = [len(f) for f in encoded.pooler_output]
+        elif pixels is not None and pixels.size(0) > 0:
+            counts = self.counts(base, kwargs)
+        else:
+            return  # no images: a decode step (or text only; videos are not pruned)
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"fastv on {self.family} ranks one count of visual tokens per image, but these images give {counts}: "
+                f"batch images of the same size (tile grid), or use method='tome' / 'crossget'"
+            )
+        if self.keep > counts[0]:
+            raise ValueError(f"keep={self.keep} is more than the {counts[0]} visual tokens each image gives")
+        fv.per_image = counts[0]
+        mask = placeholder_mask(base, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+        fv.image_mask = mask
+        length = mask.shape[1]
+        # generate() without a cache feeds the same encoded images with a longer sequence at
+        # every step: keep the prompt length of their first forward, so that every step ranks
+        # (and prunes) exactly as the prefill did (as for LLaVA-1.5)
+        prompt = encoded.__dict__.setdefault("_crossget", length) if encoded is not None else length
+        pos = torch.arange(length, device=mask.device).expand(mask.shape[0], length)
+        ok = pos < prompt
+        valid = kwargs.get("attention_mask")
+        if isinstance(valid, torch.Tensor) and valid.dim() == 2:
+            ok = ok & valid.bool()
+        fv.query_pos = torch.where(ok, pos, -1).amax(-1)
+
+    def __call__(self, base: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.on_forward(base, args, kwargs)
+
+
+def reduce_packed(
+    features: Sequence[torch.Tensor], lengths: torch.Tensor, site: Site, image_sizes: Any = None
+) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
+    """What ``pack_image_features`` returned, reduced at the site: with ``tome`` / ``crossget``
+    each image's ``[L_i, D]`` features become ``[keep, D]`` (:func:`reduce_visual_tokens`) and
+    ``lengths`` ``[images]`` all ``keep``; otherwise both unchanged.
+
+    Raises:
+        ValueError: an image gives fewer than ``keep`` tokens (named, with its size from
+            ``image_sizes`` ``[images, 2]`` when given).
+    """
+    if not site.reduces:
+        return features, lengths
+    out = []
+    for i, f in enumerate(features):
+        if site.keep > f.shape[0]:
+            size = "" if image_sizes is None else f" (size {tuple(torch.as_tensor(image_sizes[i]).tolist())})"
+            raise ValueError(
+                f"keep={site.keep} is more than the {f.shape[0]} visual tokens image {i}{size} gives; "
+                f"patch with a smaller keep (crossget.image_tokens(model, image_size) on the stock model counts them)"
+            )
+        out.append(reduce_visual_tokens(f, site.keep, site.method)[0])
+    return out, torch.full_like(lengths, site.keep)
+
+
+def check_placeholders(
+    base: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor,
+    site: Site,
+) -> None:
+    """A ``ValueError`` that says how to build prompts when their image placeholders are not
+    the ``[N, D]`` ``image_features`` (all images, concatenated) of the patched model."""
+    found, need = int(placeholder_mask(base, input_ids, inputs_embeds).sum()), image_features.shape[0]
+    if found != need:
+        per = f"keep={site.keep} per image" if site.reduces else "the stock count per image"
+        raise ValueError(
+            f"the prompts hold {found} image placeholder tokens, but the images give {need} visual tokens "
+            f"(the model is patched with method={site.method!r}: {per}): build prompts with "
+            f"crossget.adapt_processor(processor, model), or repeat the image token "
+            f"crossget.image_tokens(model, image_size) times per image"
+        )
+
+
+# --------------------------------------------------------------------------- the family logic
+class PackedSiteFamily(Family):
+    """A LLaVA-style family whose budget is ``keep`` visual tokens per image after packing
+    (reduced at the projector site by :attr:`patched_class`, or FastV in the language model).
+
+    A subclass sets :attr:`name`, :attr:`classes`, :attr:`patched_class` (the base model's
+    subclass whose ``pack_image_features`` calls :func:`reduce_packed` and whose
+    ``get_placeholder_mask`` calls :func:`check_placeholders`), :attr:`processor_class`,
+    :attr:`tower_extra` and :attr:`stock_counts`, and implements :meth:`base_model`,
+    :meth:`stock_image_tokens` and :meth:`configure_processor`. The base model's config is a
+    LLaVA-NeXT-style one (``vision_config``, ``text_config``, ``image_grid_pinpoints``,
+    ``vision_feature_layer``, ``vision_feature_select_strategy``, ``image_token_id``) and its
+    language model a Llama-style decoder (``.layers``).
+    """
+
+    methods = ("none", "tome", "crossget", "fastv")
+    # guidance: read only to refuse a rule (a resolved config names the authors' one)
+    options = frozenset({"keep", "flops", "fastv_layer", "text_len", "image_size", "towers", "importance", "guidance",
+                         "guidance_scale"})
+    importance = ("cross", "none")  # no cross tokens at the projector site: both run without
+    default_guidance = "reference"  # nothing is guided here: whatever the encoders' default becomes
+    patched_class: type = nn.Module
+    processor_class: type = object
+    tower_extra: int = 1  # tokens per tile in the vision tower besides its patches (CLIP's CLS; SigLIP: 0)
+    size_hint: str = "give image_size=(height, width) to crossget.image_tokens"
+    # (base model, forward kwargs with pixel_values) -> stock tokens per image; a module-level function
+    stock_counts: Callable[[nn.Module, dict], list[int]] | None = None
+
+    # ---------------------------------------------------------------- per family
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The base model (``model`` itself, or ``model.model``); TypeError for another class."""
+        raise NotImplementedError
+
+    def stock_image_tokens(self, model: nn.Module, image_size: Any) -> int:
+        """Visual tokens the unpatched model gives an image of ``image_size`` ``(h, w)``."""
+        raise NotImplementedError
+
+    def configure_processor(self, processor: Any, model: nn.Module) -> None:
+        """Check ``processor`` against the model (ValueError) and set its per-size counting as the model's."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- shared
+    def site(self, model: nn.Module) -> Site | None:
+        """What the patch installed on the base model (None if not patched)."""
+        rec = record(self.base_model(model))
+        return rec.glue if rec is not None and isinstance(rec.glue, Site) else None
+
+    def reference_size(self, model: nn.Module) -> tuple[int, int]:
+        """(height, width) the ``flops=`` budget is planned for by default: the largest grid
+        pinpoint (by area; the first such), or the tower's tile size if there is none."""
+        cfg = self.base_model(model).config
+        points = [tuple(p) for p in (cfg.image_grid_pinpoints or [])]
+        if not points:
+            return cfg.vision_config.image_size, cfg.vision_config.image_size
+        return max(points, key=lambda p: p[0] * p[1])
+
+    def tiles(self, model: nn.Module, image_size: ImageSize) -> int:
+        """Tiles the tower runs on for an image of ``image_size`` alone in its prompt: the base
+        tile and the grid of its best pinpoint (upstream's ``image_size_to_num_patches``)."""
+        cfg = self.base_model(model).config
+        tile = cfg.vision_config.image_size
+        h, w = select_best_resolution(list(image_hw(image_size)), cfg.image_grid_pinpoints)
+        return -(-h // tile) * -(-w // tile) + 1
+
+    def image_label(self, image_size: Any) -> str:
+        """How errors name an image of ``image_size``."""
+        return f"an image of size {image_hw(image_size)}"
+
+    def image_tokens(self, model: nn.Module, image_size: Any = None) -> int:
+        """``<image>`` placeholders an image of ``image_size`` ``(h, w)`` needs in the prompt, as
+        the model is patched now: ``keep`` when reduced at the projector site (``tome``,
+        ``crossget``), else the stock count of :meth:`stock_image_tokens`.
+
+        Raises:
+            ValueError: no ``image_size`` where the count depends on it (stock, ``none``,
+                ``fastv``), or ``keep`` is more than such an image gives.
+        """
+        s = self.site(model)
+        if s is not None and s.reduces:
+            if image_size is not None:
+                check_keep(s.keep, self.stock_image_tokens(model, image_size), self.image_label(image_size))
+            return s.keep
+        if image_size is None:
+            raise ValueError(f"{self.name}'s visual-token count depends on the image size: {self.size_hint}")
+        return self.stock_image_tokens(model, image_size)
+
+    def adapt_processor(self, processor: Any, model: nn.Module) -> Any:
+        """Make the family's processor write :meth:`image_tokens` placeholders per image; returns it.
+
+        Reduced at the projector site: ``keep`` for every image (an instance attribute
+        ``replace_image_token``, :class:`FixedImageTokens`); otherwise the processor's own
+        per-size count (the attribute is removed), set up by :meth:`configure_processor`.
+        Call it again after re-patching or unpatching.
+
+        Raises:
+            TypeError: ``processor`` is not the family's processor.
+            ValueError: its settings (patch size, grid pinpoints, ...) differ from the model's.
+        """
+        if not isinstance(processor, self.processor_class):
+            raise TypeError(f"expected a {self.processor_class.__name__}, got {type(processor).__name__}")
+        self.configure_processor(processor, model)
+        s = self.site(model)
+        if s is not None and s.reduces:
+            processor.replace_image_token = FixedImageTokens(processor.image_token, s.keep)
+        else:
+            processor.__dict__.pop("replace_image_token", None)  # the class's per-size count again
+        return processor
+
+    def towers(self, model: nn.Module) -> dict[str, Tower]:
+        """None: no tower is patched (the reduction is at the projector site or in the LM)."""
+        self.base_model(model)
+        return {}
+
+    def prefill_flops(
+        self,
+        model: nn.Module,
+        method: str = "none",
+        keep: int | None = None,
+        image_size: ImageSize | None = None,
+        text_len: int = DEFAULT_TEXT_LEN,
+        fastv_layer: int = fastv.DEFAULT_LAYER,
+    ) -> float:
+        """Analytic FLOPs of one prefill with one image of ``image_size`` (default
+        :meth:`reference_size`) and ``text_len`` other prompt tokens: the vision tower on every
+        tile (patch embedding, all layers, ``tower_extra`` tokens besides the patches), the
+        projector, the projector-site matching rounds (``tome``/``crossget``: the similarity
+        products), and every LM layer on the visual plus text tokens (``fastv``: layers from
+        ``K`` on with ``keep`` visual tokens)."""
+        cfg = self.base_model(model).config
+        vcfg, tcfg = cfg.vision_config, cfg.text_config
+        size = self.reference_size(model) if image_size is None else image_hw(image_size)
+        stock = self.stock_image_tokens(model, size)
+        keep = stock if keep is None else keep
+        tiles = self.tiles(model, size)
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2
+        n0 = patches + self.tower_extra
+        c = vcfg.hidden_size
+        per_tile = 2 * patches * c * vcfg.num_channels * vcfg.patch_size**2
+        per_tile += vcfg.num_hidden_layers * vit_layer_flops(c, vcfg.intermediate_size, n0, n0)
+        total = tiles * per_tile
+        layers = cfg.vision_feature_layer
+        width_in = c * (1 if isinstance(layers, int) else len(layers))
+        projected = tiles * (n0 - (cfg.vision_feature_select_strategy == "default"))  # "default" drops token 0
+        total += 2 * projected * (width_in * tcfg.hidden_size + tcfg.hidden_size**2)
+        if method in SITE_METHODS:
+            n = stock
+            while n > keep:  # the rounds of reduce_visual_tokens: bipartite (N/2)^2 or complete N^2 products
+                pairs = (n // 2) * ((n + 1) // 2) if method == "tome" else n * n
+                total += 2 * pairs * tcfg.hidden_size
+                n -= min(n - keep, n // 2)
+        visual = keep if method in SITE_METHODS else stock
+        for layer in range(tcfg.num_hidden_layers):
+            n = keep if method == "fastv" and layer >= fastv_layer else visual
+            total += decoder_layer_flops(tcfg, n + text_len)
+        return float(total)
+
+    def solve_keep(self, model: nn.Module, target: float, method: str, size: tuple[int, int], text_len: int,
+                   fastv_layer: int) -> tuple[int, float]:
+        """Largest ``keep`` whose estimated prefill FLOPs are at most ``target`` x the stock ones,
+        and that ratio.
+
+        Raises:
+            ValueError: even ``keep=1`` costs more.
+        """
+        ref = self.prefill_flops(model, image_size=size, text_len=text_len)
+        for keep in range(self.stock_image_tokens(model, size), 0, -1):
+            ratio = self.prefill_flops(model, method, keep, size, text_len, fastv_layer) / ref
+            if ratio <= target + 1e-12:
+                return keep, ratio
+        raise ValueError(f"flops={target} is out of reach for method={method!r} with a {text_len}-token prompt "
+                         f"and a {size[0]}x{size[1]} image (the tower and projector run whole)")
+
+    def patch(self, model: nn.Module, cfg: PatchConfig) -> PatchConfig:
+        """Budgets (give one): ``keep`` visual tokens per image, or ``flops`` a target ratio of
+        :meth:`prefill_flops` for one image of ``image_size`` (default :meth:`reference_size`)
+        and ``text_len`` prompt tokens (default 64). ``fastv_layer``: FastV's K.
+
+        Raises:
+            TypeError: not one of the family's models.
+            ValueError: bad method, budget (not an int, zero, negative, more than the
+                reference image gives), towers, guidance or fastv_layer.
+        """
+        base = self.base_model(model)
+        method = cfg.method
+        if cfg.towers not in (None, ()):
+            raise ValueError(f"{self.name} reduces at the projector site, no tower: towers must be None "
+                             f"(or ()), got {cfg.towers!r}")
+        if cfg.guidance not in (None, "reference") or cfg.guidance_scale not in (None, 1.0):
+            raise ValueError(f"{self.name}'s projector-site matching has no importance to guide: "
+                             f"guidance={cfg.guidance!r}, guidance_scale={cfg.guidance_scale!r} cannot apply")
+        if cfg.keep is not None and cfg.flops is not None:
+            raise ValueError("give keep= or flops=, not both")
+        n_lm = len(base.language_model.layers)
+        fastv_layer = fastv.DEFAULT_LAYER if cfg.fastv_layer is None else cfg.fastv_layer
+        if method == "fastv" and (isinstance(fastv_layer, bool) or not isinstance(fastv_layer, int)
+                                  or not 1 <= fastv_layer < n_lm):
+            raise ValueError(f"fastv_layer must be an int in [1, {n_lm - 1}] for this {n_lm}-layer LM, got {fastv_layer!r}")
+        size = self.reference_size(model) if cfg.image_size is None else image_hw(cfg.image_size)
+        text_len = DEFAULT_TEXT_LEN if cfg.text_len is None else cfg.text_len
+        keep, estimate = cfg.keep, None
+        if method == "none":
+            keep = None
+        elif cfg.flops is not None:
+            keep, estimate = self.solve_keep(model, cfg.flops, method, size, text_len, fastv_layer)
+        elif keep is None:
+            raise ValueError("give keep= (visual tokens per image) or flops= (target prefill FLOPs ratio)")
+        else:
+            check_keep(keep, self.stock_image_tokens(model, size), f"a {size[0]}x{size[1]} image (the reference size)")
+
+        self.unpatch(model)
+        s = Site(method, keep if keep is not None else 0, self.name, self.stock_counts)
+        if method == "fastv":
+            # per_image is set by every forward (it depends on the images' size)
+            s.fastv = fastv.FastV(base.language_model, fastv_layer, keep, per_image=keep)
+            s.handles = s.fastv.install() + [base.register_forward_pre_hook(s, with_kwargs=True)]
+        swap_class(base, self.patched_class, glue=s, handles=s.handles)
+        return PatchConfig(
+            method=method, keep=keep, flops=cfg.flops, flops_estimate=estimate, towers=(),
+            importance="none" if method == "crossget" else cfg.importance,
+            guidance=cfg.guidance, guidance_scale=cfg.guidance_scale,
+            text_len=cfg.text_len if cfg.flops is None else text_len, image_size=cfg.image_size,
+            fastv_layer=fastv_layer if method == "fastv" else None,
+        )
+
+    def unpatch(self, model: nn.Module) -> None:
+        base = self.base_model(model)
+        if self.site(model) is not None:
+            unmark(base, TOWER_FIELDS + ("glue",))  # hooks removed, stock class back
+
+    def tokens_per_layer(
+        self, model: nn.Module, text_len: int | None = None, image_size: Any = None
+    ) -> dict[str, list[int]]:
+        """Tokens in each LM layer (``language``) for one image of ``image_size`` (default
+        :meth:`reference_size`) and ``text_len`` other prompt tokens (default 64); the tower
+        (``vision``, per tile) runs unreduced."""
+        base = self.base_model(model)
+        s = self.site(model)
+        text_len = DEFAULT_TEXT_LEN if text_len is None else text_len
+        size = self.reference_size(model) if image_size is None else image_size
+        visual = self.image_tokens(model, size)
+        n_lm = len(base.language_model.layers)
+        language = [visual + text_len] * n_lm
+        if s is not None and s.method == "fastv":
+            language[s.fastv.layer:] = [s.keep + text_len] * (n_lm - s.fastv.layer)
+        vcfg = base.config.vision_config
+        vision = [(vcfg.image_size // vcfg.patch_size) ** 2 + self.tower_extra] * vcfg.num_hidden_layers
+        return {"vision": vision, "language": language}

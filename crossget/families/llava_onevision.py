@@ -1,0 +1,275 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration`` / ``LlavaOnevisionModel``): fewer
+visual tokens per image for the language model.
+
+OneVision runs a SigLIP tower (no CLS token) on a base image and, for an image alone in
+its prompt, on the tiles of the grid chosen from ``image_grid_pinpoints`` for its size;
+the projector maps every tile's patch features into the LM's width (Qwen2), and
+``pack_image_features`` unpads the grid to the image's aspect ratio, downsamples it
+(bilinear) when it holds more than about ``max`` tiles' worth of patches
+(``vision_aspect_ratio="anyres_max_<max>"``: when ``sqrt(rows * cols / (max * side^2)) > 1.1``)
+and appends ``image_newline`` to every row. In a multi-image prompt
+(``batch_num_images[i] > 1``) every image gives its base tile only, plus one newline.
+Image ``i`` then gives ``L_i`` features (:func:`stock_image_tokens`), written over ``L_i``
+``<image>`` placeholders.
+
+Budget: ``keep`` visual tokens per image (or ``flops``, a ratio of the analytic prefill
+FLOPs of :func:`prefill_flops` for one image of ``image_size``, default the largest grid
+pinpoint). Methods, as for LLaVA-NeXT (:mod:`crossget.families.llava_next`, with the same
+shared logic, :class:`~crossget.families.visual_site.PackedSiteFamily`):
+
+- ``tome`` / ``crossget`` (and ``none``): at the projector site, after packing, each
+  image's ``L_i`` features are merged down to exactly ``keep``
+  (:func:`crossget.families.visual_site.reduce_visual_tokens`), whatever the image's size
+  and whether it is alone in its prompt or not.
+- ``fastv``: the prompt keeps the stock ``L_i`` placeholders; after LM layer ``K`` only
+  ``keep`` visual tokens per image stay. One count per batch: every image of a batch must
+  give the same ``L_i``; a batch that mixes counts raises a ``ValueError``.
+
+No CLS: SigLIP's tokens are all patches, so nothing is anchored or protected at this site,
+and there is no cross token either (the projector site has none, and SigLIP has no CLS
+that could anchor one): CrossGET's complete-graph matching runs unguided, its groups
+plain size-weighted averages (``importance="none"`` in the resolved config), as ToMe's do.
+Only the authors' guidance rule (``"reference"``) is accepted, which guides nothing here.
+
+Videos (``pixel_values_videos``) are never reduced: their frames go through upstream's
+``get_video_features`` (pooled, one newline), which the patch does not touch, and their
+``<video>`` placeholders keep the stock count; FastV ranks image tokens only.
+
+Prompts need :func:`image_tokens` ``(model, (h, w))`` placeholders per image (``keep`` when
+reduced at the projector site, for every image; the stock count otherwise: give
+:data:`MULTI_IMAGE` as the size for an image of a multi-image prompt), which
+:func:`adapt_processor` makes a ``LlavaOnevisionProcessor`` write; a mismatch raises a
+``ValueError`` that says so. The patch swaps the ``LlavaOnevisionModel`` instance's class
+to a subclass (:class:`LlavaOnevisionModel`, same name) overriding ``pack_image_features``
+and ``get_placeholder_mask``; unpatching restores the class.
+
+Upstream limits kept as they are: with ``vision_feature_select_strategy="default"`` (which
+drops a SigLIP patch) an image alone in its prompt fails in upstream's packing; the
+forward of ``LlavaOnevisionModel`` always packs with the config's ``vision_aspect_ratio``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers.image_processing_utils import select_best_resolution
+from transformers.models.llava_onevision import modeling_llava_onevision as hf
+from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+from crossget.families.visual_site import (
+    DEFAULT_TEXT_LEN,
+    ImageSize,
+    PackedSiteFamily,
+    Site,
+    check_placeholders,
+    image_hw,
+    reduce_packed,
+)
+from crossget.methods import fastv
+from crossget.record import record
+
+__all__ = [
+    "FAMILY",
+    "MULTI_IMAGE",
+    "LlavaOnevisionModel",
+    "adapt_processor",
+    "image_tokens",
+    "prefill_flops",
+    "reference_size",
+    "stock_image_tokens",
+]
+
+MULTI_IMAGE = "multi-image"  # image_size of an image in a multi-image prompt (its count does not depend on it)
+
+
+# --------------------------------------------------------------------------- anatomy
+def base_model(model: nn.Module) -> hf.LlavaOnevisionModel:
+    """The ``LlavaOnevisionModel`` of ``model`` (itself, or ``model.model``).
+
+    Raises:
+        TypeError: not a LLaVA-OneVision model.
+    """
+    if isinstance(model, hf.LlavaOnevisionForConditionalGeneration):
+        return model.model
+    if isinstance(model, hf.LlavaOnevisionModel):
+        return model
+    raise TypeError(
+        f"expected a LlavaOnevisionForConditionalGeneration or LlavaOnevisionModel, got {type(model).__name__}")
+
+
+def reference_size(model: nn.Module) -> tuple[int, int]:
+    """(height, width) the ``flops=`` budget is planned for by default: the largest grid
+    pinpoint (by area; the first such), or the tower's tile size if there is none."""
+    return FAMILY.reference_size(model)
+
+
+def max_tiles(cfg: Any) -> int:
+    """``max`` of the config's ``vision_aspect_ratio="anyres_max_<max>"``, as upstream reads it."""
+    return int(cfg.vision_aspect_ratio.strip("anyres_max_"))  # noqa: B005 (upstream's parsing, kept exact)
+
+
+def stock_image_tokens(model: nn.Module, image_size: ImageSize | str) -> int:
+    """Visual tokens the unpatched model gives an image of ``image_size`` ``(h, w)`` pixels
+    (its original size) alone in its prompt: the base tile's patches, then the grid of the
+    best pinpoint unpadded to the image's aspect ratio and downsampled by
+    ``vision_aspect_ratio``'s rule, plus one newline per (downsampled) grid row. For
+    ``image_size=MULTI_IMAGE`` (an image of a multi-image prompt): the base tile's patches
+    and one newline. The arithmetic of upstream's ``pack_image_features`` (and of
+    ``LlavaOnevisionProcessor``), on the model's config.
+
+    Raises:
+        ValueError: ``image_size`` is neither ``(h, w)`` nor :data:`MULTI_IMAGE`.
+    """
+    cfg = base_model(model).config
+    tile, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
+    side = tile // patch
+    base = side * side - (cfg.vision_feature_select_strategy == "default")  # SigLIP: no CLS to drop
+    if isinstance(image_size, str) and image_size == MULTI_IMAGE:
+        return base + 1
+    h, w = image_hw(image_size)
+    best_h, best_w = select_best_resolution([h, w], cfg.image_grid_pinpoints)
+    rows, cols = best_h // tile * side, best_w // tile * side  # grid in patches
+    # unpad_image: crop the padding the processor's resize-and-pad added on one axis
+    if w / h > cols / rows:
+        new_rows = int(round(h * (cols / w), 7))
+        rows -= (rows - new_rows) // 2 * 2
+    else:
+        new_cols = int(round(w * (rows / h), 7))
+        cols -= (cols - new_cols) // 2 * 2
+    ratio = (rows * cols / (max_tiles(cfg) * side**2)) ** 0.5  # anyres_max: bilinear downsampling
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    return base + rows * cols + rows
+
+
+def stock_counts(base: nn.Module, kwargs: dict) -> list[int]:
+    """Stock visual tokens per image of a forward with ``pixel_values``: from ``image_sizes``
+    for images alone in their prompt, the base tile's count for those of multi-image prompts
+    (``batch_num_images``; None: every image alone, as upstream)."""
+    sizes, per_prompt = kwargs.get("image_sizes"), kwargs.get("batch_num_images")
+    multi = [False] * len(sizes) if per_prompt is None else [int(n) != 1 for n in per_prompt for _ in range(int(n))]
+    return [stock_image_tokens(base, MULTI_IMAGE if m else s) for s, m in zip(sizes, multi)]
+
+
+def site(model: nn.Module) -> Site | None:
+    """What the patch installed on the model's ``LlavaOnevisionModel`` (None if not patched)."""
+    return FAMILY.site(model)
+
+
+def image_tokens(model: nn.Module, image_size: ImageSize | str | None = None) -> int:
+    """``<image>`` placeholders an image of ``image_size`` ``(h, w)`` (or :data:`MULTI_IMAGE`)
+    needs in the prompt, as the model is patched now: ``keep`` when reduced at the projector
+    site (``tome``, ``crossget``), else the stock count of :func:`stock_image_tokens`.
+
+    Raises:
+        ValueError: no ``image_size`` where the count depends on it (stock, ``none``,
+            ``fastv``), or ``keep`` is more than such an image gives.
+    """
+    return FAMILY.image_tokens(model, image_size)
+
+
+def adapt_processor(processor: Any, model: nn.Module) -> Any:
+    """Make a ``LlavaOnevisionProcessor`` write :func:`image_tokens` placeholders per image
+    (alone or in a multi-image prompt); returns it.
+
+    Reduced at the projector site: ``keep`` for every image (an instance attribute
+    ``replace_image_token``); otherwise the processor's own count (the attribute is
+    removed), with its tile patch count (``num_image_tokens``), feature strategy and
+    ``vision_aspect_ratio`` set as the model has them. Video placeholders are never
+    changed. Call it again after re-patching or unpatching.
+
+    Raises:
+        TypeError: ``processor`` is not a LLaVA-OneVision processor.
+        ValueError: its patches per tile, tile size or grid pinpoints differ from the model's.
+    """
+    return FAMILY.adapt_processor(processor, model)
+
+
+def prefill_flops(
+    model: nn.Module,
+    method: str = "none",
+    keep: int | None = None,
+    image_size: ImageSize | None = None,
+    text_len: int = DEFAULT_TEXT_LEN,
+    fastv_layer: int = fastv.DEFAULT_LAYER,
+) -> float:
+    """Analytic FLOPs of one prefill with one image of ``image_size`` (default
+    :func:`reference_size`) alone in a prompt of ``text_len`` other tokens: the SigLIP tower
+    on every tile (patch embedding, all layers; no CLS, no head), the projector on every
+    tile's patches, the projector-site matching rounds (``tome``/``crossget``), and every LM
+    layer on the visual plus text tokens (``fastv``: layers from ``K`` on with ``keep``
+    visual tokens). The downsampling of ``pack_image_features`` is not counted."""
+    return FAMILY.prefill_flops(model, method, keep, image_size, text_len, fastv_layer)
+
+
+# --------------------------------------------------------------------------- the patched model
+class LlavaOnevisionModel(hf.LlavaOnevisionModel):
+    """The patched ``LlavaOnevisionModel`` (the instance's class is swapped; same name, so that
+    ``save_pretrained`` writes the stock architecture). Reads its :class:`Site` from the
+    crossget record."""
+
+    def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
+        """Upstream's packing, then (``tome``/``crossget``) each image's ``[L_i, D]``
+        features reduced to ``[keep, D]``; returns ``(list of [keep, D], lengths [images])``."""
+        features, lengths = super().pack_image_features(
+            image_features, image_sizes, image_newline=image_newline, vision_aspect_ratio=vision_aspect_ratio)
+        return reduce_packed(features, lengths, record(self).glue, image_sizes)
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
+        """Upstream's masks, after a check of the image placeholders whose error says how to
+        build the prompts (video placeholders: upstream's check)."""
+        if image_features is not None:
+            check_placeholders(self, input_ids, inputs_embeds, image_features, record(self).glue)
+        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features=image_features,
+                                            video_features=video_features)
+
+
+# --------------------------------------------------------------------------- the family
+class LlavaOnevisionFamily(PackedSiteFamily):
+    """LLaVA-OneVision: the budget is the visual tokens per image that reach the language model."""
+
+    name = "LLaVA-OneVision"
+    classes = (hf.LlavaOnevisionForConditionalGeneration, hf.LlavaOnevisionModel)
+    patched_class = LlavaOnevisionModel
+    processor_class = LlavaOnevisionProcessor
+    tower_extra = 0  # SigLIP: no CLS
+    size_hint = ("give image_size=(height, width) to crossget.image_tokens "
+                 "(crossget.families.llava_onevision.MULTI_IMAGE for an image of a multi-image prompt)")
+    stock_counts = staticmethod(stock_counts)
+
+    def base_model(self, model: nn.Module) -> hf.LlavaOnevisionModel:
+        return base_model(model)
+
+    def stock_image_tokens(self, model: nn.Module, image_size: ImageSize | str) -> int:
+        return stock_image_tokens(model, image_size)
+
+    def image_label(self, image_size: Any) -> str:
+        if isinstance(image_size, str) and image_size == MULTI_IMAGE:
+            return "an image of a multi-image prompt"
+        return super().image_label(image_size)
+
+    def configure_processor(self, processor: Any, model: nn.Module) -> None:
+        """The processor's patches per tile, tile size and grid pinpoints checked against the
+        model's; its feature strategy and ``vision_aspect_ratio`` set as the model's."""
+        cfg = base_model(model).config
+        tile = cfg.vision_config.image_size
+        patches = (tile // cfg.vision_config.patch_size) ** 2
+        if processor.num_image_tokens is None:
+            processor.num_image_tokens = patches
+        if processor.num_image_tokens != patches:
+            raise ValueError(f"processor.num_image_tokens is {processor.num_image_tokens}, "
+                             f"the vision tower's tiles have {patches} patches")
+        size = getattr(processor.image_processor, "size", None) or {}  # a dict or a SizeDict
+        got = size.get("height") or size.get("shortest_edge") or tile
+        if got != tile:
+            raise ValueError(f"the processor resizes tiles to {got} pixels, the vision tower's are {tile}")
+        points = [list(p) for p in getattr(processor.image_processor, "image_grid_pinpoints", None) or []]
+        if points != [list(p) for p in cfg.image_grid_pinpoints]:
+            raise ValueError(f"the processor's image_grid_pinpoints {points} differ from the model's "
+                             f"{cfg.image_grid_pinpoints}")
+        processor.vision_feature_select_strategy = cfg.vision_feature_select_strategy
+        processor.vision_aspect_ratio = cfg.vision_aspect_ratio
+
+
+FAMILY = LlavaOnevisionFamily()

@@ -15,6 +15,9 @@ from test_dual_encoder import run_text as run_bert
 from test_llava import make_llava, make_prompts
 from test_llava_next import WIDE, make_next
 from test_llava_next import inputs as next_inputs
+from test_llava_onevision import WIDE as OV_WIDE
+from test_llava_onevision import inputs as ov_inputs
+from test_llava_onevision import make_ov
 from test_siglip import both as siglip_inputs
 from test_siglip import make as make_siglip
 from test_vit import make, make_head
@@ -105,6 +108,9 @@ GRID = [
     ("LlavaNextForConditionalGeneration", make_next, lambda m: m(**next_inputs(m, (WIDE, WIDE))).logits,
      [("none", {}), ("tome", {"keep": 20}), ("crossget", {"keep": 20}),
       ("crossget", {"flops": 0.5, "text_len": 8}), ("fastv", {"keep": 20})]),
+    ("LlavaOnevisionForConditionalGeneration", make_ov, lambda m: m(**ov_inputs(m, (OV_WIDE, OV_WIDE))).logits,
+     [("none", {}), ("tome", {"keep": 12}), ("crossget", {"keep": 12}), ("crossget", {"flops": 0.5, "text_len": 8}),
+      ("fastv", {"keep": 12, "fastv_layer": 1})]),
     ("ViTModel", lambda: make("vit"), run_vision, ENCODER),
     ("DeiTForImageClassificationWithTeacher", lambda: make_head("DeiTForImageClassificationWithTeacher"),
      lambda m: m(pixel_values=PIXELS).logits, [("none", {}), ("tome", {"r": 2}), ("crossget", {"flops": 0.7})]),

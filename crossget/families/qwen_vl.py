@@ -1,0 +1,645 @@
+"""Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2_5_VLModel``): fewer visual
+tokens per image for the language model.
+
+Qwen2.5-VL's vision tower embeds each image's ``t x h x w`` patches (``image_grid_thw``), runs
+windowed and full attention blocks over them, and its patch merger folds every
+``merge x merge`` block of patches into one token in the LM's width: image ``i`` gives
+``L_i = t h w / merge^2`` tokens, written over ``L_i`` ``<|image_pad|>`` placeholders, and
+the LM places them with 3-D M-RoPE positions (temporal, height, width) on that grid.
+
+Budget: ``keep`` visual tokens per image, every image exactly ``keep`` whatever its size (or
+``flops``, a ratio of the analytic prefill FLOPs of :func:`prefill_flops` for one square image
+of ``image_size`` pixels, default :data:`DEFAULT_IMAGE`, solved into ``keep``).
+Methods ``tome`` / ``crossget`` (and ``none``) at the projector site
+(:func:`crossget.families.visual_site.reduce_visual_tokens`): after the merger, each image's
+``L_i`` tokens are merged down to ``keep`` (ToMe's bipartite or CrossGET's complete-graph
+matching, without cross tokens: training-free; nothing is guided, so the only guidance rule
+taken is the authors', ``"reference"``). The tower and the merger run unreduced: merging
+inside the tower would change the window partition and the merger's ``merge^2`` blocks.
+
+Positions (M-RoPE). A merged token takes the ``(t, h, w)`` position of the smallest original
+index it covers (``first`` of :func:`reduce_visual_tokens`: the group's first token in
+raster order on the merged grid, the order of the merger's output); text after an image
+keeps the position it has in the stock model (the position advances by ``max(h, w) / merge``
+per image, as upstream's ``get_rope_index``), so the text, the rope deltas and decoding are
+placed as in the stock model. Only the visual
+positions depend on which tokens were kept, so they are computed from the images of each
+forward: the patched ``get_image_features`` returns, with the reduced tokens, each image's
+grid and ``first`` (:class:`KeptTokens`, attached to the encoder output, which ``generate``
+keeps across steps and expands for beams); the patched ``forward`` encodes raw
+``pixel_values`` first, then computes the 3-D positions of its prompts from them (replacing
+the three M-RoPE rows of any ``position_ids`` given: ``generate`` computes them before the
+images are encoded, with stand-ins in the visual columns; the text row it adds stays).
+Nothing about the images is kept on the model between forwards (besides upstream's own
+``rope_deltas``, set as upstream sets them). Videos are not reduced (their tokens and
+positions are upstream's); a forward with reduced images and videos needs ``video_grid_thw``
+(which ``generate`` drops once it has encoded them: refused with a ``ValueError``), and
+``generate``'s chunked prefill (``prefill_chunk_size``), which slices the encoder output,
+is refused too.
+
+``fastv`` (:mod:`crossget.methods.fastv`): the prompt keeps the stock placeholders and
+positions; after LM layer ``K`` only ``keep`` visual tokens per image stay. Qwen's M-RoPE
+needs nothing of FastV: the LM's rotary embedding folds the three position rows (mrope
+sections) into one ``cos``/``sin`` ``[B, S, head_dim]`` before the layers, which FastV's
+ranking (``rotate_half``, as upstream's ``apply_rotary_pos_emb``) and its gathering of the
+kept tokens' rotary rows read as for Llama. FastV ranks a fixed count of tokens per image,
+so every image in a batch must give the same ``t h w / merge^2`` (e.g. the same grid); a
+batch that mixes counts raises a ``ValueError``.
+
+Prompts need :func:`image_tokens` placeholders per image (``keep`` when reduced, the stock
+``t h w / merge^2`` otherwise), which :func:`adapt_processor` makes a ``Qwen2_5_VLProcessor``
+write (its ``mm_token_type_ids`` follow the placeholders); a mismatch raises a ``ValueError``
+that says so. The patch swaps the ``Qwen2_5_VLModel`` instance's class to a subclass
+(:class:`Qwen2_5_VLModel`, same name, so ``save_pretrained`` writes the stock architecture)
+overriding ``forward``, ``get_image_features``, ``get_rope_index`` and
+``get_placeholder_mask``. Upstream's ``Qwen2_5_VLModel`` records no outputs itself (no
+``_can_record_outputs``; its forward is not under ``capture_outputs``): hidden states and
+attentions are captured by the vision tower and the language model, whose classes stay, so
+output capture is unaffected. Unpatching restores the class.
+
+Shapes: ``L`` visual tokens of one image, ``D`` the LM's width, ``B`` prompts of length ``S``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+
+from crossget.config import PatchConfig
+from crossget.families.base import Family, Tower
+from crossget.families.visual_site import (
+    DEFAULT_TEXT_LEN,
+    FixedImageTokens,
+    Site,
+    check_keep,
+    check_placeholders,
+    reduce_visual_tokens,
+)
+from crossget.methods import fastv
+from crossget.record import ATTR, TOWER_FIELDS, record, swap_class, unmark
+from crossget.schedule import decoder_layer_flops
+
+__all__ = [
+    "FAMILY",
+    "KeptTokens",
+    "Qwen2_5_VLModel",
+    "adapt_processor",
+    "image_tokens",
+    "kept_tokens",
+    "prefill_flops",
+    "stock_image_tokens",
+    "vision_tower_flops",
+    "vision_positions",
+]
+
+# the Qwen2-VL image processor's defaults (shortest_edge / longest_edge, in pixels): the
+# resize an image of a given size gets when image_tokens is asked by size
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 28 * 28 * 1280
+
+DEFAULT_IMAGE = 448  # pixels: the square image flops= is planned for (and token counts reported at) by default
+ImageSpec = Sequence[int] | torch.Tensor  # a grid row (t, h, w) in patches, or an image size (height, width) in pixels
+
+
+# --------------------------------------------------------------------------- anatomy
+def base_model(model: nn.Module) -> hf.Qwen2_5_VLModel:
+    """The ``Qwen2_5_VLModel`` of ``model`` (itself, or ``model.model``).
+
+    Raises:
+        TypeError: not a Qwen2.5-VL model.
+    """
+    if isinstance(model, hf.Qwen2_5_VLForConditionalGeneration):
+        return model.model
+    if isinstance(model, hf.Qwen2_5_VLModel):
+        return model
+    raise TypeError(f"expected a Qwen2_5_VLForConditionalGeneration or Qwen2_5_VLModel, got {type(model).__name__}")
+
+
+def _grid(model: nn.Module, image: ImageSpec) -> tuple[int, int, int]:
+    """``(t, h, w)`` in patches: a grid row as given, or an image size ``(height, width)``
+    resized as the image processor does by default (:data:`MIN_PIXELS`, :data:`MAX_PIXELS`)."""
+    if isinstance(image, torch.Tensor):
+        image = image.tolist()
+    ok = isinstance(image, Sequence) and len(image) in (2, 3) and all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in image)
+    if not ok:
+        raise ValueError(f"give an image_grid_thw row (t, h, w) in patches or an image size (height, width) in "
+                         f"pixels, got {image!r}")
+    if len(image) == 3:
+        return int(image[0]), int(image[1]), int(image[2])
+    vcfg = base_model(model).config.vision_config
+    patch, merge = vcfg.patch_size, vcfg.spatial_merge_size
+    # the processor's smart_resize: sides multiples of patch*merge, area within bounds (imported
+    # here: its module needs Pillow, which the model does not)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    h, w = smart_resize(int(image[0]), int(image[1]), factor=patch * merge, min_pixels=MIN_PIXELS,
+                        max_pixels=MAX_PIXELS)
+    return 1, h // patch, w // patch
+
+
+def stock_image_tokens(model: nn.Module, image: ImageSpec) -> int:
+    """Visual tokens the unpatched model gives an image: ``t h w / merge^2`` for its
+    ``image_grid_thw`` row ``(t, h, w)``, or for an image size ``(height, width)`` in pixels
+    after the image processor's default resize."""
+    t, h, w = _grid(model, image)
+    return t * h * w // base_model(model).config.vision_config.spatial_merge_size ** 2
+
+
+def stock_counts(base: nn.Module, kwargs: dict) -> list[int]:
+    """Stock visual tokens per image of a forward's ``image_grid_thw`` (FastV's
+    :attr:`crossget.families.visual_site.Site.counts`)."""
+    return [stock_image_tokens(base, g) for g in kwargs["image_grid_thw"]]
+
+
+def site(model: nn.Module) -> Site | None:
+    """What the patch installed on the model's ``Qwen2_5_VLModel`` (the shared
+    :class:`~crossget.families.visual_site.Site`; None if not patched)."""
+    rec = record(base_model(model))
+    return rec.glue if rec is not None and isinstance(rec.glue, Site) else None
+
+
+def _reducing(base: nn.Module) -> Site | None:
+    rec = record(base)
+    s = rec.glue if rec is not None else None
+    return s if isinstance(s, Site) and s.reduces else None
+
+
+def image_tokens(model: nn.Module, image: ImageSpec | None = None) -> int:
+    """``<|image_pad|>`` placeholders an image needs in the prompt, as the model is patched
+    now: ``keep`` when reduced (``tome``, ``crossget``), else the stock count of
+    :func:`stock_image_tokens`. ``image``: its ``image_grid_thw`` row ``(t, h, w)``, or its
+    size ``(height, width)`` in pixels.
+
+    Raises:
+        ValueError: no ``image`` where the count depends on it (stock, ``none``), or ``keep``
+            is more than such an image gives.
+    """
+    s = site(model)
+    if s is not None and s.reduces:
+        if image is not None:
+            check_keep(s.keep, stock_image_tokens(model, image), f"an image with grid {_grid(model, image)}")
+        return s.keep
+    if image is None:
+        raise ValueError("Qwen2.5-VL's visual-token count depends on the image: give its image_grid_thw row "
+                         "(t, h, w) or its size (height, width) to crossget.image_tokens")
+    return stock_image_tokens(model, image)
+
+
+def adapt_processor(processor: Any, model: nn.Module) -> Any:
+    """Make a ``Qwen2_5_VLProcessor`` write :func:`image_tokens` placeholders per image; returns it.
+
+    Reduced: ``keep`` for every image (an instance attribute ``replace_image_token``,
+    :class:`FixedImageTokens`); the processor's ``mm_token_type_ids`` are built from the
+    tokenized placeholders, so they follow. Otherwise the processor's own per-grid count (the
+    attribute is removed). Call it again after re-patching or unpatching.
+
+    Raises:
+        TypeError: ``processor`` is not a Qwen2.5-VL processor.
+        ValueError: its image processor's patch or merge size differs from the model's.
+    """
+    if not isinstance(processor, Qwen2_5_VLProcessor):
+        raise TypeError(f"expected a Qwen2_5_VLProcessor, got {type(processor).__name__}")
+    vcfg = base_model(model).config.vision_config
+    ip = processor.image_processor
+    for name, mine in (("patch_size", vcfg.patch_size), ("merge_size", vcfg.spatial_merge_size),
+                       ("temporal_patch_size", vcfg.temporal_patch_size)):
+        theirs = getattr(ip, name, None)
+        if theirs is not None and theirs != mine:
+            raise ValueError(f"the image processor's {name} is {theirs}, the model's is {mine}")
+    s = site(model)
+    if s is not None and s.reduces:
+        processor.replace_image_token = FixedImageTokens(processor.image_token, s.keep)
+    else:
+        processor.__dict__.pop("replace_image_token", None)  # the class's per-grid count again
+    return processor
+
+
+# --------------------------------------------------------------------------- positions
+@dataclass(eq=False)
+class KeptTokens:
+    """What the patched ``get_image_features`` kept of each image, attached to its output
+    (``output._crossget``) so that a forward fed that output can place the tokens.
+
+    Attributes:
+        tokens: the reduced tokens per image, ``[keep, D]`` each (the very tensors of
+            ``pooler_output``: ``generate`` repeats them for beams, they are found by identity).
+        grids: ``[images, 3]`` each image's ``image_grid_thw`` row.
+        first: per image, ``[keep]`` the smallest index (raster order on the merged grid)
+            each kept token covers.
+    """
+
+    tokens: tuple[torch.Tensor, ...]
+    grids: torch.Tensor
+    first: tuple[torch.Tensor, ...]
+
+    def layout(self, pooler_output: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Grids ``[n, 3]`` and ``first`` of the images of ``pooler_output`` (this output's own
+        tensors, possibly repeated and reordered, as ``generate`` expands them for beams).
+
+        Raises:
+            ValueError: a tensor that this output did not produce.
+        """
+        index = []
+        for t in pooler_output:
+            i = next((j for j, mine in enumerate(self.tokens) if mine is t), None)
+            if i is None:
+                raise ValueError("mm_encoder_outputs['image'] holds visual tokens that crossget's "
+                                 "get_image_features did not produce: encode the images with the patched model "
+                                 "(model.get_image_features) and pass its output unchanged")
+            index.append(i)
+        return self.grids[index], [self.first[i] for i in index]
+
+
+def kept_tokens(output: Any) -> KeptTokens | None:
+    """The :class:`KeptTokens` of an image-encoder output of the patched model (None if it
+    was not reduced by crossget)."""
+    kept = getattr(output, "__dict__", {}).get(ATTR)
+    return kept if isinstance(kept, KeptTokens) else None
+
+
+def vision_positions(base: hf.Qwen2_5_VLModel, start: int, grid: torch.Tensor,
+                     first: torch.Tensor | None = None) -> torch.Tensor:
+    """``[3, n]`` M-RoPE positions of one image's tokens starting at ``start``: upstream's
+    ``get_vision_position_ids`` on the merged grid, at the kept tokens' ``first`` indices
+    (``n = len(first)``; all ``t h w / merge^2`` tokens when None)."""
+    merge = base.config.vision_config.spatial_merge_size
+    pos = base.get_vision_position_ids(start, grid, 1, merge, 1, device=grid.device)
+    return pos if first is None else pos[:, first.to(pos.device)]
+
+
+def _rope_index(base: hf.Qwen2_5_VLModel, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                image_grid_thw: torch.Tensor | None, image_first: Sequence[torch.Tensor] | None,
+                keep: int, video_grid_thw: torch.Tensor | None = None,
+                second_per_grid_ts: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream's ``get_rope_index`` loop with ``keep`` tokens per image, placed at ``first``.
+
+    Text runs and videos are placed exactly as upstream; image ``i`` has ``keep`` placeholders
+    at the stock positions of ``image_first[i]`` (without ``image_first``: the first ``keep``
+    in raster order, stand-ins that the forward replaces). The position after each image and
+    the rope delta (the stock layout's largest position + 1 - the prompt's length) are the
+    stock model's.
+
+    Returns:
+        ``(position_ids [3, B, S], rope_deltas [B, 1])``.
+
+    Raises:
+        ValueError: an image's placeholder run is not ``keep`` long, or the prompts hold more
+            images than ``image_grid_thw`` rows.
+    """
+    merge = base.config.vision_config.spatial_merge_size
+    tokens_per_second = base.config.vision_config.tokens_per_second
+    position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
+    images = iter(range(len(image_grid_thw))) if image_grid_thw is not None else iter(())
+    videos = iter(video_grid_thw) if video_grid_thw is not None else iter(())
+    seconds = iter(second_per_grid_ts) if second_per_grid_ts is not None else itertools.repeat(1)
+    deltas = []
+    for b in range(input_ids.shape[0]):
+        types = mm_token_type_ids[b]
+        valid = attention_mask[b].bool() if attention_mask is not None else None
+        if valid is not None:
+            types = types[valid]
+        parts, current, top, offset = [], 0, 0, 0
+        for kind, group in itertools.groupby(types.tolist()):
+            n = len(list(group))
+            if kind == 0:  # text
+                parts.append(torch.arange(n, device=input_ids.device).view(1, -1).expand(3, -1) + current)
+                current += n
+                top = max(top, current)
+            elif kind == 1:  # an image: keep tokens at the stock positions of first
+                i = next(images, None)
+                if i is None:
+                    raise ValueError("the prompts hold more images (placeholder runs) than image_grid_thw rows")
+                if n != keep:
+                    raise ValueError(
+                        f"image {i} has {n} placeholder tokens in the prompt, but the model is patched with "
+                        f"keep={keep} visual tokens per image: build prompts with crossget.adapt_processor(processor, "
+                        f"model), or repeat the image token crossget.image_tokens(model) times per image")
+                grid = image_grid_thw[i]
+                stock = vision_positions(base, current, grid)
+                first = image_first[i] if image_first is not None else torch.arange(keep, device=stock.device)
+                parts.append(stock[:, first.to(stock.device)])
+                top = max(top, int(stock.max()) + 1)
+                current += max(int(grid[1]), int(grid[2])) // merge
+            else:  # a video, as upstream
+                grid = next(videos, None)
+                if grid is None:
+                    raise ValueError("a prompt with reduced images and videos needs video_grid_thw in the forward "
+                                     "(generate drops it after encoding: reduced images and videos cannot be generated "
+                                     "together)")
+                interval = tokens_per_second * next(seconds)
+                stock = base.get_vision_position_ids(current, grid, 1, merge, interval, device=input_ids.device)
+                parts.append(stock)
+                top = max(top, int(stock.max()) + 1)
+                current += max(int(grid[1]), int(grid[2])) // merge
+            offset += n
+        row = torch.cat(parts, 1) if parts else position_ids.new_zeros(3, 0)
+        if valid is not None:
+            position_ids[:, b, valid] = row.to(position_ids)
+        else:
+            position_ids[:, b] = row.to(position_ids)
+        deltas.append(top - offset)
+    return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- FLOPs model
+def _windows(tokens: int, side: int) -> list[int]:
+    """Sizes of upstream's windows along one axis of ``tokens`` merged tokens (``side`` each)."""
+    return [side] * (tokens // side) + ([tokens % side] if tokens % side else [])
+
+
+def vision_tower_flops(model: nn.Module, image: ImageSpec) -> float:
+    """Analytic FLOPs (2 x multiply-adds) of the vision tower and patch merger on one image
+    (grid row ``(t, h, w)`` or size ``(height, width)``): the patch embedding, every block
+    (QKV and output projections, attention within each window or, in the full-attention
+    blocks, over the whole image, the gated MLP) and the merger's MLP."""
+    vcfg = base_model(model).config.vision_config
+    t, h, w = _grid(model, image)
+    n, c, merge = t * h * w, vcfg.hidden_size, vcfg.spatial_merge_size
+    patch_in = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
+    side = vcfg.window_size // merge // vcfg.patch_size  # merged tokens per window side
+    windowed = t * sum((a * b * merge * merge) ** 2 for a in _windows(h // merge, side) for b in _windows(w // merge, side))
+    total = 2 * n * patch_in * c
+    for layer in range(vcfg.depth):
+        pairs = t * (h * w) ** 2 if layer in vcfg.fullatt_block_indexes else windowed  # attention is per frame
+        total += 8 * n * c * c + 4 * pairs * c + 6 * n * c * vcfg.intermediate_size
+    wide = c * merge * merge
+    total += 2 * (n // merge ** 2) * (wide * wide + wide * vcfg.out_hidden_size)
+    return float(total)
+
+
+def prefill_flops(
+    model: nn.Module,
+    method: str = "none",
+    keep: int | None = None,
+    image: ImageSpec | None = None,
+    text_len: int = DEFAULT_TEXT_LEN,
+    fastv_layer: int = fastv.DEFAULT_LAYER,
+) -> float:
+    """Analytic FLOPs of one prefill with one image (grid row or ``(height, width)``; default
+    a ``DEFAULT_IMAGE``-pixel square) and ``text_len`` other prompt tokens:
+    :func:`vision_tower_flops`, the projector-site matching rounds (``tome``/``crossget``: the
+    similarity products), and every LM layer on the visual plus text tokens (``fastv``: layers
+    from ``K`` on with ``keep`` visual tokens). The LM head is left out, as for LLaVA."""
+    tcfg = base_model(model).config.text_config
+    image = (DEFAULT_IMAGE, DEFAULT_IMAGE) if image is None else image
+    stock = stock_image_tokens(model, image)
+    keep = stock if keep is None else keep
+    total = vision_tower_flops(model, image)
+    if method in ("tome", "crossget"):
+        n = stock
+        while n > keep:  # the rounds of reduce_visual_tokens: bipartite (N/2)^2 or complete N^2 products
+            pairs = (n // 2) * ((n + 1) // 2) if method == "tome" else n * n
+            total += 2 * pairs * tcfg.hidden_size
+            n -= min(n - keep, n // 2)
+    visual = keep if method in ("tome", "crossget") else stock
+    for layer in range(tcfg.num_hidden_layers):
+        n = keep if method == "fastv" and layer >= fastv_layer else visual
+        total += decoder_layer_flops(tcfg, n + text_len)
+    return float(total)
+
+
+def solve_keep(model: nn.Module, target: float, method: str, image: ImageSpec, text_len: int,
+               fastv_layer: int) -> tuple[int, float]:
+    """Largest ``keep`` whose :func:`prefill_flops` are at most ``target`` x the stock ones,
+    and that ratio.
+
+    Raises:
+        ValueError: no ``keep`` reaches the target (the tower runs whole).
+    """
+    ref = prefill_flops(model, image=image, text_len=text_len)
+    for keep in range(stock_image_tokens(model, image), 0, -1):
+        ratio = prefill_flops(model, method, keep, image, text_len, fastv_layer) / ref
+        if ratio <= target + 1e-12:
+            return keep, ratio
+    raise ValueError(f"flops={target} is out of reach for method={method!r} with a {text_len}-token prompt and an "
+                     f"image of grid {_grid(model, image)} (the vision tower runs whole)")
+
+
+# --------------------------------------------------------------------------- the patched model
+_FORWARD = inspect.signature(hf.Qwen2_5_VLModel.forward)
+
+
+class Qwen2_5_VLModel(hf.Qwen2_5_VLModel):  # noqa: N801 (upstream's name: save_pretrained writes the stock architecture)
+    """The patched ``Qwen2_5_VLModel`` (the instance's class is swapped; same name, so that
+    ``save_pretrained`` writes the stock architecture). Reads its :class:`Site` from the
+    crossget record; with ``method="none"`` every method is upstream's."""
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None,
+                           **kwargs: Any) -> Any:
+        """Upstream's features, then (``tome``/``crossget``) each image's ``[L_i, D]`` tokens
+        reduced to ``[keep, D]``: ``pooler_output`` is a tuple of ``[keep, D]``, and the
+        output carries the grids and kept indices (:class:`KeptTokens`, :func:`kept_tokens`).
+
+        Raises:
+            ValueError: ``keep`` is more than an image gives.
+        """
+        s = _reducing(self)
+        return_dict = kwargs.pop("return_dict", None)
+        out = super().get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
+        if s is not None:
+            tokens, firsts = [], []
+            for i, f in enumerate(out.pooler_output):
+                if s.keep > f.shape[0]:
+                    raise ValueError(
+                        f"keep={s.keep} is more than the {f.shape[0]} visual tokens image {i} "
+                        f"(image_grid_thw {tuple(image_grid_thw[i].tolist())}) gives; patch with a smaller keep "
+                        f"(crossget.image_tokens(model, grid) on the stock model counts them)")
+                tok, first = reduce_visual_tokens(f, s.keep, s.method)
+                tokens.append(tok.to(f.dtype))
+                firsts.append(first)
+            out.pooler_output = tuple(tokens)
+            out.__dict__[ATTR] = KeptTokens(tuple(tokens), image_grid_thw.detach().clone(), tuple(firsts))
+        if return_dict is False or (return_dict is None and not self.config.return_dict):
+            return out.to_tuple()
+        return out
+
+    def get_rope_index(self, input_ids: torch.LongTensor, mm_token_type_ids: torch.IntTensor,
+                       image_grid_thw: torch.LongTensor | None = None, video_grid_thw: torch.LongTensor | None = None,
+                       second_per_grid_ts: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                       image_first: Sequence[torch.Tensor] | None = None,
+                       **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream's 3-D positions, with ``keep`` tokens per image at the stock positions of
+        ``image_first`` (per image, ``[keep]``: :class:`KeptTokens`). Without ``image_first``
+        (``generate`` asks before the images are encoded) the visual columns are stand-ins,
+        which the forward that encodes the images replaces; text positions and the rope deltas
+        do not depend on it. Returns ``(position_ids [3, B, S], rope_deltas [B, 1])``."""
+        s = _reducing(self)
+        if s is None:
+            return super().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                                          second_per_grid_ts, attention_mask, **kwargs)
+        return _rope_index(self, input_ids, mm_token_type_ids, image_grid_thw, image_first, s.keep,
+                           video_grid_thw, second_per_grid_ts, attention_mask)
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor,
+                             image_features: torch.Tensor | None = None,
+                             video_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream's masks ``([B, S, 1], [B, S, 1])``, after a check whose error says how to
+        build the prompts (``image_features``: ``[visual tokens, D]``)."""
+        if image_features is not None:
+            check_placeholders(self, input_ids, inputs_embeds, image_features, record(self).glue)
+        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Upstream's forward; with ``tome``/``crossget`` the images are encoded (and reduced)
+        first, so that the 3-D positions ``[3, B, S]`` of this forward's prompts are computed
+        from the tokens kept of its images (:func:`_rope_index`), replacing the M-RoPE rows of
+        any ``position_ids`` given; with ``fastv`` its per-forward inputs are set
+        (:meth:`crossget.families.visual_site.Site.on_forward`)."""
+        s = record(self).glue
+        if not s.reduces and s.fastv is None:
+            return super().forward(*args, **kwargs)
+        kw = _FORWARD.bind(self, *args, **kwargs).arguments
+        kw.pop("self")
+        extra = kw.pop("kwargs", {})
+        if s.fastv is not None:
+            s.on_forward(self, (), kw)  # every argument bound by name: this forward's FastV inputs
+            return super().forward(**kw, **extra)
+        mm = dict(kw.get("mm_encoder_outputs") or {})
+        pixels = kw.get("pixel_values")
+        if pixels is not None:
+            if mm.get("image") is not None:
+                raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs['image']")
+            mm["image"] = self.get_image_features(pixels, kw.get("image_grid_thw"), return_dict=True, **extra)
+            kw["pixel_values"] = None
+        encoded = mm.get("image")
+        if encoded is not None:
+            kw["mm_encoder_outputs"] = mm
+            kept = kept_tokens(encoded)
+            if kept is None:
+                raise ValueError("mm_encoder_outputs['image'] were not encoded by the patched model (or were sliced, "
+                                 "as generate's chunked prefill does: use prefill_chunk_size=None): encode the "
+                                 "images with model.get_image_features after crossget.patch")
+            grids, first = kept.layout(encoded.pooler_output)
+            kw["position_ids"] = self._kept_positions(kw, grids, first)
+        return super().forward(**kw, **extra)
+
+    def _kept_positions(self, kw: dict, grids: torch.Tensor, first: list[torch.Tensor]) -> torch.Tensor:
+        """3-D positions for a forward whose images were reduced (given text row kept)."""
+        ids, types = kw.get("input_ids"), kw.get("mm_token_type_ids")
+        if ids is None or types is None:
+            raise ValueError("reduced images are placed by their prompts: give input_ids and mm_token_type_ids "
+                             "(as the processor writes them) with the images")
+        cache = kw.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("crossget places the reduced images of a prompt from its start: a prompt with images "
+                             "cannot continue a filled KV cache")
+        mask = kw.get("attention_mask")
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        pos, deltas = _rope_index(self, ids, types, grids, first, record(self).glue.keep, kw.get("video_grid_thw"),
+                                  kw.get("second_per_grid_ts"), mask)
+        self.rope_deltas = deltas  # as upstream's compute_3d_position_ids does, for a later cached decode
+        given = kw.get("position_ids")
+        if given is not None and given.dim() == 3 and given.shape[0] == 4:
+            pos = torch.cat([given[:1], pos.to(given)], 0)  # the text row generate adds (packed masks) stays
+        return pos
+
+
+# --------------------------------------------------------------------------- the family
+class QwenVLFamily(Family):
+    """Qwen2.5-VL: the budget is the visual tokens per image that reach the language model."""
+
+    name = "Qwen2.5-VL"
+    classes = (hf.Qwen2_5_VLForConditionalGeneration, hf.Qwen2_5_VLModel)
+    methods = ("none", "tome", "crossget", "fastv")
+    # guidance: read only to refuse a rule (a resolved config names the authors' one)
+    options = frozenset({"keep", "flops", "fastv_layer", "text_len", "image_size", "towers", "importance", "guidance",
+                         "guidance_scale"})
+    importance = ("cross", "none")  # no cross tokens at the projector site: both run without
+    default_guidance = "reference"  # nothing is guided here: whatever the encoders' default becomes
+
+    def image_tokens(self, model: nn.Module, image_size: ImageSpec | None = None) -> int:
+        """:func:`image_tokens` (``image_size``: a grid row ``(t, h, w)`` or ``(height, width)`` pixels)."""
+        return image_tokens(model, image_size)
+
+    def adapt_processor(self, processor: Any, model: nn.Module) -> Any:
+        return adapt_processor(processor, model)
+
+    def towers(self, model: nn.Module) -> dict[str, Tower]:
+        """None: no tower is patched (the reduction is at the projector site or in the LM)."""
+        base_model(model)
+        return {}
+
+    def patch(self, model: nn.Module, cfg: PatchConfig) -> PatchConfig:
+        """Budgets (give one): ``keep`` visual tokens per image (every image, whatever its
+        grid), or ``flops`` a target ratio of :func:`prefill_flops` for one square image of
+        ``image_size`` pixels (default ``DEFAULT_IMAGE``) and ``text_len`` prompt tokens
+        (default 64). ``fastv_layer``: FastV's K.
+
+        Raises:
+            TypeError: not a Qwen2.5-VL model.
+            ValueError: bad method, budget (not an int, zero, negative; more than an image
+                gives is refused at the forward that sees it), towers, guidance or fastv_layer.
+        """
+        base = base_model(model)
+        method = cfg.method
+        if cfg.towers not in (None, ()):
+            raise ValueError(f"Qwen2.5-VL reduces at the projector site, no tower: towers must be None "
+                             f"(or ()), got {cfg.towers!r}")
+        if cfg.guidance not in (None, "reference") or cfg.guidance_scale not in (None, 1.0):
+            raise ValueError("Qwen2.5-VL's projector-site matching has no importance to guide: "
+                             f"guidance={cfg.guidance!r}, guidance_scale={cfg.guidance_scale!r} cannot apply")
+        n_lm = len(base.language_model.layers)
+        fastv_layer = fastv.DEFAULT_LAYER if cfg.fastv_layer is None else cfg.fastv_layer
+        if method == "fastv" and (isinstance(fastv_layer, bool) or not isinstance(fastv_layer, int)
+                                  or not 1 <= fastv_layer < n_lm):
+            raise ValueError(f"fastv_layer must be an int in [1, {n_lm - 1}] for this {n_lm}-layer LM, got {fastv_layer!r}")
+        if cfg.keep is not None and cfg.flops is not None:
+            raise ValueError("give keep= or flops=, not both")
+        side = DEFAULT_IMAGE if cfg.image_size is None else cfg.image_size
+        text_len = DEFAULT_TEXT_LEN if cfg.text_len is None else cfg.text_len
+        keep, estimate = cfg.keep, None
+        if method == "none":
+            keep = None
+        elif cfg.flops is not None:
+            keep, estimate = solve_keep(model, cfg.flops, method, (side, side), text_len, fastv_layer)
+        elif keep is None:
+            raise ValueError("give keep= (visual tokens per image) or flops= (target prefill FLOPs ratio)")
+        else:
+            keep = check_keep(keep)  # more than an image gives: refused at the forward that sees it
+        self.unpatch(model)
+        s = Site(method, keep if keep is not None else 0, family=self.name, counts=stock_counts)
+        if method == "fastv":
+            # per_image is set by every forward (it follows the images' grid)
+            s.fastv = fastv.FastV(base.language_model, fastv_layer, keep, per_image=keep)
+            s.handles = s.fastv.install()
+        swap_class(base, Qwen2_5_VLModel, glue=s, handles=s.handles)
+        return PatchConfig(method=method, keep=keep, flops=cfg.flops, flops_estimate=estimate, towers=(),
+                           importance="none" if method == "crossget" else cfg.importance,
+                           guidance=cfg.guidance, guidance_scale=cfg.guidance_scale,
+                           text_len=cfg.text_len if cfg.flops is None else text_len, image_size=cfg.image_size,
+                           fastv_layer=fastv_layer if method == "fastv" else None)
+
+    def unpatch(self, model: nn.Module) -> None:
+        base = base_model(model)
+        if site(model) is not None:
+            unmark(base, TOWER_FIELDS + ("glue",))  # stock class back
+
+    def tokens_per_layer(
+        self, model: nn.Module, text_len: int | None = None, image_size: Any = None
+    ) -> dict[str, list[int]]:
+        """Tokens in each LM layer (``language``) for one image (``image_size``: a grid row,
+        ``(height, width)`` or a square's side; default ``DEFAULT_IMAGE``) and ``text_len``
+        other prompt tokens (default 64)."""
+        base = base_model(model)
+        s = site(model)
+        text_len = DEFAULT_TEXT_LEN if text_len is None else text_len
+        image = DEFAULT_IMAGE if image_size is None else image_size
+        image = (image, image) if isinstance(image, int) else image
+        n_lm = len(base.language_model.layers)
+        language = [image_tokens(model, image) + text_len] * n_lm
+        if s is not None and s.fastv is not None:
+            language[s.fastv.layer:] = [s.keep + text_len] * (n_lm - s.fastv.layer)
+        return {"language": language}
+
+
+FAMILY = QwenVLFamily()

@@ -1,0 +1,506 @@
+"""crossget on Qwen2.5-VL (windowed vision tower, patch merger, 3-D M-RoPE): the projector-site
+reduction (tome, crossget) on a tiny random model built from its config.
+
+Exactness of the stock path, generation with and without a KV cache (greedy and beams), the
+visual tokens and M-RoPE positions the language model receives, batches of images with
+different grids, placeholders and the processor, budgets and errors, unpatch / copies."""
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
+from transformers.processing_utils import ProcessorMixin
+
+import crossget
+from crossget.families import qwen_vl
+from crossget.families.visual_site import reduce_visual_tokens
+
+IMG, VIDEO, START, END = 120, 121, 122, 123  # <|image_pad|>, <|video_pad|>, <|vision_start|>, <|vision_end|>
+PATCH, MERGE, TEMPORAL = 4, 2, 2
+PATCH_DIM = 3 * TEMPORAL * PATCH * PATCH  # one row of pixel_values
+GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMG, VIDEO, START, END])
+WIDE, TALL, SMALL = (1, 8, 12), (1, 12, 8), (1, 4, 8)  # image_grid_thw rows: 24, 24 and 8 merged tokens
+KEEP = 7
+
+
+def make_qwen(impl="sdpa", seed=0):
+    torch.manual_seed(seed)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=PATCH,
+                  spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, in_channels=3,
+                  window_size=16, fullatt_block_indexes=[1])  # windows of 2 x 2 merged tokens, then full attention
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=128, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))  # head_dim 16
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMG, video_token_id=VIDEO,
+                           vision_start_token_id=START, vision_end_token_id=END)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(impl)
+    return model
+
+
+def pixels(grids, seed=2):
+    """Random patches ``[sum(t h w), 3 * 2 * 4 * 4]`` and ``image_grid_thw`` ``[images, 3]``."""
+    grid = torch.tensor(grids)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, generator=g), grid
+
+
+def make_prompts(counts, lengths, seed=1):
+    """Left-padded prompts as the processor writes them: text, one image per prompt
+    (``<|vision_start|>``, ``counts[i]`` ``<|image_pad|>``, ``<|vision_end|>``), text; and
+    their ``mm_token_type_ids`` (1 on the image placeholders)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for c, n in zip(counts, lengths):
+        text = torch.randint(3, 100, (n + 2,), generator=g).tolist()
+        rows.append([1] + text[:2] + [START] + [IMG] * c + [END] + text[2:])
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids, mask, (ids == IMG).long()
+
+
+def inputs(model, grids=(WIDE, TALL), lengths=(5, 3), counts=None):
+    counts = [crossget.image_tokens(model, g) for g in grids] if counts is None else counts
+    ids, mask, types = make_prompts(counts, lengths)
+    px, grid = pixels(grids)
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, pixel_values=px, image_grid_thw=grid)
+
+
+def generate(model, grids=(WIDE, TALL), lengths=(5, 3), **kw):
+    x = inputs(model, grids, lengths)
+    with torch.no_grad():
+        out = model.generate(**x, **GEN, **kw)
+    return out[:, x["input_ids"].shape[1]:]
+
+
+def logits(model, grids=(WIDE, TALL)):
+    with torch.no_grad():
+        return model(**inputs(model, grids)).logits
+
+
+def stock_features(model, grids):
+    """The unpatched model's merger output per image (``[t h w / 4, D]``)."""
+    px, grid = pixels(grids)
+    with torch.no_grad():
+        return list(hf.Qwen2_5_VLModel.get_image_features(model.model, px, grid).pooler_output)
+
+
+class LMInputs:
+    """Forward pre-hook on the language model: what each of its calls receives."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handle = model.model.language_model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, _module, _args, kwargs):
+        self.calls.append({k: kwargs.get(k) for k in ("inputs_embeds", "position_ids")})
+
+    def remove(self):
+        self.handle.remove()
+
+
+# --------------------------------------------------------------------------- stock path
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_none_and_unpatched_generate_stock_ids(impl):
+    model = make_qwen(impl)
+    ref_ids, ref_logits = generate(model), logits(model)
+    assert [f.shape[0] for f in stock_features(model, (WIDE, TALL, SMALL))] == [24, 24, 8]
+    assert [qwen_vl.stock_image_tokens(model, g) for g in (WIDE, TALL, SMALL)] == [24, 24, 8]
+    crossget.patch(model, method="none")
+    assert type(model.model) is qwen_vl.Qwen2_5_VLModel
+    assert crossget.image_tokens(model, WIDE) == 24
+    assert torch.equal(generate(model), ref_ids)
+    assert torch.equal(logits(model), ref_logits)
+    crossget.unpatch(model)
+    assert type(model.model) is hf.Qwen2_5_VLModel
+    assert torch.equal(generate(model), ref_ids)
+
+
+def test_output_capture_still_works_on_the_swapped_class():
+    model = make_qwen("eager")
+    with torch.no_grad():
+        ref = model(**inputs(model), output_hidden_states=True, output_attentions=True)
+    crossget.patch(model, method="none")
+    with torch.no_grad():
+        out = model(**inputs(model), output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 3 and len(out.attentions) == 2
+    assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, ref.hidden_states))
+    crossget.patch(model, method="crossget", keep=KEEP)
+    with torch.no_grad():
+        out = model(**inputs(model), output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and out.hidden_states[0].shape[1] == out.logits.shape[1]
+
+
+# --------------------------------------------------------------------------- reduced generation
+@pytest.mark.parametrize("method", ["tome", "crossget"])
+def test_reduced_generation_same_with_and_without_cache(method):
+    model = make_qwen()
+    stock = logits(model)
+    crossget.patch(model, method=method, keep=KEEP)
+    assert crossget.config(model).method == method and crossget.config(model).keep == KEEP
+    assert crossget.config(model).towers == ()
+    reduced = logits(model)
+    assert reduced.shape[1] == stock.shape[1] - (24 - KEEP)  # both images: 24 tokens -> KEEP
+    assert not torch.allclose(reduced[:, -1], stock[:, -1], atol=1e-4)  # last prompt token: the image changed
+    for kw in (dict(), dict(num_beams=3)):
+        cached = generate(model, **kw)
+        assert torch.equal(generate(model, use_cache=False, **kw), cached)
+        assert cached.shape == (2, GEN["max_new_tokens"])
+
+
+def test_generate_encodes_images_once_and_no_state_stays_on_the_model():
+    model = make_qwen()
+    crossget.patch(model, method="crossget", keep=KEEP)
+    calls = []
+    model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    generate(model)
+    assert len(calls) == 1  # generate encodes before the prefill; positions are placed from that output
+    s = qwen_vl.site(model)
+    assert (s.method, s.keep, s.fastv, s.handles) == ("crossget", KEEP, None, [])
+    assert set(vars(s)) == {"method", "keep", "family", "counts", "fastv", "handles"}  # settings only
+
+
+@pytest.mark.parametrize("method", ["tome", "crossget"])
+def test_lm_receives_keep_tokens_per_image_which_are_the_reduced_features(method):
+    model = make_qwen()
+    grids = (WIDE, TALL)
+    want = [reduce_visual_tokens(f, KEEP, method)[0] for f in stock_features(model, grids)]
+    crossget.patch(model, method=method, keep=KEEP)
+    x = inputs(model, grids)
+    seen = LMInputs(model)
+    with torch.no_grad():
+        model(**x)
+    seen.remove()
+    embeds = seen.calls[0]["inputs_embeds"]
+    image = x["input_ids"] == IMG
+    assert image.sum(-1).tolist() == [KEEP, KEEP]
+    for row in range(2):
+        torch.testing.assert_close(embeds[row][image[row]], want[row], rtol=0, atol=0)
+
+
+def stock_positions(model, grids, lengths):
+    """Upstream get_rope_index on the stock prompts: positions [3, B, S], image mask, deltas."""
+    counts = [qwen_vl.stock_image_tokens(model, g) for g in grids]
+    ids, mask, types = make_prompts(counts, lengths)
+    pos, deltas = hf.Qwen2_5_VLModel.get_rope_index(model.model, ids, types, torch.tensor(grids), attention_mask=mask)
+    return pos, ids, mask, deltas
+
+
+@pytest.mark.parametrize("via", ["forward", "generate"])
+def test_kept_tokens_take_the_stock_position_of_their_first_index(via):
+    model = make_qwen()
+    grids, lengths = (WIDE, SMALL), (5, 3)
+    firsts = [reduce_visual_tokens(f, KEEP, "tome")[1] for f in stock_features(model, grids)]
+    stock, stock_ids, stock_mask, stock_deltas = stock_positions(model, grids, lengths)
+    crossget.patch(model, method="tome", keep=KEEP)
+    x = inputs(model, grids, lengths)
+    seen = LMInputs(model)
+    with torch.no_grad():
+        if via == "forward":
+            model(**x)
+        else:
+            model.generate(**x, **GEN)
+    seen.remove()
+    pos = seen.calls[0]["position_ids"]
+    pos = pos[1:] if pos.shape[0] == 4 else pos  # generate adds a text row
+    if via == "generate":
+        assert torch.equal(seen.calls[0]["position_ids"][0], (x["attention_mask"].cumsum(-1) - 1).clamp(min=0))
+    for row in range(2):
+        real, stock_real = x["attention_mask"][row].bool(), stock_mask[row].bool()
+        ids, got = x["input_ids"][row][real], pos[:, row][:, real]
+        ref_ids, ref = stock_ids[row][stock_real], stock[:, row][:, stock_real]
+        image, ref_image = ids == IMG, ref_ids == IMG
+        # visual: the stock (t, h, w) of each kept token's smallest covered index
+        assert torch.equal(got[:, image], ref[:, ref_image][:, firsts[row]])
+        # text: before and after the image as in the stock model
+        assert torch.equal(got[:, ~image], ref[:, ~ref_image])
+    assert torch.equal(model.model.rope_deltas, stock_deltas + torch.tensor([[24 - KEEP], [8 - KEEP]]))
+    if via == "generate":  # the decode steps continue the stock text positions
+        last = seen.calls[1]["position_ids"]
+        assert torch.equal(last[1:, :, -1], (stock[:, :, -1] + 1))
+
+
+@pytest.mark.parametrize("method", ["tome", "crossget"])
+def test_batch_of_different_grids_gives_keep_each_and_matches_single_prompts(method):
+    model = make_qwen()
+    crossget.patch(model, method=method, keep=KEEP)
+    grids, lengths = (WIDE, SMALL), (2, 6)
+    both = generate(model, grids, lengths)
+    for row in range(2):
+        x = inputs(model, grids, lengths)
+        px, grid = pixels(grids)
+        keep_rows = x["attention_mask"][row].bool()
+        start = int(grid[:row].prod(-1).sum())
+        single = {k: x[k][row:row + 1, keep_rows] for k in ("input_ids", "mm_token_type_ids", "attention_mask")}
+        single.update(pixel_values=px[start:start + int(grid[row].prod())], image_grid_thw=grid[row:row + 1])
+        with torch.no_grad():
+            alone = model.generate(**single, **GEN)[:, single["input_ids"].shape[1]:]
+        assert torch.equal(alone[0], both[row])
+
+
+# --------------------------------------------------------------------------- placeholders and processor
+def tiny_processor():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    special = {"<|image_pad|>": IMG, "<|video_pad|>": VIDEO, "<|vision_start|>": START, "<|vision_end|>": END}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "what": 6, "is": 7, **special}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", padding_side="left")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+    images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL)
+    return ImageTextProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+class ImageTextProcessor(Qwen2_5_VLProcessor):
+    """A ``Qwen2_5_VLProcessor`` without its video processor (which needs torchvision, not
+    installed here); images and text are processed by upstream's code."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def test_adapt_processor_writes_the_count_the_model_needs():
+    model = make_qwen()
+    processor = tiny_processor()
+    sizes = [(64, 80), (96, 64)]  # resized to multiples of 8: grids (1, 16, 20) and (1, 24, 16)
+    pictures = [(np.random.default_rng(i).random((*s, 3)) * 255).astype("uint8") for i, s in enumerate(sizes)]
+    text = ["<s> what <|vision_start|><|image_pad|><|vision_end|> is", "<s> <|vision_start|><|image_pad|><|vision_end|> is"]
+    stock = [qwen_vl.stock_image_tokens(model, s) for s in sizes]
+    assert stock == [80, 96]
+    for budget, want in ((dict(method="crossget", keep=KEEP), [KEEP] * 2), (dict(method="tome", keep=9), [9] * 2),
+                         (dict(method="none"), stock)):
+        crossget.patch(model, **budget)
+        x = crossget.adapt_processor(processor, model)(images=pictures, text=text, padding=True, return_tensors="pt")
+        assert (x["input_ids"] == IMG).sum(-1).tolist() == want
+        assert torch.equal(torch.as_tensor(x["mm_token_type_ids"]), (x["input_ids"] == IMG).long())
+        assert [crossget.image_tokens(model, g) for g in x["image_grid_thw"]] == want
+        with torch.no_grad():
+            model.generate(**x, **GEN)
+    crossget.unpatch(model)
+    x = crossget.adapt_processor(processor, model)(images=pictures, text=text, padding=True, return_tensors="pt")
+    assert (x["input_ids"] == IMG).sum(-1).tolist() == stock
+    assert "replace_image_token" not in vars(processor)
+    with pytest.raises(TypeError, match="Qwen2_5_VLProcessor"):
+        crossget.adapt_processor(object(), model)
+
+
+def test_mismatched_prompt_says_what_to_call():
+    model = make_qwen()
+    crossget.patch(model, method="crossget", keep=KEEP)
+    x = inputs(model, counts=[24, 24])  # the stock counts
+    with pytest.raises(ValueError, match=r"adapt_processor.*image_tokens"):
+        model(**x)
+    with pytest.raises(ValueError, match=r"adapt_processor.*image_tokens"):
+        model.generate(**x, **GEN)
+    crossget.unpatch(model)
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        crossget.image_tokens(model)  # the stock count depends on the image
+
+
+# --------------------------------------------------------------------------- budgets and errors
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(keep=0), "positive"),
+        (dict(keep=-3), "positive"),
+        (dict(keep=2.5), "int"),
+        (dict(keep=True), "int"),
+        (dict(method="fastv", keep=8, fastv_layer=2), "fastv_layer"),
+        (dict(keep=8, flops=0.5), "not both"),
+        (dict(method="visionzip", keep=8), "method must be one of"),
+        (dict(r=4), "not an option of the Qwen2.5-VL"),
+        (dict(method="tome"), "keep="),
+        (dict(keep=8, towers=("vision",)), "towers"),
+        (dict(keep=8, guidance="scaled"), "no importance to guide"),
+    ],
+)
+def test_bad_budgets_raise(kwargs, match):
+    model = make_qwen()
+    kwargs.setdefault("method", "crossget")
+    with pytest.raises(ValueError, match=match):
+        crossget.patch(model, **kwargs)
+    assert not crossget.is_patched(model) and type(model.model) is hf.Qwen2_5_VLModel
+
+
+def test_keep_above_an_images_count_raises_at_the_image():
+    model = make_qwen()
+    crossget.patch(model, method="tome", keep=9)
+    with pytest.raises(ValueError, match=r"keep=9 is more than the 8 tokens"):
+        crossget.image_tokens(model, SMALL)
+    with pytest.raises(ValueError, match=r"keep=9 is more than the 8 visual tokens image 1"):
+        model(**inputs(model, (WIDE, SMALL), counts=[9, 9]))
+
+
+# --------------------------------------------------------------------------- unpatch and copies
+def test_unpatch_restores_stock_outputs_exactly():
+    model = make_qwen()
+    ref_ids, ref_logits = generate(model), logits(model)
+    keys = set(model.state_dict())
+    for method in ("crossget", "tome"):
+        crossget.patch(model, method=method, keep=KEEP)
+        generate(model)
+        crossget.unpatch(model)
+        assert not crossget.is_patched(model) and type(model.model) is hf.Qwen2_5_VLModel
+        assert not any(hasattr(m, "_crossget") for m in model.modules())
+        assert set(model.state_dict()) == keys
+        assert torch.equal(generate(model), ref_ids)
+        assert torch.equal(logits(model), ref_logits)
+
+
+def torch_saved(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("budget", [dict(method="crossget", keep=KEEP), dict(method="fastv", keep=KEEP, fastv_layer=1)])
+@pytest.mark.parametrize("clone", [copy.deepcopy, torch_saved], ids=["deepcopy", "torch.save"])
+def test_copies_run_and_unpatch_on_their_own(clone, budget):
+    model = make_qwen()
+    crossget.patch(model, **budget)
+    twin = clone(model)
+    want = generate(model)
+    assert crossget.config(twin) == crossget.config(model)
+    assert type(twin.model) is qwen_vl.Qwen2_5_VLModel
+    assert torch.equal(generate(twin), want)
+    crossget.unpatch(twin)
+    assert type(twin.model) is hf.Qwen2_5_VLModel and crossget.is_patched(model)
+    assert torch.equal(generate(model), want)
+
+
+# --------------------------------------------------------------------------- fastv
+def test_fastv_prunes_to_keep_per_image_inside_the_lm_and_caches_agree():
+    model = make_qwen()
+    stock = logits(model)
+    crossget.patch(model, method="fastv", keep=KEEP, fastv_layer=1)
+    assert crossget.config(model).fastv_layer == 1
+    assert crossget.image_tokens(model, WIDE) == 24  # the prompt keeps the stock placeholders
+    lengths = []
+    handle = model.model.language_model.layers[1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    reduced = logits(model)
+    handle.remove()
+    assert lengths == [stock.shape[1] - (24 - KEEP)]  # after layer K: KEEP of each prompt image's 24 tokens
+    assert reduced.shape == stock.shape and not torch.allclose(reduced[:, -1], stock[:, -1], atol=1e-4)
+    for kw in (dict(), dict(num_beams=3)):
+        assert torch.equal(generate(model, use_cache=False, **kw), generate(model, **kw))
+
+
+def test_fastv_refuses_a_batch_with_different_counts():
+    model = make_qwen()
+    crossget.patch(model, method="fastv", keep=KEEP, fastv_layer=1)
+    with pytest.raises(ValueError, match=r"Qwen2.5-VL ranks one count.*same size.*tome"):
+        generate(model, (WIDE, SMALL))
+    with pytest.raises(ValueError, match="fastv_layer"):
+        crossget.patch(model, method="fastv", keep=KEEP)  # K=2 needs a deeper LM than 2 layers
+
+
+# --------------------------------------------------------------------------- configs and the bare model
+@pytest.mark.parametrize("budget", [dict(method="crossget", keep=KEEP), dict(method="tome", keep=5),
+                                    dict(method="tome", flops=0.75, image_size=64, text_len=8),
+                                    dict(method="fastv", keep=KEEP, fastv_layer=1), dict(method="none")])
+def test_config_round_trips_through_dict_and_apply(budget):
+    model, other = make_qwen(), make_qwen()
+    crossget.patch(model, **budget)
+    saved = crossget.config(model).to_dict()
+    assert crossget.PatchConfig.from_dict(saved) == crossget.config(model)
+    crossget.patch_from_config(other, saved)
+    assert crossget.config(other) == crossget.config(model)
+    assert torch.equal(generate(other), generate(model))
+    crossget.apply(other, saved)
+    assert torch.equal(generate(other), generate(model))
+
+
+def test_bare_qwen2_5_vl_model_patches_and_saves_the_stock_architecture(tmp_path):
+    full = make_qwen()
+    bare = full.model
+    with torch.no_grad():
+        ref = bare(**inputs(bare)).last_hidden_state
+    crossget.patch(bare, method="crossget", keep=KEEP)
+    with torch.no_grad():
+        out = bare(**inputs(bare)).last_hidden_state
+    assert out.shape[1] == ref.shape[1] - (24 - KEEP)
+    bare.save_pretrained(tmp_path)
+    saved = hf.Qwen2_5_VLModel.from_pretrained(tmp_path)
+    assert saved.config.architectures == ["Qwen2_5_VLModel"] and type(saved) is hf.Qwen2_5_VLModel
+    assert set(saved.state_dict()) == set(bare.state_dict())
+    crossget.unpatch(bare)
+    with torch.no_grad():
+        assert torch.equal(bare(**inputs(bare)).last_hidden_state, ref)
+
+
+def test_two_images_in_one_prompt_are_placed_in_order():
+    model = make_qwen()
+    grids = (SMALL, WIDE)
+    firsts = [reduce_visual_tokens(f, KEEP, "crossget")[1] for f in stock_features(model, grids)]
+
+    def prompt(counts):
+        ids = torch.tensor([[1, 5, START] + [IMG] * counts[0] + [END, 6, 7, START] + [IMG] * counts[1] + [END, 8, 9]])
+        return ids, (ids == IMG).long()
+
+    ids, types = prompt([8, 24])
+    stock, _ = hf.Qwen2_5_VLModel.get_rope_index(model.model, ids, types, torch.tensor(grids))
+    crossget.patch(model, method="crossget", keep=KEEP)
+    ids, types = prompt([KEEP, KEEP])
+    px, grid = pixels(grids)
+    x = dict(input_ids=ids, mm_token_type_ids=types, attention_mask=torch.ones_like(ids), pixel_values=px,
+             image_grid_thw=grid)
+    seen = LMInputs(model)
+    with torch.no_grad():
+        cached = model.generate(**x, **GEN)
+        assert torch.equal(model.generate(**x, **GEN, use_cache=False), cached)
+    seen.remove()
+    pos = seen.calls[0]["position_ids"][1:, 0]
+    ref = stock[:, 0]
+    ref_img = torch.nonzero(prompt([8, 24])[0][0] == IMG)[:, 0]
+    got_img = torch.nonzero(ids[0] == IMG)[:, 0]
+    want = torch.cat([ref[:, ref_img[:8]][:, firsts[0]], ref[:, ref_img[8:]][:, firsts[1]]], 1)
+    assert torch.equal(pos[:, got_img], want)
+    text, ref_text = ids[0] != IMG, prompt([8, 24])[0][0] != IMG
+    assert torch.equal(pos[:, text], ref[:, ref_text])
+
+
+# --------------------------------------------------------------------------- FLOPs model
+@pytest.mark.parametrize("grid", [WIDE, SMALL, (1, 10, 6)], ids=str)
+def test_analytic_flops_are_the_measured_ones(grid):
+    from crossget.flops import count_flops
+    from crossget.schedule import decoder_layer_flops
+
+    model = make_qwen()
+    px, thw = pixels([grid])
+    with torch.no_grad():
+        measured = count_flops(model.model.visual, px, grid_thw=thw)
+        assert qwen_vl.vision_tower_flops(model, grid) == measured  # windows, full blocks, merger
+        tokens = qwen_vl.stock_image_tokens(model, grid) + 8
+        lm = count_flops(model.model.language_model, inputs_embeds=torch.randn(1, tokens, 64))
+    assert lm == 2 * decoder_layer_flops(model.config.text_config, tokens)
+    assert qwen_vl.prefill_flops(model, image=grid, text_len=8) == measured + lm
+
+
+def test_flops_target_solves_keep_and_replays():
+    model = make_qwen()
+    crossget.patch(model, method="tome", flops=0.8, image_size=64, text_len=8)  # a 64 x 64 image: grid (1, 16, 16)
+    cfg = crossget.config(model)
+    assert qwen_vl.stock_image_tokens(model, (64, 64)) == 64 and 1 <= cfg.keep < 64
+    ratio = lambda keep: (qwen_vl.prefill_flops(model, "tome", keep, (64, 64), 8)
+                          / qwen_vl.prefill_flops(model, image=(64, 64), text_len=8))
+    assert cfg.flops_estimate == pytest.approx(ratio(cfg.keep)) and ratio(cfg.keep) <= 0.8 < ratio(cfg.keep + 1)
+    other = make_qwen()
+    crossget.patch_from_config(other, cfg.to_dict())
+    assert crossget.config(other) == cfg
+    with pytest.raises(ValueError, match="out of reach"):
+        crossget.patch(model, method="crossget", flops=0.01, image_size=64)

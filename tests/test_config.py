@@ -18,6 +18,9 @@ from test_llava_next import inputs as next_inputs
 from test_llava_onevision import WIDE as OV_WIDE
 from test_llava_onevision import inputs as ov_inputs
 from test_llava_onevision import make_ov
+from test_qwen_vl import WIDE as QWEN_WIDE
+from test_qwen_vl import inputs as qwen_inputs
+from test_qwen_vl import make_qwen
 from test_siglip import both as siglip_inputs
 from test_siglip import make as make_siglip
 from test_vit import make, make_head
@@ -111,6 +114,9 @@ GRID = [
     ("LlavaOnevisionForConditionalGeneration", make_ov, lambda m: m(**ov_inputs(m, (OV_WIDE, OV_WIDE))).logits,
      [("none", {}), ("tome", {"keep": 12}), ("crossget", {"keep": 12}), ("crossget", {"flops": 0.5, "text_len": 8}),
       ("fastv", {"keep": 12, "fastv_layer": 1})]),
+    ("Qwen2_5_VLForConditionalGeneration", make_qwen, lambda m: m(**qwen_inputs(m, (QWEN_WIDE, QWEN_WIDE))).logits,
+     [("none", {}), ("tome", {"keep": 7}), ("crossget", {"keep": 7}),
+      ("tome", {"flops": 0.75, "image_size": 64, "text_len": 8}), ("fastv", {"keep": 7, "fastv_layer": 1})]),
     ("ViTModel", lambda: make("vit"), run_vision, ENCODER),
     ("DeiTForImageClassificationWithTeacher", lambda: make_head("DeiTForImageClassificationWithTeacher"),
      lambda m: m(pixel_values=PIXELS).logits, [("none", {}), ("tome", {"r": 2}), ("crossget", {"flops": 0.7})]),

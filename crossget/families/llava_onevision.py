@@ -46,6 +46,15 @@ and ``get_placeholder_mask``; unpatching restores the class.
 Upstream limits kept as they are: with ``vision_feature_select_strategy="default"`` (which
 drops a SigLIP patch) an image alone in its prompt fails in upstream's packing; the
 forward of ``LlavaOnevisionModel`` always packs with the config's ``vision_aspect_ratio``.
+
+The module's functions (:func:`base_model`, :func:`site`, :func:`reference_size`,
+:func:`image_tokens`, :func:`adapt_processor`, :func:`prefill_flops`) are those of
+:data:`FAMILY` (:class:`~crossget.families.visual_site.PackedSiteFamily`): for OneVision
+the processor's patches per tile, tile size and grid pinpoints are checked against the
+model's and its feature strategy and ``vision_aspect_ratio`` set as the model's (video
+placeholders are never changed); the FLOPs count the SigLIP tower on every tile of an image
+alone in its prompt (no CLS, no head) and the projector on every tile's patches, not the
+downsampling of ``pack_image_features``.
 """
 
 from __future__ import annotations
@@ -53,21 +62,16 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_onevision import modeling_llava_onevision as hf
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
 
 from crossget.families.visual_site import (
-    DEFAULT_TEXT_LEN,
     ImageSize,
     PackedSiteFamily,
-    Site,
-    check_placeholders,
-    image_hw,
-    reduce_packed,
+    PackedSiteModel,
+    check_pinpoints,
+    unpadded_grid,
 )
-from crossget.methods import fastv
-from crossget.record import record
 
 __all__ = [
     "FAMILY",
@@ -84,26 +88,6 @@ MULTI_IMAGE = "multi-image"  # image_size of an image in a multi-image prompt (i
 
 
 # --------------------------------------------------------------------------- anatomy
-def base_model(model: nn.Module) -> hf.LlavaOnevisionModel:
-    """The ``LlavaOnevisionModel`` of ``model`` (itself, or ``model.model``).
-
-    Raises:
-        TypeError: not a LLaVA-OneVision model.
-    """
-    if isinstance(model, hf.LlavaOnevisionForConditionalGeneration):
-        return model.model
-    if isinstance(model, hf.LlavaOnevisionModel):
-        return model
-    raise TypeError(
-        f"expected a LlavaOnevisionForConditionalGeneration or LlavaOnevisionModel, got {type(model).__name__}")
-
-
-def reference_size(model: nn.Module) -> tuple[int, int]:
-    """(height, width) the ``flops=`` budget is planned for by default: the largest grid
-    pinpoint (by area; the first such), or the tower's tile size if there is none."""
-    return FAMILY.reference_size(model)
-
-
 def max_tiles(cfg: Any) -> int:
     """``max`` of the config's ``vision_aspect_ratio="anyres_max_<max>"``, as upstream reads it."""
     return int(cfg.vision_aspect_ratio.strip("anyres_max_"))  # noqa: B005 (upstream's parsing, kept exact)
@@ -122,21 +106,11 @@ def stock_image_tokens(model: nn.Module, image_size: ImageSize | str) -> int:
         ValueError: ``image_size`` is neither ``(h, w)`` nor :data:`MULTI_IMAGE`.
     """
     cfg = base_model(model).config
-    tile, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
-    side = tile // patch
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
     base = side * side - (cfg.vision_feature_select_strategy == "default")  # SigLIP: no CLS to drop
     if isinstance(image_size, str) and image_size == MULTI_IMAGE:
         return base + 1
-    h, w = image_hw(image_size)
-    best_h, best_w = select_best_resolution([h, w], cfg.image_grid_pinpoints)
-    rows, cols = best_h // tile * side, best_w // tile * side  # grid in patches
-    # unpad_image: crop the padding the processor's resize-and-pad added on one axis
-    if w / h > cols / rows:
-        new_rows = int(round(h * (cols / w), 7))
-        rows -= (rows - new_rows) // 2 * 2
-    else:
-        new_cols = int(round(w * (rows / h), 7))
-        cols -= (cols - new_cols) // 2 * 2
+    rows, cols = unpadded_grid(cfg, image_size)
     ratio = (rows * cols / (max_tiles(cfg) * side**2)) ** 0.5  # anyres_max: bilinear downsampling
     if ratio > 1.1:
         rows, cols = int(rows // ratio), int(cols // ratio)
@@ -152,77 +126,13 @@ def stock_counts(base: nn.Module, kwargs: dict) -> list[int]:
     return [stock_image_tokens(base, MULTI_IMAGE if m else s) for s, m in zip(sizes, multi)]
 
 
-def site(model: nn.Module) -> Site | None:
-    """What the patch installed on the model's ``LlavaOnevisionModel`` (None if not patched)."""
-    return FAMILY.site(model)
-
-
-def image_tokens(model: nn.Module, image_size: ImageSize | str | None = None) -> int:
-    """``<image>`` placeholders an image of ``image_size`` ``(h, w)`` (or :data:`MULTI_IMAGE`)
-    needs in the prompt, as the model is patched now: ``keep`` when reduced at the projector
-    site (``tome``, ``crossget``), else the stock count of :func:`stock_image_tokens`.
-
-    Raises:
-        ValueError: no ``image_size`` where the count depends on it (stock, ``none``,
-            ``fastv``), or ``keep`` is more than such an image gives.
-    """
-    return FAMILY.image_tokens(model, image_size)
-
-
-def adapt_processor(processor: Any, model: nn.Module) -> Any:
-    """Make a ``LlavaOnevisionProcessor`` write :func:`image_tokens` placeholders per image
-    (alone or in a multi-image prompt); returns it.
-
-    Reduced at the projector site: ``keep`` for every image (an instance attribute
-    ``replace_image_token``); otherwise the processor's own count (the attribute is
-    removed), with its tile patch count (``num_image_tokens``), feature strategy and
-    ``vision_aspect_ratio`` set as the model has them. Video placeholders are never
-    changed. Call it again after re-patching or unpatching.
-
-    Raises:
-        TypeError: ``processor`` is not a LLaVA-OneVision processor.
-        ValueError: its patches per tile, tile size or grid pinpoints differ from the model's.
-    """
-    return FAMILY.adapt_processor(processor, model)
-
-
-def prefill_flops(
-    model: nn.Module,
-    method: str = "none",
-    keep: int | None = None,
-    image_size: ImageSize | None = None,
-    text_len: int = DEFAULT_TEXT_LEN,
-    fastv_layer: int = fastv.DEFAULT_LAYER,
-) -> float:
-    """Analytic FLOPs of one prefill with one image of ``image_size`` (default
-    :func:`reference_size`) alone in a prompt of ``text_len`` other tokens: the SigLIP tower
-    on every tile (patch embedding, all layers; no CLS, no head), the projector on every
-    tile's patches, the projector-site matching rounds (``tome``/``crossget``), and every LM
-    layer on the visual plus text tokens (``fastv``: layers from ``K`` on with ``keep``
-    visual tokens). The downsampling of ``pack_image_features`` is not counted."""
-    return FAMILY.prefill_flops(model, method, keep, image_size, text_len, fastv_layer)
-
-
 # --------------------------------------------------------------------------- the patched model
-class LlavaOnevisionModel(hf.LlavaOnevisionModel):
+class LlavaOnevisionModel(PackedSiteModel, hf.LlavaOnevisionModel):
     """The patched ``LlavaOnevisionModel`` (the instance's class is swapped; same name, so that
-    ``save_pretrained`` writes the stock architecture). Reads its :class:`Site` from the
-    crossget record."""
-
-    def pack_image_features(self, image_features, image_sizes, image_newline=None, vision_aspect_ratio="anyres_max_9"):
-        """Upstream's packing, then (``tome``/``crossget``) each image's ``[L_i, D]``
-        features reduced to ``[keep, D]``; returns ``(list of [keep, D], lengths [images])``."""
-        features, lengths = super().pack_image_features(
-            image_features, image_sizes, image_newline=image_newline, vision_aspect_ratio=vision_aspect_ratio)
-        return reduce_packed(features, lengths, record(self).glue, image_sizes)
-
-    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
-        """Upstream's masks, after a check of the image placeholders whose error says how to
-        build the prompts (video placeholders: upstream's check)."""
-        if image_features is not None:
-            check_placeholders(self, input_ids, inputs_embeds, image_features, record(self).glue)
-        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features=image_features,
-                                            video_features=video_features)
+    ``save_pretrained`` writes the stock architecture): upstream's ``pack_image_features``
+    and ``get_placeholder_mask`` with the site's reduction and the check of the image
+    placeholders (:class:`~crossget.families.visual_site.PackedSiteModel`; video
+    placeholders: upstream's check)."""
 
 
 # --------------------------------------------------------------------------- the family
@@ -237,21 +147,20 @@ class LlavaOnevisionFamily(PackedSiteFamily):
     size_hint = ("give image_size=(height, width) to crossget.image_tokens "
                  "(crossget.families.llava_onevision.MULTI_IMAGE for an image of a multi-image prompt)")
     stock_counts = staticmethod(stock_counts)
+    stock_image_tokens = staticmethod(stock_image_tokens)
 
-    def base_model(self, model: nn.Module) -> hf.LlavaOnevisionModel:
-        return base_model(model)
-
-    def stock_image_tokens(self, model: nn.Module, image_size: ImageSize | str) -> int:
-        return stock_image_tokens(model, image_size)
-
-    def image_label(self, image_size: Any) -> str:
+    def image_label(self, model: nn.Module, image_size: Any) -> str:
         if isinstance(image_size, str) and image_size == MULTI_IMAGE:
             return "an image of a multi-image prompt"
-        return super().image_label(image_size)
+        return super().image_label(model, image_size)
 
     def configure_processor(self, processor: Any, model: nn.Module) -> None:
         """The processor's patches per tile, tile size and grid pinpoints checked against the
-        model's; its feature strategy and ``vision_aspect_ratio`` set as the model's."""
+        model's; its feature strategy and ``vision_aspect_ratio`` set as the model's.
+
+        Raises:
+            ValueError: its patches per tile, tile size or grid pinpoints differ from the model's.
+        """
         cfg = base_model(model).config
         tile = cfg.vision_config.image_size
         patches = (tile // cfg.vision_config.patch_size) ** 2
@@ -264,12 +173,11 @@ class LlavaOnevisionFamily(PackedSiteFamily):
         got = size.get("height") or size.get("shortest_edge") or tile
         if got != tile:
             raise ValueError(f"the processor resizes tiles to {got} pixels, the vision tower's are {tile}")
-        points = [list(p) for p in getattr(processor.image_processor, "image_grid_pinpoints", None) or []]
-        if points != [list(p) for p in cfg.image_grid_pinpoints]:
-            raise ValueError(f"the processor's image_grid_pinpoints {points} differ from the model's "
-                             f"{cfg.image_grid_pinpoints}")
+        check_pinpoints(processor, cfg)
         processor.vision_feature_select_strategy = cfg.vision_feature_select_strategy
         processor.vision_aspect_ratio = cfg.vision_aspect_ratio
 
 
 FAMILY = LlavaOnevisionFamily()
+base_model, site, reference_size = FAMILY.base_model, FAMILY.site, FAMILY.reference_size
+image_tokens, adapt_processor, prefill_flops = FAMILY.image_tokens, FAMILY.adapt_processor, FAMILY.prefill_flops

@@ -57,6 +57,11 @@ overriding ``forward``, ``get_image_features``, ``get_rope_index`` and
 attentions are captured by the vision tower and the language model, whose classes stay, so
 output capture is unaffected. Unpatching restores the class.
 
+The module's :func:`base_model`, :func:`site`, :func:`adapt_processor` (which checks the
+image processor's patch, merge and temporal patch sizes against the model's) and
+:func:`image_tokens` are those of :data:`FAMILY`
+(:class:`~crossget.families.visual_site.SiteFamily`, shared with LLaVA-NeXT and OneVision).
+
 Shapes: ``L`` visual tokens of one image, ``D`` the LM's width, ``B`` prompts of length ``S``.
 """
 
@@ -73,19 +78,17 @@ from torch import nn
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
-from crossget.config import PatchConfig
-from crossget.families.base import Family, Tower
 from crossget.families.visual_site import (
     DEFAULT_TEXT_LEN,
-    FixedImageTokens,
     Site,
+    SiteFamily,
     check_keep,
     check_placeholders,
-    reduce_visual_tokens,
+    reduce_images,
+    site_and_lm_flops,
 )
 from crossget.methods import fastv
-from crossget.record import ATTR, TOWER_FIELDS, record, swap_class, unmark
-from crossget.schedule import decoder_layer_flops
+from crossget.record import ATTR, record
 
 __all__ = [
     "FAMILY",
@@ -110,19 +113,6 @@ ImageSpec = Sequence[int] | torch.Tensor  # a grid row (t, h, w) in patches, or 
 
 
 # --------------------------------------------------------------------------- anatomy
-def base_model(model: nn.Module) -> hf.Qwen2_5_VLModel:
-    """The ``Qwen2_5_VLModel`` of ``model`` (itself, or ``model.model``).
-
-    Raises:
-        TypeError: not a Qwen2.5-VL model.
-    """
-    if isinstance(model, hf.Qwen2_5_VLForConditionalGeneration):
-        return model.model
-    if isinstance(model, hf.Qwen2_5_VLModel):
-        return model
-    raise TypeError(f"expected a Qwen2_5_VLForConditionalGeneration or Qwen2_5_VLModel, got {type(model).__name__}")
-
-
 def _grid(model: nn.Module, image: ImageSpec) -> tuple[int, int, int]:
     """``(t, h, w)`` in patches: a grid row as given, or an image size ``(height, width)``
     resized as the image processor does by default (:data:`MIN_PIXELS`, :data:`MAX_PIXELS`)."""
@@ -160,67 +150,9 @@ def stock_counts(base: nn.Module, kwargs: dict) -> list[int]:
     return [stock_image_tokens(base, g) for g in kwargs["image_grid_thw"]]
 
 
-def site(model: nn.Module) -> Site | None:
-    """What the patch installed on the model's ``Qwen2_5_VLModel`` (the shared
-    :class:`~crossget.families.visual_site.Site`; None if not patched)."""
-    rec = record(base_model(model))
-    return rec.glue if rec is not None and isinstance(rec.glue, Site) else None
-
-
 def _reducing(base: nn.Module) -> Site | None:
-    rec = record(base)
-    s = rec.glue if rec is not None else None
-    return s if isinstance(s, Site) and s.reduces else None
-
-
-def image_tokens(model: nn.Module, image: ImageSpec | None = None) -> int:
-    """``<|image_pad|>`` placeholders an image needs in the prompt, as the model is patched
-    now: ``keep`` when reduced (``tome``, ``crossget``), else the stock count of
-    :func:`stock_image_tokens`. ``image``: its ``image_grid_thw`` row ``(t, h, w)``, or its
-    size ``(height, width)`` in pixels.
-
-    Raises:
-        ValueError: no ``image`` where the count depends on it (stock, ``none``), or ``keep``
-            is more than such an image gives.
-    """
-    s = site(model)
-    if s is not None and s.reduces:
-        if image is not None:
-            check_keep(s.keep, stock_image_tokens(model, image), f"an image with grid {_grid(model, image)}")
-        return s.keep
-    if image is None:
-        raise ValueError("Qwen2.5-VL's visual-token count depends on the image: give its image_grid_thw row "
-                         "(t, h, w) or its size (height, width) to crossget.image_tokens")
-    return stock_image_tokens(model, image)
-
-
-def adapt_processor(processor: Any, model: nn.Module) -> Any:
-    """Make a ``Qwen2_5_VLProcessor`` write :func:`image_tokens` placeholders per image; returns it.
-
-    Reduced: ``keep`` for every image (an instance attribute ``replace_image_token``,
-    :class:`FixedImageTokens`); the processor's ``mm_token_type_ids`` are built from the
-    tokenized placeholders, so they follow. Otherwise the processor's own per-grid count (the
-    attribute is removed). Call it again after re-patching or unpatching.
-
-    Raises:
-        TypeError: ``processor`` is not a Qwen2.5-VL processor.
-        ValueError: its image processor's patch or merge size differs from the model's.
-    """
-    if not isinstance(processor, Qwen2_5_VLProcessor):
-        raise TypeError(f"expected a Qwen2_5_VLProcessor, got {type(processor).__name__}")
-    vcfg = base_model(model).config.vision_config
-    ip = processor.image_processor
-    for name, mine in (("patch_size", vcfg.patch_size), ("merge_size", vcfg.spatial_merge_size),
-                       ("temporal_patch_size", vcfg.temporal_patch_size)):
-        theirs = getattr(ip, name, None)
-        if theirs is not None and theirs != mine:
-            raise ValueError(f"the image processor's {name} is {theirs}, the model's is {mine}")
-    s = site(model)
-    if s is not None and s.reduces:
-        processor.replace_image_token = FixedImageTokens(processor.image_token, s.keep)
-    else:
-        processor.__dict__.pop("replace_image_token", None)  # the class's per-grid count again
-    return processor
+    s = FAMILY.site(base)
+    return s if s is not None and s.reduces else None
 
 
 # --------------------------------------------------------------------------- positions
@@ -394,35 +326,7 @@ def prefill_flops(
     image = (DEFAULT_IMAGE, DEFAULT_IMAGE) if image is None else image
     stock = stock_image_tokens(model, image)
     keep = stock if keep is None else keep
-    total = vision_tower_flops(model, image)
-    if method in ("tome", "crossget"):
-        n = stock
-        while n > keep:  # the rounds of reduce_visual_tokens: bipartite (N/2)^2 or complete N^2 products
-            pairs = (n // 2) * ((n + 1) // 2) if method == "tome" else n * n
-            total += 2 * pairs * tcfg.hidden_size
-            n -= min(n - keep, n // 2)
-    visual = keep if method in ("tome", "crossget") else stock
-    for layer in range(tcfg.num_hidden_layers):
-        n = keep if method == "fastv" and layer >= fastv_layer else visual
-        total += decoder_layer_flops(tcfg, n + text_len)
-    return float(total)
-
-
-def solve_keep(model: nn.Module, target: float, method: str, image: ImageSpec, text_len: int,
-               fastv_layer: int) -> tuple[int, float]:
-    """Largest ``keep`` whose :func:`prefill_flops` are at most ``target`` x the stock ones,
-    and that ratio.
-
-    Raises:
-        ValueError: no ``keep`` reaches the target (the tower runs whole).
-    """
-    ref = prefill_flops(model, image=image, text_len=text_len)
-    for keep in range(stock_image_tokens(model, image), 0, -1):
-        ratio = prefill_flops(model, method, keep, image, text_len, fastv_layer) / ref
-        if ratio <= target + 1e-12:
-            return keep, ratio
-    raise ValueError(f"flops={target} is out of reach for method={method!r} with a {text_len}-token prompt and an "
-                     f"image of grid {_grid(model, image)} (the vision tower runs whole)")
+    return float(vision_tower_flops(model, image) + site_and_lm_flops(tcfg, method, stock, keep, text_len, fastv_layer))
 
 
 # --------------------------------------------------------------------------- the patched model
@@ -447,16 +351,8 @@ class Qwen2_5_VLModel(hf.Qwen2_5_VLModel):  # noqa: N801 (upstream's name: save_
         return_dict = kwargs.pop("return_dict", None)
         out = super().get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
         if s is not None:
-            tokens, firsts = [], []
-            for i, f in enumerate(out.pooler_output):
-                if s.keep > f.shape[0]:
-                    raise ValueError(
-                        f"keep={s.keep} is more than the {f.shape[0]} visual tokens image {i} "
-                        f"(image_grid_thw {tuple(image_grid_thw[i].tolist())}) gives; patch with a smaller keep "
-                        f"(crossget.image_tokens(model, grid) on the stock model counts them)")
-                tok, first = reduce_visual_tokens(f, s.keep, s.method)
-                tokens.append(tok.to(f.dtype))
-                firsts.append(first)
+            tokens, firsts = reduce_images(out.pooler_output, s, image_grid_thw, "image_grid_thw", "grid")
+            tokens = [t.to(f.dtype) for t, f in zip(tokens, out.pooler_output)]
             out.pooler_output = tuple(tokens)
             out.__dict__[ATTR] = KeptTokens(tuple(tokens), image_grid_thw.detach().clone(), tuple(firsts))
         if return_dict is False or (return_dict is None and not self.config.return_dict):
@@ -545,101 +441,54 @@ class Qwen2_5_VLModel(hf.Qwen2_5_VLModel):  # noqa: N801 (upstream's name: save_
 
 
 # --------------------------------------------------------------------------- the family
-class QwenVLFamily(Family):
-    """Qwen2.5-VL: the budget is the visual tokens per image that reach the language model."""
+class QwenVLFamily(SiteFamily):
+    """Qwen2.5-VL: the budget is the visual tokens per image that reach the language model
+    (``keep`` more than an image gives is refused at the forward that sees it)."""
 
     name = "Qwen2.5-VL"
     classes = (hf.Qwen2_5_VLForConditionalGeneration, hf.Qwen2_5_VLModel)
-    methods = ("none", "tome", "crossget", "fastv")
-    # guidance: read only to refuse a rule (a resolved config names the authors' one)
-    options = frozenset({"keep", "flops", "fastv_layer", "text_len", "image_size", "towers", "importance", "guidance",
-                         "guidance_scale"})
-    importance = ("cross", "none")  # no cross tokens at the projector site: both run without
-    default_guidance = "reference"  # nothing is guided here: whatever the encoders' default becomes
+    patched_class = Qwen2_5_VLModel
+    processor_class = Qwen2_5_VLProcessor
+    depends_on = "the image"
+    size_hint = "give its image_grid_thw row (t, h, w) or its size (height, width) to crossget.image_tokens"
+    fastv_pre_hook = False  # the patched forward sets FastV's per-forward inputs
+    stock_counts = staticmethod(stock_counts)
+    stock_image_tokens = staticmethod(stock_image_tokens)
+    prefill_flops = staticmethod(prefill_flops)
 
-    def image_tokens(self, model: nn.Module, image_size: ImageSpec | None = None) -> int:
-        """:func:`image_tokens` (``image_size``: a grid row ``(t, h, w)`` or ``(height, width)`` pixels)."""
-        return image_tokens(model, image_size)
+    def image_label(self, model: nn.Module, image_size: ImageSpec) -> str:
+        return f"an image with grid {_grid(model, image_size)}"
 
-    def adapt_processor(self, processor: Any, model: nn.Module) -> Any:
-        return adapt_processor(processor, model)
+    def default_image(self, model: nn.Module, image_size: Any) -> Any:
+        """``image_size`` (a grid row, ``(height, width)`` or a square's side), default a
+        :data:`DEFAULT_IMAGE`-pixel square."""
+        image = DEFAULT_IMAGE if image_size is None else image_size
+        return (image, image) if isinstance(image, int) else image
 
-    def towers(self, model: nn.Module) -> dict[str, Tower]:
-        """None: no tower is patched (the reduction is at the projector site or in the LM)."""
-        base_model(model)
-        return {}
+    def check_patch_keep(self, model: nn.Module, keep: Any, size: Any) -> int:
+        return check_keep(keep)  # more than an image gives: refused at the forward that sees it
 
-    def patch(self, model: nn.Module, cfg: PatchConfig) -> PatchConfig:
-        """Budgets (give one): ``keep`` visual tokens per image (every image, whatever its
-        grid), or ``flops`` a target ratio of :func:`prefill_flops` for one square image of
-        ``image_size`` pixels (default ``DEFAULT_IMAGE``) and ``text_len`` prompt tokens
-        (default 64). ``fastv_layer``: FastV's K.
+    def configure_processor(self, processor: Any, model: nn.Module) -> None:
+        """The image processor's patch, merge and temporal patch sizes checked against the model's.
 
         Raises:
-            TypeError: not a Qwen2.5-VL model.
-            ValueError: bad method, budget (not an int, zero, negative; more than an image
-                gives is refused at the forward that sees it), towers, guidance or fastv_layer.
+            ValueError: one differs from the model's.
         """
-        base = base_model(model)
-        method = cfg.method
-        if cfg.towers not in (None, ()):
-            raise ValueError(f"Qwen2.5-VL reduces at the projector site, no tower: towers must be None "
-                             f"(or ()), got {cfg.towers!r}")
-        if cfg.guidance not in (None, "reference") or cfg.guidance_scale not in (None, 1.0):
-            raise ValueError("Qwen2.5-VL's projector-site matching has no importance to guide: "
-                             f"guidance={cfg.guidance!r}, guidance_scale={cfg.guidance_scale!r} cannot apply")
-        n_lm = len(base.language_model.layers)
-        fastv_layer = fastv.DEFAULT_LAYER if cfg.fastv_layer is None else cfg.fastv_layer
-        if method == "fastv" and (isinstance(fastv_layer, bool) or not isinstance(fastv_layer, int)
-                                  or not 1 <= fastv_layer < n_lm):
-            raise ValueError(f"fastv_layer must be an int in [1, {n_lm - 1}] for this {n_lm}-layer LM, got {fastv_layer!r}")
-        if cfg.keep is not None and cfg.flops is not None:
-            raise ValueError("give keep= or flops=, not both")
-        side = DEFAULT_IMAGE if cfg.image_size is None else cfg.image_size
-        text_len = DEFAULT_TEXT_LEN if cfg.text_len is None else cfg.text_len
-        keep, estimate = cfg.keep, None
-        if method == "none":
-            keep = None
-        elif cfg.flops is not None:
-            keep, estimate = solve_keep(model, cfg.flops, method, (side, side), text_len, fastv_layer)
-        elif keep is None:
-            raise ValueError("give keep= (visual tokens per image) or flops= (target prefill FLOPs ratio)")
-        else:
-            keep = check_keep(keep)  # more than an image gives: refused at the forward that sees it
-        self.unpatch(model)
-        s = Site(method, keep if keep is not None else 0, family=self.name, counts=stock_counts)
-        if method == "fastv":
-            # per_image is set by every forward (it follows the images' grid)
-            s.fastv = fastv.FastV(base.language_model, fastv_layer, keep, per_image=keep)
-            s.handles = s.fastv.install()
-        swap_class(base, Qwen2_5_VLModel, glue=s, handles=s.handles)
-        return PatchConfig(method=method, keep=keep, flops=cfg.flops, flops_estimate=estimate, towers=(),
-                           importance="none" if method == "crossget" else cfg.importance,
-                           guidance=cfg.guidance, guidance_scale=cfg.guidance_scale,
-                           text_len=cfg.text_len if cfg.flops is None else text_len, image_size=cfg.image_size,
-                           fastv_layer=fastv_layer if method == "fastv" else None)
-
-    def unpatch(self, model: nn.Module) -> None:
-        base = base_model(model)
-        if site(model) is not None:
-            unmark(base, TOWER_FIELDS + ("glue",))  # stock class back
-
-    def tokens_per_layer(
-        self, model: nn.Module, text_len: int | None = None, image_size: Any = None
-    ) -> dict[str, list[int]]:
-        """Tokens in each LM layer (``language``) for one image (``image_size``: a grid row,
-        ``(height, width)`` or a square's side; default ``DEFAULT_IMAGE``) and ``text_len``
-        other prompt tokens (default 64)."""
-        base = base_model(model)
-        s = site(model)
-        text_len = DEFAULT_TEXT_LEN if text_len is None else text_len
-        image = DEFAULT_IMAGE if image_size is None else image_size
-        image = (image, image) if isinstance(image, int) else image
-        n_lm = len(base.language_model.layers)
-        language = [image_tokens(model, image) + text_len] * n_lm
-        if s is not None and s.fastv is not None:
-            language[s.fastv.layer:] = [s.keep + text_len] * (n_lm - s.fastv.layer)
-        return {"language": language}
+        vcfg = base_model(model).config.vision_config
+        ip = processor.image_processor
+        for name, mine in (("patch_size", vcfg.patch_size), ("merge_size", vcfg.spatial_merge_size),
+                           ("temporal_patch_size", vcfg.temporal_patch_size)):
+            theirs = getattr(ip, name, None)
+            if theirs is not None and theirs != mine:
+                raise ValueError(f"the image processor's {name} is {theirs}, the model's is {mine}")
 
 
 FAMILY = QwenVLFamily()
+base_model, site, adapt_processor, solve_keep = FAMILY.base_model, FAMILY.site, FAMILY.adapt_processor, FAMILY.solve_keep
+
+
+def image_tokens(model: nn.Module, image: ImageSpec | None = None) -> int:
+    """``<|image_pad|>`` placeholders an image needs in the prompt, as the model is patched
+    now (:meth:`~crossget.families.visual_site.SiteFamily.image_tokens`). ``image``: its
+    ``image_grid_thw`` row ``(t, h, w)``, or its size ``(height, width)`` in pixels."""
+    return FAMILY.image_tokens(model, image)

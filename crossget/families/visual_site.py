@@ -15,13 +15,17 @@ Both match on the features themselves (cosine), merge by size-weighted averages
 order of each token's smallest original index, so spatial order is kept.
 
 The rest of the module is what such families share around the site (LLaVA-NeXT,
-LLaVA-OneVision): :class:`Site` (the method and budget a patched model reads, and FastV's
-per-forward wiring in the language model), :func:`reduce_packed` (every packed image to
-``keep`` tokens), :func:`check_placeholders` (a prompt/feature mismatch that says how to
-build prompts), :class:`FixedImageTokens` (a processor writing ``keep`` placeholders) and
-:class:`PackedSiteFamily`, the family logic (budgets, ``flops=``, placeholders, patching)
-on top of four per-family pieces: the base model, the stock count of an image, the
-patched class and the processor's settings.
+LLaVA-OneVision, Qwen2.5-VL): :class:`Site` (the method and budget a patched model reads,
+and FastV's per-forward wiring in the language model), :func:`reduce_images` /
+:func:`reduce_packed` (every image to ``keep`` tokens), :func:`check_placeholders` (a
+prompt/feature mismatch that says how to build prompts), :class:`FixedImageTokens` (a
+processor writing ``keep`` placeholders), :func:`site_and_lm_flops` (the analytic FLOPs after
+the vision side), :class:`SiteFamily`, the family logic (budgets, ``flops=``, placeholders,
+the processor, patching) on top of a few per-family pieces (the classes, the stock count of
+an image, the FLOPs model, the default image, the processor's settings), and, for the
+LLaVA-style families (anyres tiles packed by ``pack_image_features``),
+:func:`unpadded_grid` (an image's tile grid), :func:`check_pinpoints`,
+:class:`PackedSiteModel` (the patched base model's overrides) and :class:`PackedSiteFamily`.
 
 Shapes: ``L`` visual tokens of one image, ``D`` channels.
 """
@@ -52,13 +56,19 @@ __all__ = [
     "FixedImageTokens",
     "ImageSize",
     "PackedSiteFamily",
+    "PackedSiteModel",
     "Site",
+    "SiteFamily",
     "check_keep",
+    "check_pinpoints",
     "check_placeholders",
     "image_hw",
     "placeholder_mask",
+    "reduce_images",
     "reduce_packed",
     "reduce_visual_tokens",
+    "site_and_lm_flops",
+    "unpadded_grid",
 ]
 
 SITE_METHODS = ("tome", "crossget")  # what reduce_visual_tokens runs
@@ -145,6 +155,35 @@ def image_hw(image_size: ImageSize) -> tuple[int, int]:
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in image_size)):
         raise ValueError(f"image_size must be (height, width) in pixels (or one int for a square), got {image_size!r}")
     return int(image_size[0]), int(image_size[1])
+
+
+def unpadded_grid(config: Any, image_size: ImageSize) -> tuple[int, int]:
+    """``(rows, cols)`` in patches of the tile grid an image of ``image_size`` ``(h, w)`` pixels
+    (its original size) gets in a LLaVA-style model (``config``: ``vision_config``,
+    ``image_grid_pinpoints``): the grid of its best pinpoint, unpadded to the image's aspect
+    ratio, the arithmetic of upstream's ``select_best_resolution`` / ``unpad_image``."""
+    h, w = image_hw(image_size)
+    tile = config.vision_config.image_size
+    side = tile // config.vision_config.patch_size
+    best_h, best_w = select_best_resolution([h, w], config.image_grid_pinpoints)
+    rows, cols = best_h // tile * side, best_w // tile * side  # grid in patches
+    # unpad_image: crop the padding the processor's resize-and-pad added on one axis
+    if w / h > cols / rows:
+        new_rows = int(round(h * (cols / w), 7))
+        rows -= (rows - new_rows) // 2 * 2
+    else:
+        new_cols = int(round(w * (rows / h), 7))
+        cols -= (cols - new_cols) // 2 * 2
+    return rows, cols
+
+
+def check_pinpoints(processor: Any, config: Any) -> None:
+    """A ``ValueError`` if ``processor``'s image processor has other ``image_grid_pinpoints``
+    than the model's ``config``."""
+    points = [list(p) for p in getattr(processor.image_processor, "image_grid_pinpoints", None) or []]
+    if points != [list(p) for p in config.image_grid_pinpoints]:
+        raise ValueError(f"the processor's image_grid_pinpoints {points} differ from the model's "
+                         f"{config.image_grid_pinpoints}")
 
 
 def placeholder_mask(base: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
@@ -251,11 +290,36 @@ class Site:
         self.on_forward(base, args, kwargs)
 
 
+def reduce_images(
+    features: Sequence[torch.Tensor], site: Site, sizes: Any = None, label: str = "size", arg: str = "image_size"
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every image's ``[L_i, D]`` features reduced to ``site.keep`` tokens with ``site.method``
+    (:func:`reduce_visual_tokens`): ``(tokens [keep, D] per image, first [keep] per image)``.
+
+    Raises:
+        ValueError: an image gives fewer than ``keep`` tokens, named with its row of ``sizes``
+            (``[images, k]``, when given) as ``(label row)``; the error says to count them with
+            ``crossget.image_tokens(model, arg)``.
+    """
+    tokens, firsts = [], []
+    for i, f in enumerate(features):
+        if site.keep > f.shape[0]:
+            size = "" if sizes is None else f" ({label} {tuple(torch.as_tensor(sizes[i]).tolist())})"
+            raise ValueError(
+                f"keep={site.keep} is more than the {f.shape[0]} visual tokens image {i}{size} gives; "
+                f"patch with a smaller keep (crossget.image_tokens(model, {arg}) on the stock model counts them)"
+            )
+        tok, first = reduce_visual_tokens(f, site.keep, site.method)
+        tokens.append(tok)
+        firsts.append(first)
+    return tokens, firsts
+
+
 def reduce_packed(
     features: Sequence[torch.Tensor], lengths: torch.Tensor, site: Site, image_sizes: Any = None
 ) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
     """What ``pack_image_features`` returned, reduced at the site: with ``tome`` / ``crossget``
-    each image's ``[L_i, D]`` features become ``[keep, D]`` (:func:`reduce_visual_tokens`) and
+    each image's ``[L_i, D]`` features become ``[keep, D]`` (:func:`reduce_images`) and
     ``lengths`` ``[images]`` all ``keep``; otherwise both unchanged.
 
     Raises:
@@ -264,16 +328,7 @@ def reduce_packed(
     """
     if not site.reduces:
         return features, lengths
-    out = []
-    for i, f in enumerate(features):
-        if site.keep > f.shape[0]:
-            size = "" if image_sizes is None else f" (size {tuple(torch.as_tensor(image_sizes[i]).tolist())})"
-            raise ValueError(
-                f"keep={site.keep} is more than the {f.shape[0]} visual tokens image {i}{size} gives; "
-                f"patch with a smaller keep (crossget.image_tokens(model, image_size) on the stock model counts them)"
-            )
-        out.append(reduce_visual_tokens(f, site.keep, site.method)[0])
-    return out, torch.full_like(lengths, site.keep)
+    return reduce_images(features, site, image_sizes)[0], torch.full_like(lengths, site.keep)
 
 
 def check_placeholders(
@@ -293,19 +348,61 @@ def check_placeholders(
         )
 
 
-# --------------------------------------------------------------------------- the family logic
-class PackedSiteFamily(Family):
-    """A LLaVA-style family whose budget is ``keep`` visual tokens per image after packing
-    (reduced at the projector site by :attr:`patched_class`, or FastV in the language model).
+class PackedSiteModel:
+    """The overrides a :class:`PackedSiteFamily`'s patched base model shares, put first among
+    the bases of a subclass of the upstream model (``class LlavaNextModel(PackedSiteModel,
+    hf.LlavaNextModel)``; the subclass keeps upstream's name, so that ``save_pretrained``
+    writes the stock architecture). Reads its :class:`Site` from the crossget record."""
 
-    A subclass sets :attr:`name`, :attr:`classes`, :attr:`patched_class` (the base model's
-    subclass whose ``pack_image_features`` calls :func:`reduce_packed` and whose
-    ``get_placeholder_mask`` calls :func:`check_placeholders`), :attr:`processor_class`,
-    :attr:`tower_extra` and :attr:`stock_counts`, and implements :meth:`base_model`,
-    :meth:`stock_image_tokens` and :meth:`configure_processor`. The base model's config is a
-    LLaVA-NeXT-style one (``vision_config``, ``text_config``, ``image_grid_pinpoints``,
-    ``vision_feature_layer``, ``vision_feature_select_strategy``, ``image_token_id``) and its
-    language model a Llama-style decoder (``.layers``).
+    def pack_image_features(self, image_features: Any, image_sizes: Any, *args: Any, **kwargs: Any) -> Any:
+        """Upstream's packing, then (``tome``/``crossget``) each image's ``[L_i, D]`` features
+        reduced to ``[keep, D]`` (:func:`reduce_packed`); returns ``(list of [keep, D], lengths [images])``."""
+        features, lengths = super().pack_image_features(image_features, image_sizes, *args, **kwargs)
+        return reduce_packed(features, lengths, record(self).glue, image_sizes)
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor,
+                             image_features: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Upstream's mask(s), after a check of the image placeholders whose error says how to
+        build the prompts (:func:`check_placeholders`; other placeholders: upstream's check)."""
+        if image_features is not None:
+            check_placeholders(self, input_ids, inputs_embeds, image_features, record(self).glue)
+        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features, *args, **kwargs)
+
+
+def site_and_lm_flops(
+    text_config: Any, method: str, stock: int, keep: int, text_len: int, fastv_layer: int
+) -> int:
+    """Analytic FLOPs after the vision side of one prefill with one image of ``stock`` visual
+    tokens: the projector-site matching rounds (``tome``/``crossget`` down to ``keep``: the
+    similarity products) and every LM layer (``text_config``, a Llama-style decoder) on the
+    visual plus ``text_len`` text tokens (``fastv``: layers from ``fastv_layer`` on with
+    ``keep`` visual tokens)."""
+    total = 0
+    if method in SITE_METHODS:
+        n = stock
+        while n > keep:  # the rounds of reduce_visual_tokens: bipartite (N/2)^2 or complete N^2 products
+            pairs = (n // 2) * ((n + 1) // 2) if method == "tome" else n * n
+            total += 2 * pairs * text_config.hidden_size
+            n -= min(n - keep, n // 2)
+    visual = keep if method in SITE_METHODS else stock
+    for layer in range(text_config.num_hidden_layers):
+        n = keep if method == "fastv" and layer >= fastv_layer else visual
+        total += decoder_layer_flops(text_config, n + text_len)
+    return total
+
+
+# --------------------------------------------------------------------------- the family logic
+class SiteFamily(Family):
+    """A multimodal LLM family whose budget is ``keep`` visual tokens per image, reduced at the
+    projector site by :attr:`patched_class` (``tome``, ``crossget``), or FastV in the language
+    model: budgets, ``flops=``, placeholders, the processor and patching.
+
+    A subclass sets :attr:`name`, :attr:`classes` (``(the model with the LM head, the base
+    model)``), :attr:`patched_class` (the base model's patched subclass), :attr:`processor_class`,
+    :attr:`stock_counts`, :attr:`stock_image_tokens` and :attr:`prefill_flops` (module-level
+    functions, as static methods), and implements :meth:`default_image` and
+    :meth:`configure_processor`. The base model's language model is a Llama-style decoder
+    (``.layers``).
     """
 
     methods = ("none", "tome", "crossget", "fastv")
@@ -316,18 +413,25 @@ class PackedSiteFamily(Family):
     default_guidance = "reference"  # nothing is guided here: whatever the encoders' default becomes
     patched_class: type = nn.Module
     processor_class: type = object
-    tower_extra: int = 1  # tokens per tile in the vision tower besides its patches (CLIP's CLS; SigLIP: 0)
+    depends_on: str = "the image size"  # what the stock count depends on, in errors
     size_hint: str = "give image_size=(height, width) to crossget.image_tokens"
+    fastv_pre_hook: bool = True  # FastV's per-forward inputs from a forward pre-hook (else the patched forward sets them)
     # (base model, forward kwargs with pixel_values) -> stock tokens per image; a module-level function
     stock_counts: Callable[[nn.Module, dict], list[int]] | None = None
 
     # ---------------------------------------------------------------- per family
-    def base_model(self, model: nn.Module) -> nn.Module:
-        """The base model (``model`` itself, or ``model.model``); TypeError for another class."""
+    def stock_image_tokens(self, model: nn.Module, image_size: Any) -> int:
+        """Visual tokens the unpatched model gives an image of ``image_size``."""
         raise NotImplementedError
 
-    def stock_image_tokens(self, model: nn.Module, image_size: Any) -> int:
-        """Visual tokens the unpatched model gives an image of ``image_size`` ``(h, w)``."""
+    def prefill_flops(self, model: nn.Module, method: str = "none", keep: int | None = None, image_size: Any = None,
+                      text_len: int = DEFAULT_TEXT_LEN, fastv_layer: int = fastv.DEFAULT_LAYER) -> float:
+        """Analytic FLOPs of one prefill with one image of ``image_size`` and ``text_len`` other prompt tokens."""
+        raise NotImplementedError
+
+    def default_image(self, model: nn.Module, image_size: Any) -> Any:
+        """The image ``flops=`` budgets and token counts are planned for (``image_size``, or the
+        family's default when None)."""
         raise NotImplementedError
 
     def configure_processor(self, processor: Any, model: nn.Module) -> None:
@@ -335,36 +439,33 @@ class PackedSiteFamily(Family):
         raise NotImplementedError
 
     # ---------------------------------------------------------------- shared
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The base model of ``model`` (``model.model`` for the model with the LM head, or
+        ``model`` itself).
+
+        Raises:
+            TypeError: not one of the family's models.
+        """
+        outer, inner = self.classes
+        if isinstance(model, outer):
+            return model.model
+        if isinstance(model, inner):
+            return model
+        raise TypeError(f"expected a {outer.__name__} or {inner.__name__}, got {type(model).__name__}")
+
     def site(self, model: nn.Module) -> Site | None:
         """What the patch installed on the base model (None if not patched)."""
         rec = record(self.base_model(model))
         return rec.glue if rec is not None and isinstance(rec.glue, Site) else None
 
-    def reference_size(self, model: nn.Module) -> tuple[int, int]:
-        """(height, width) the ``flops=`` budget is planned for by default: the largest grid
-        pinpoint (by area; the first such), or the tower's tile size if there is none."""
-        cfg = self.base_model(model).config
-        points = [tuple(p) for p in (cfg.image_grid_pinpoints or [])]
-        if not points:
-            return cfg.vision_config.image_size, cfg.vision_config.image_size
-        return max(points, key=lambda p: p[0] * p[1])
-
-    def tiles(self, model: nn.Module, image_size: ImageSize) -> int:
-        """Tiles the tower runs on for an image of ``image_size`` alone in its prompt: the base
-        tile and the grid of its best pinpoint (upstream's ``image_size_to_num_patches``)."""
-        cfg = self.base_model(model).config
-        tile = cfg.vision_config.image_size
-        h, w = select_best_resolution(list(image_hw(image_size)), cfg.image_grid_pinpoints)
-        return -(-h // tile) * -(-w // tile) + 1
-
-    def image_label(self, image_size: Any) -> str:
+    def image_label(self, model: nn.Module, image_size: Any) -> str:
         """How errors name an image of ``image_size``."""
         return f"an image of size {image_hw(image_size)}"
 
     def image_tokens(self, model: nn.Module, image_size: Any = None) -> int:
-        """``<image>`` placeholders an image of ``image_size`` ``(h, w)`` needs in the prompt, as
-        the model is patched now: ``keep`` when reduced at the projector site (``tome``,
-        ``crossget``), else the stock count of :meth:`stock_image_tokens`.
+        """Image placeholders an image of ``image_size`` needs in the prompt, as the model is
+        patched now: ``keep`` when reduced at the projector site (``tome``, ``crossget``), else
+        the stock count of :meth:`stock_image_tokens`.
 
         Raises:
             ValueError: no ``image_size`` where the count depends on it (stock, ``none``,
@@ -373,10 +474,10 @@ class PackedSiteFamily(Family):
         s = self.site(model)
         if s is not None and s.reduces:
             if image_size is not None:
-                check_keep(s.keep, self.stock_image_tokens(model, image_size), self.image_label(image_size))
+                check_keep(s.keep, self.stock_image_tokens(model, image_size), self.image_label(model, image_size))
             return s.keep
         if image_size is None:
-            raise ValueError(f"{self.name}'s visual-token count depends on the image size: {self.size_hint}")
+            raise ValueError(f"{self.name}'s visual-token count depends on {self.depends_on}: {self.size_hint}")
         return self.stock_image_tokens(model, image_size)
 
     def adapt_processor(self, processor: Any, model: nn.Module) -> Any:
@@ -406,74 +507,35 @@ class PackedSiteFamily(Family):
         self.base_model(model)
         return {}
 
-    def prefill_flops(
-        self,
-        model: nn.Module,
-        method: str = "none",
-        keep: int | None = None,
-        image_size: ImageSize | None = None,
-        text_len: int = DEFAULT_TEXT_LEN,
-        fastv_layer: int = fastv.DEFAULT_LAYER,
-    ) -> float:
-        """Analytic FLOPs of one prefill with one image of ``image_size`` (default
-        :meth:`reference_size`) and ``text_len`` other prompt tokens: the vision tower on every
-        tile (patch embedding, all layers, ``tower_extra`` tokens besides the patches), the
-        projector, the projector-site matching rounds (``tome``/``crossget``: the similarity
-        products), and every LM layer on the visual plus text tokens (``fastv``: layers from
-        ``K`` on with ``keep`` visual tokens)."""
-        cfg = self.base_model(model).config
-        vcfg, tcfg = cfg.vision_config, cfg.text_config
-        size = self.reference_size(model) if image_size is None else image_hw(image_size)
-        stock = self.stock_image_tokens(model, size)
-        keep = stock if keep is None else keep
-        tiles = self.tiles(model, size)
-        patches = (vcfg.image_size // vcfg.patch_size) ** 2
-        n0 = patches + self.tower_extra
-        c = vcfg.hidden_size
-        per_tile = 2 * patches * c * vcfg.num_channels * vcfg.patch_size**2
-        per_tile += vcfg.num_hidden_layers * vit_layer_flops(c, vcfg.intermediate_size, n0, n0)
-        total = tiles * per_tile
-        layers = cfg.vision_feature_layer
-        width_in = c * (1 if isinstance(layers, int) else len(layers))
-        projected = tiles * (n0 - (cfg.vision_feature_select_strategy == "default"))  # "default" drops token 0
-        total += 2 * projected * (width_in * tcfg.hidden_size + tcfg.hidden_size**2)
-        if method in SITE_METHODS:
-            n = stock
-            while n > keep:  # the rounds of reduce_visual_tokens: bipartite (N/2)^2 or complete N^2 products
-                pairs = (n // 2) * ((n + 1) // 2) if method == "tome" else n * n
-                total += 2 * pairs * tcfg.hidden_size
-                n -= min(n - keep, n // 2)
-        visual = keep if method in SITE_METHODS else stock
-        for layer in range(tcfg.num_hidden_layers):
-            n = keep if method == "fastv" and layer >= fastv_layer else visual
-            total += decoder_layer_flops(tcfg, n + text_len)
-        return float(total)
+    def check_patch_keep(self, model: nn.Module, keep: Any, size: Any) -> int:
+        """``keep`` checked when patching: an int no more than the planned image ``size`` gives."""
+        return check_keep(keep, self.stock_image_tokens(model, size), f"{self.image_label(model, size)} (the reference size)")
 
-    def solve_keep(self, model: nn.Module, target: float, method: str, size: tuple[int, int], text_len: int,
+    def solve_keep(self, model: nn.Module, target: float, method: str, size: Any, text_len: int,
                    fastv_layer: int) -> tuple[int, float]:
-        """Largest ``keep`` whose estimated prefill FLOPs are at most ``target`` x the stock ones,
+        """Largest ``keep`` whose :meth:`prefill_flops` are at most ``target`` x the stock ones,
         and that ratio.
 
         Raises:
             ValueError: even ``keep=1`` costs more.
         """
-        ref = self.prefill_flops(model, image_size=size, text_len=text_len)
+        ref = self.prefill_flops(model, "none", None, size, text_len)
         for keep in range(self.stock_image_tokens(model, size), 0, -1):
             ratio = self.prefill_flops(model, method, keep, size, text_len, fastv_layer) / ref
             if ratio <= target + 1e-12:
                 return keep, ratio
         raise ValueError(f"flops={target} is out of reach for method={method!r} with a {text_len}-token prompt "
-                         f"and a {size[0]}x{size[1]} image (the tower and projector run whole)")
+                         f"and {self.image_label(model, size)} (the vision side runs whole)")
 
     def patch(self, model: nn.Module, cfg: PatchConfig) -> PatchConfig:
         """Budgets (give one): ``keep`` visual tokens per image, or ``flops`` a target ratio of
-        :meth:`prefill_flops` for one image of ``image_size`` (default :meth:`reference_size`)
+        :meth:`prefill_flops` for one image of ``image_size`` (default :meth:`default_image`)
         and ``text_len`` prompt tokens (default 64). ``fastv_layer``: FastV's K.
 
         Raises:
             TypeError: not one of the family's models.
-            ValueError: bad method, budget (not an int, zero, negative, more than the
-                reference image gives), towers, guidance or fastv_layer.
+            ValueError: bad method, budget (not an int, zero, negative, more than
+                :meth:`check_patch_keep` takes), towers, guidance or fastv_layer.
         """
         base = self.base_model(model)
         method = cfg.method
@@ -490,7 +552,7 @@ class PackedSiteFamily(Family):
         if method == "fastv" and (isinstance(fastv_layer, bool) or not isinstance(fastv_layer, int)
                                   or not 1 <= fastv_layer < n_lm):
             raise ValueError(f"fastv_layer must be an int in [1, {n_lm - 1}] for this {n_lm}-layer LM, got {fastv_layer!r}")
-        size = self.reference_size(model) if cfg.image_size is None else image_hw(cfg.image_size)
+        size = self.default_image(model, cfg.image_size)
         text_len = DEFAULT_TEXT_LEN if cfg.text_len is None else cfg.text_len
         keep, estimate = cfg.keep, None
         if method == "none":
@@ -500,14 +562,16 @@ class PackedSiteFamily(Family):
         elif keep is None:
             raise ValueError("give keep= (visual tokens per image) or flops= (target prefill FLOPs ratio)")
         else:
-            check_keep(keep, self.stock_image_tokens(model, size), f"a {size[0]}x{size[1]} image (the reference size)")
+            keep = self.check_patch_keep(model, keep, size)
 
         self.unpatch(model)
         s = Site(method, keep if keep is not None else 0, self.name, self.stock_counts)
         if method == "fastv":
             # per_image is set by every forward (it depends on the images' size)
             s.fastv = fastv.FastV(base.language_model, fastv_layer, keep, per_image=keep)
-            s.handles = s.fastv.install() + [base.register_forward_pre_hook(s, with_kwargs=True)]
+            s.handles = s.fastv.install()
+            if self.fastv_pre_hook:
+                s.handles.append(base.register_forward_pre_hook(s, with_kwargs=True))
         swap_class(base, self.patched_class, glue=s, handles=s.handles)
         return PatchConfig(
             method=method, keep=keep, flops=cfg.flops, flops_estimate=estimate, towers=(),
@@ -526,17 +590,80 @@ class PackedSiteFamily(Family):
         self, model: nn.Module, text_len: int | None = None, image_size: Any = None
     ) -> dict[str, list[int]]:
         """Tokens in each LM layer (``language``) for one image of ``image_size`` (default
-        :meth:`reference_size`) and ``text_len`` other prompt tokens (default 64); the tower
-        (``vision``, per tile) runs unreduced."""
-        base = self.base_model(model)
+        :meth:`default_image`) and ``text_len`` other prompt tokens (default 64)."""
         s = self.site(model)
         text_len = DEFAULT_TEXT_LEN if text_len is None else text_len
-        size = self.reference_size(model) if image_size is None else image_size
-        visual = self.image_tokens(model, size)
-        n_lm = len(base.language_model.layers)
+        visual = self.image_tokens(model, self.default_image(model, image_size))
+        n_lm = len(self.base_model(model).language_model.layers)
         language = [visual + text_len] * n_lm
         if s is not None and s.method == "fastv":
             language[s.fastv.layer:] = [s.keep + text_len] * (n_lm - s.fastv.layer)
-        vcfg = base.config.vision_config
+        return {"language": language}
+
+
+class PackedSiteFamily(SiteFamily):
+    """A LLaVA-style family (anyres tiles, ``pack_image_features``) on :class:`SiteFamily`.
+
+    A subclass sets what :class:`SiteFamily` asks (its :attr:`patched_class` a subclass of
+    :class:`PackedSiteModel` and the upstream base model) and :attr:`tower_extra`. The base
+    model's config is a LLaVA-NeXT-style one (``vision_config``, ``text_config``,
+    ``image_grid_pinpoints``, ``vision_feature_layer``, ``vision_feature_select_strategy``,
+    ``image_token_id``).
+    """
+
+    tower_extra: int = 1  # tokens per tile in the vision tower besides its patches (CLIP's CLS; SigLIP: 0)
+
+    def reference_size(self, model: nn.Module) -> tuple[int, int]:
+        """(height, width) the ``flops=`` budget is planned for by default: the largest grid
+        pinpoint (by area; the first such), or the tower's tile size if there is none."""
+        cfg = self.base_model(model).config
+        points = [tuple(p) for p in (cfg.image_grid_pinpoints or [])]
+        if not points:
+            return cfg.vision_config.image_size, cfg.vision_config.image_size
+        return max(points, key=lambda p: p[0] * p[1])
+
+    def default_image(self, model: nn.Module, image_size: Any) -> Any:
+        """``image_size``, or :meth:`reference_size` when None."""
+        return self.reference_size(model) if image_size is None else image_size
+
+    def tiles(self, model: nn.Module, image_size: ImageSize) -> int:
+        """Tiles the tower runs on for an image of ``image_size`` alone in its prompt: the base
+        tile and the grid of its best pinpoint (upstream's ``image_size_to_num_patches``)."""
+        cfg = self.base_model(model).config
+        tile = cfg.vision_config.image_size
+        h, w = select_best_resolution(list(image_hw(image_size)), cfg.image_grid_pinpoints)
+        return -(-h // tile) * -(-w // tile) + 1
+
+    def prefill_flops(self, model: nn.Module, method: str = "none", keep: int | None = None,
+                      image_size: ImageSize | None = None, text_len: int = DEFAULT_TEXT_LEN,
+                      fastv_layer: int = fastv.DEFAULT_LAYER) -> float:
+        """Analytic FLOPs of one prefill with one image of ``image_size`` (default
+        :meth:`reference_size`) and ``text_len`` other prompt tokens: the vision tower on every
+        tile (patch embedding, all layers, ``tower_extra`` tokens besides the patches), the
+        projector, then :func:`site_and_lm_flops` (the matching rounds, every LM layer)."""
+        cfg = self.base_model(model).config
+        vcfg, tcfg = cfg.vision_config, cfg.text_config
+        size = self.reference_size(model) if image_size is None else image_hw(image_size)
+        stock = self.stock_image_tokens(model, size)
+        keep = stock if keep is None else keep
+        tiles = self.tiles(model, size)
+        patches = (vcfg.image_size // vcfg.patch_size) ** 2
+        n0 = patches + self.tower_extra
+        c = vcfg.hidden_size
+        per_tile = 2 * patches * c * vcfg.num_channels * vcfg.patch_size**2
+        per_tile += vcfg.num_hidden_layers * vit_layer_flops(c, vcfg.intermediate_size, n0, n0)
+        total = tiles * per_tile
+        layers = cfg.vision_feature_layer
+        width_in = c * (1 if isinstance(layers, int) else len(layers))
+        projected = tiles * (n0 - (cfg.vision_feature_select_strategy == "default"))  # "default" drops token 0
+        total += 2 * projected * (width_in * tcfg.hidden_size + tcfg.hidden_size**2)
+        return float(total + site_and_lm_flops(tcfg, method, stock, keep, text_len, fastv_layer))
+
+    def tokens_per_layer(
+        self, model: nn.Module, text_len: int | None = None, image_size: Any = None
+    ) -> dict[str, list[int]]:
+        """Tokens in each LM layer (``language``, :meth:`SiteFamily.tokens_per_layer`) and in
+        each tower layer (``vision``, per tile, unreduced)."""
+        vcfg = self.base_model(model).config.vision_config
         vision = [(vcfg.image_size // vcfg.patch_size) ** 2 + self.tower_extra] * vcfg.num_hidden_layers
-        return {"vision": vision, "language": language}
+        return {"vision": vision, **super().tokens_per_layer(model, text_len, image_size)}

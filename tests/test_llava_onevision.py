@@ -7,18 +7,37 @@ language model receives, batches of differently sized images and multi-image pro
 (never reduced), placeholders and the processor, budgets and errors, unpatch / copies."""
 
 import copy
-import io
-import math
+import functools
 
 import numpy as np
 import pytest
 import torch
+from mllm_common import (
+    BAD_BUDGETS,
+    MLLM,
+    anyres_pixels,
+    check_bad_budget,
+    check_batch_matches_single,
+    check_cache_agreement,
+    check_copies,
+    check_encodes_once,
+    check_fastv_prunes,
+    check_fastv_refuses,
+    check_flops_target,
+    check_lm_receives_reduced,
+    check_stock_path,
+    check_unpatch_restores,
+    generated,
+    lm_visual_tokens,
+    torch_saved,
+    word_tokenizer,
+)
+from mllm_common import make_prompts as prompts_of
 from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
     LlavaOnevisionProcessor,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     SiglipVisionConfig,
 )
@@ -56,22 +75,10 @@ def make_ov(impl="sdpa", seed=0):
 def pixels(sizes, seed=2, multi=False):
     """Random tiles ``[images, max tiles, 3, 32, 32]`` (unused tiles padded, as the processor does;
     ``multi``: one prompt's images, a base tile each)."""
-    tiles = 1 if multi else max(hf.image_size_to_num_patches(list(s), PINPOINTS, TILE) for s in sizes)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(len(sizes), tiles, 3, TILE, TILE, generator=g), torch.tensor(sizes)
+    return anyres_pixels(sizes, PINPOINTS, TILE, seed, multi)
 
 
-def make_prompts(counts, lengths, seed=1, token=IMG):
-    """Left-padded prompts: BOS, ``counts[i]`` placeholders, then random text."""
-    g = torch.Generator().manual_seed(seed)
-    rows = [[1] + [token] * c + torch.randint(3, 90, (n,), generator=g).tolist() for c, n in zip(counts, lengths)]
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    return ids, mask
+make_prompts = functools.partial(prompts_of, token=IMG)  # BOS, counts[i] placeholders (token=), then random text
 
 
 def inputs(model, sizes=(WIDE, TALL), lengths=(5, 3)):
@@ -89,18 +96,7 @@ def multi_inputs(model, sizes=(WIDE, BIG), length=4):
 
 
 def run_generate(model, x, **kw):
-    with torch.no_grad():
-        out = model.generate(**x, **GEN, **kw)
-    return out[:, x["input_ids"].shape[1]:]
-
-
-def generate(model, sizes=(WIDE, TALL), lengths=(5, 3), **kw):
-    return run_generate(model, inputs(model, sizes, lengths), **kw)
-
-
-def logits(model, sizes=(WIDE, TALL)):
-    with torch.no_grad():
-        return model(**inputs(model, sizes)).logits
+    return generated(model, x, GEN, **kw)
 
 
 def stock_features(model, sizes, multi=False):
@@ -111,19 +107,14 @@ def stock_features(model, sizes, multi=False):
         return list(model.model.get_image_features(pixel_values=px, image_sizes=image_sizes, **extra).pooler_output)
 
 
+OV = MLLM(make_ov, inputs, stock_features, GEN, IMG, ov.LlavaOnevisionModel, hf.LlavaOnevisionModel, (WIDE, TALL))
+generate, logits = OV.generate, OV.logits
+
+
 # --------------------------------------------------------------------------- stock path
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_none_and_unpatched_generate_stock_ids(impl):
-    model = make_ov(impl)
-    ref_ids, ref_logits = generate(model), logits(model)
-    crossget.patch(model, method="none")
-    assert type(model.model) is ov.LlavaOnevisionModel
-    assert crossget.config(model).keep is None
-    assert torch.equal(generate(model), ref_ids)
-    assert torch.equal(logits(model), ref_logits)
-    crossget.unpatch(model)
-    assert type(model.model) is hf.LlavaOnevisionModel
-    assert torch.equal(generate(model), ref_ids)
+    check_stock_path(OV, impl)
 
 
 @pytest.mark.parametrize("size", [(32, 32), WIDE, TALL, BIG, MID, (300, 300), (20, 130), (130, 20), (33, 95)])
@@ -147,71 +138,21 @@ SAME_COUNT = (WIDE, WIDE)  # FastV: one count of visual tokens for the whole bat
 
 @pytest.mark.parametrize("method", list(BUDGETS))
 def test_reduced_generation_same_with_and_without_cache(method):
-    model = make_ov()
-    sizes = SAME_COUNT if method == "fastv" else (WIDE, TALL)
-    ref = logits(model, sizes)[:, -1]
-    crossget.patch(model, method=method, **BUDGETS[method])
-    greedy = generate(model, sizes)
-    assert torch.equal(greedy, generate(model, sizes, use_cache=False))
-    beams = generate(model, sizes, num_beams=2)
-    assert torch.equal(beams, generate(model, sizes, num_beams=2, use_cache=False))
-    assert greedy.shape == beams.shape == (2, GEN["max_new_tokens"])
-    # the reduction changes what the LM sees (a no-op patch would not)
-    assert not torch.allclose(logits(model, sizes)[:, -1], ref, atol=1e-4)
+    check_cache_agreement(OV, method, BUDGETS[method], SAME_COUNT if method == "fastv" else (WIDE, TALL))
 
 
 def test_decoding_never_reencodes_images():
-    model = make_ov()
-    crossget.patch(model, method="crossget", keep=KEEP)
-    calls = []
-    model.model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
-    for use_cache in (True, False):
-        calls.clear()
-        generate(model, use_cache=use_cache)
-        assert len(calls) == 1
+    check_encodes_once(OV, lambda model: model.model.vision_tower, KEEP)
 
 
 # --------------------------------------------------------------------------- what reaches the LM
-def lm_visual_tokens(model, x, layer=None, token=IMG):
-    """Visual tokens per prompt the LM (or its decoder layer ``layer``) receives in one forward:
-    its input length minus the prompt's other tokens."""
-    seen = []
-    lm = model.model.language_model
-    if layer is None:
-        hook = lm.register_forward_pre_hook(lambda m, a, k: seen.append(k["inputs_embeds"]), with_kwargs=True)
-    else:
-        hook = lm.layers[layer].register_forward_pre_hook(lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]),
-                                                          with_kwargs=True)
-    with torch.no_grad():
-        model(**x)
-    hook.remove()
-    other = (x["input_ids"] != token).sum(-1)
-    return (seen[0].shape[1] - other).tolist(), seen[0]
-
-
 @pytest.mark.parametrize("method", ["tome", "crossget"])
 def test_lm_receives_keep_tokens_per_image_which_are_the_reduced_features(method):
-    model = make_ov()
-    stock = stock_features(model, (WIDE, BIG))
-    assert [f.shape[0] for f in stock] == [118, 172]
-    crossget.patch(model, method=method, keep=KEEP)
-    x = inputs(model, (WIDE, BIG), lengths=(4, 4))
-    counts, embeds = lm_visual_tokens(model, x)
-    assert counts == [KEEP, KEEP]
-    for row in range(2):
-        want = reduce_visual_tokens(stock[row], KEEP, method)[0]
-        assert torch.allclose(embeds[row][x["input_ids"][row] == IMG], want, atol=1e-6)
-    crossget.unpatch(model)
-    assert lm_visual_tokens(model, inputs(model, (WIDE, BIG), lengths=(4, 4)))[0] == [118, 172]
+    check_lm_receives_reduced(OV, method, KEEP, (WIDE, BIG), [118, 172])
 
 
 def test_fastv_prunes_to_keep_per_image_inside_the_lm():
-    model = make_ov()
-    crossget.patch(model, method="fastv", keep=KEEP, fastv_layer=1)
-    x = inputs(model, SAME_COUNT)
-    assert lm_visual_tokens(model, x)[0] == [118, 118]  # the prompt keeps every placeholder
-    assert lm_visual_tokens(model, x, 0)[0] == [118, 118]
-    assert lm_visual_tokens(model, x, 1)[0] == [KEEP, KEEP]
+    model = check_fastv_prunes(OV, BUDGETS["fastv"], SAME_COUNT, 118)  # layers 0 and 1
     assert crossget.tokens_per_layer(model, text_len=6, image_size=WIDE) == {
         "vision": [16, 16], "language": [124, KEEP + 6]}
 
@@ -219,20 +160,8 @@ def test_fastv_prunes_to_keep_per_image_inside_the_lm():
 # --------------------------------------------------------------------------- batches and multi-image prompts
 @pytest.mark.parametrize("method", ["tome", "crossget"])
 def test_batch_of_different_sizes_gives_keep_each_and_matches_single_prompts(method):
-    model = make_ov()
-    crossget.patch(model, method=method, keep=KEEP)
-    sizes = (MID, BIG)  # 7 and 17 tiles
-    assert [crossget.image_tokens(model, s) for s in sizes] == [KEEP, KEEP]
-    x = inputs(model, sizes, lengths=(4, 4))
-    with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=x["pixel_values"], image_sizes=x["image_sizes"]).pooler_output
-    assert [f.shape for f in feats] == [(KEEP, 64)] * 2
-    both = run_generate(model, x)
-    for i, size in enumerate(sizes):  # each row alone, its own tiles only (no padding tiles)
-        tiles = hf.image_size_to_num_patches(list(size), PINPOINTS, TILE)
-        alone = {k: v[i : i + 1] for k, v in x.items()}
-        alone["pixel_values"] = alone["pixel_values"][:, :tiles]
-        assert torch.equal(run_generate(model, alone)[0], both[i])
+    tiles = lambda size: hf.image_size_to_num_patches(list(size), PINPOINTS, TILE)
+    check_batch_matches_single(OV, method, KEEP, (MID, BIG), tiles, 64)  # 7 and 17 tiles
 
 
 @pytest.mark.parametrize("method", ["tome", "crossget", "fastv"])
@@ -241,9 +170,9 @@ def test_multi_image_prompt(method):
     stock = stock_features(model, (WIDE, BIG), multi=True)
     crossget.patch(model, method=method, **BUDGETS[method])
     x = multi_inputs(model)
-    counts, embeds = lm_visual_tokens(model, x)
+    counts, embeds = lm_visual_tokens(model, x, IMG)
     if method == "fastv":
-        assert counts == [2 * MULTI] and lm_visual_tokens(model, x, 1)[0] == [2 * KEEP]
+        assert counts == [2 * MULTI] and lm_visual_tokens(model, x, IMG, 1)[0] == [2 * KEEP]
     else:
         assert counts == [2 * KEEP]
         want = torch.cat([reduce_visual_tokens(f, KEEP, method)[0] for f in stock])
@@ -263,7 +192,7 @@ def test_batch_mixing_a_single_and_a_multi_image_prompt(method):
     px[0], px[1:, :1] = one["pixel_values"][0], two["pixel_values"]
     x = dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=torch.tensor([MID, WIDE, TALL]),
              batch_num_images=torch.tensor([1, 2]))
-    assert lm_visual_tokens(model, x)[0] == [KEEP, 2 * KEEP]
+    assert lm_visual_tokens(model, x, IMG)[0] == [KEEP, 2 * KEEP]
     both = run_generate(model, x)
     alone = [dict(x, input_ids=ids[:1], attention_mask=mask[:1], pixel_values=px[:1], image_sizes=x["image_sizes"][:1],
                   batch_num_images=torch.tensor([1])),
@@ -274,10 +203,7 @@ def test_batch_mixing_a_single_and_a_multi_image_prompt(method):
 
 
 def test_fastv_refuses_a_batch_with_different_counts():
-    model = make_ov()
-    crossget.patch(model, method="fastv", keep=KEEP, fastv_layer=1)
-    with pytest.raises(ValueError, match=r"LLaVA-OneVision.*\[118, 172\].*same size.*tome"):
-        generate(model, (WIDE, BIG))
+    check_fastv_refuses(OV, BUDGETS["fastv"], (WIDE, BIG), r"LLaVA-OneVision.*\[118, 172\].*same size.*tome")
 
 
 # --------------------------------------------------------------------------- videos
@@ -296,7 +222,7 @@ def test_videos_run_unreduced(method):
         ref = model(**x).logits
     ref_ids = run_generate(model, x)
     crossget.patch(model, method=method, **BUDGETS[method])
-    assert lm_visual_tokens(model, x, token=VID)[0] == [9]
+    assert lm_visual_tokens(model, x, VID)[0] == [9]
     with torch.no_grad():
         assert torch.equal(model(**x).logits, ref)
     assert torch.equal(run_generate(model, x), ref_ids)
@@ -311,16 +237,9 @@ class ImageProcessorOnly(LlavaOnevisionProcessor):
 
 
 def tiny_processor():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "USER:": 4, "ASSISTANT:": 5, "what": 6, "is": 7,
              "<video>": VID, "<image>": IMG}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    tokenizer = word_tokenizer(vocab, ["<image>", "<video>"])
     images = LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS)
     return ImageProcessorOnly(image_processor=images, tokenizer=tokenizer)
 
@@ -372,34 +291,17 @@ def test_mismatched_prompt_says_what_to_call():
 # --------------------------------------------------------------------------- budgets and errors
 @pytest.mark.parametrize(
     "kwargs, match",
-    [
-        (dict(keep=0), "positive"),
-        (dict(keep=-3), "positive"),
-        (dict(keep=2.5), "int"),
+    BAD_BUDGETS + [
         (dict(keep="12"), "int"),
-        (dict(keep=True), "int"),
         (dict(keep=173), "more than the 172"),  # the reference size, 128 x 128, gives 172
         (dict(keep=8, image_size=32), None),  # 36 tokens: fine
         (dict(keep=37, image_size=32), "more than the 36"),
         (dict(method="fastv", keep=8), "fastv_layer"),  # K=2 needs a third LM layer
-        (dict(keep=8, flops=0.5), "not both"),
         (dict(r=4), "not an option of the LLaVA-OneVision"),
-        (dict(method="visionzip", keep=8), "method must be one of"),
-        (dict(method="tome"), "keep="),
-        (dict(keep=8, towers=("vision",)), "towers"),
-        (dict(keep=8, guidance="scaled"), "no importance to guide"),
     ],
 )
 def test_bad_budgets_raise(kwargs, match):
-    model = make_ov()
-    kwargs.setdefault("method", "crossget")
-    if match is None:
-        crossget.patch(model, **kwargs)
-        assert crossget.config(model).keep == kwargs["keep"] and crossget.config(model).importance == "none"
-        return
-    with pytest.raises(ValueError, match=match):
-        crossget.patch(model, **kwargs)
-    assert not crossget.is_patched(model) and type(model.model) is hf.LlavaOnevisionModel
+    check_bad_budget(OV, kwargs, match)
 
 
 def test_keep_above_an_images_count_raises_at_the_image():
@@ -416,21 +318,8 @@ def test_keep_above_an_images_count_raises_at_the_image():
 
 
 def test_flops_target_solves_keep_and_replays():
-    model = make_ov()
-    crossget.patch(model, method="crossget", flops=0.6, text_len=8)
-    cfg = crossget.config(model)
-    assert cfg.flops == 0.6 and cfg.flops_estimate <= 0.6 and 0 < cfg.keep < 172
-    base = ov.prefill_flops(model, text_len=8)
-    assert ov.prefill_flops(model, "crossget", cfg.keep + 1, text_len=8) / base > 0.6
-    assert math.isclose(ov.prefill_flops(model, "crossget", cfg.keep, text_len=8) / base, cfg.flops_estimate)
-    assert ov.prefill_flops(model, "tome", 20, text_len=8) < base
-    ids = generate(model)
-    twin = make_ov()
-    crossget.patch_from_config(twin, cfg.to_dict())
-    assert crossget.config(twin) == cfg
-    assert torch.equal(generate(twin), ids)
-    with pytest.raises(ValueError, match="out of reach"):
-        crossget.patch(model, method="crossget", flops=0.01)
+    model = check_flops_target(OV, ov.prefill_flops, 172)
+    assert ov.prefill_flops(model, "tome", 20, text_len=8) < ov.prefill_flops(model, text_len=8)
 
 
 def test_prefill_flops_counts_the_siglip_tower_without_cls():
@@ -447,39 +336,10 @@ def test_prefill_flops_counts_the_siglip_tower_without_cls():
 
 # --------------------------------------------------------------------------- unpatch and copies
 def test_unpatch_restores_stock_outputs_exactly():
-    model = make_ov()
-    ref_ids, ref_logits = generate(model), logits(model)
-    keys = set(model.state_dict())
-    hooks = lambda: [(list(m._forward_pre_hooks.values()), list(m._forward_hooks.values())) for m in model.modules()]
-    stock_hooks = hooks()  # transformers' own output capture, installed by the first forward
-    for method in ("crossget", "fastv", "tome"):
-        crossget.patch(model, method=method, **BUDGETS[method])
-        generate(model, SAME_COUNT)
-        crossget.unpatch(model)
-        assert not crossget.is_patched(model) and type(model.model) is hf.LlavaOnevisionModel
-        assert not any(hasattr(m, "_crossget") for m in model.modules())
-        assert set(model.state_dict()) == keys and hooks() == stock_hooks
-        assert torch.equal(generate(model), ref_ids)
-        assert torch.equal(logits(model), ref_logits)
-
-
-def torch_saved(model):
-    buf = io.BytesIO()
-    torch.save(model, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
+    check_unpatch_restores(OV, {method: BUDGETS[method] for method in ("crossget", "fastv", "tome")}, SAME_COUNT)
 
 
 @pytest.mark.parametrize("method", ["crossget", "fastv"])
 @pytest.mark.parametrize("clone", [copy.deepcopy, torch_saved], ids=["deepcopy", "torch.save"])
 def test_copies_run_and_unpatch_on_their_own(clone, method):
-    model = make_ov()
-    crossget.patch(model, method=method, **BUDGETS[method])
-    twin = clone(model)  # before any forward, as for LLaVA-NeXT (upstream's capture hook is local)
-    want = generate(model, SAME_COUNT)
-    assert crossget.config(twin) == crossget.config(model)
-    assert type(twin.model) is ov.LlavaOnevisionModel
-    assert torch.equal(generate(twin, SAME_COUNT), want)
-    crossget.unpatch(twin)
-    assert type(twin.model) is hf.LlavaOnevisionModel and crossget.is_patched(model)
-    assert torch.equal(generate(model, SAME_COUNT), want)
+    check_copies(OV, clone, dict(method=method, **BUDGETS[method]), SAME_COUNT)

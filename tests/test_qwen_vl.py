@@ -6,12 +6,27 @@ visual tokens and M-RoPE positions the language model receives, batches of image
 different grids, placeholders and the processor, budgets and errors, unpatch / copies."""
 
 import copy
-import io
 
 import numpy as np
 import pytest
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+from mllm_common import (
+    BAD_BUDGETS,
+    MLLM,
+    LMInputs,
+    check_bad_budget,
+    check_cache_agreement,
+    check_copies,
+    check_encodes_once,
+    check_fastv_refuses,
+    check_lm_receives_reduced,
+    check_stock_path,
+    check_unpatch_restores,
+    left_padded,
+    torch_saved,
+    word_tokenizer,
+)
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 from transformers.processing_utils import ProcessorMixin
 
@@ -58,12 +73,7 @@ def make_prompts(counts, lengths, seed=1):
     for c, n in zip(counts, lengths):
         text = torch.randint(3, 100, (n + 2,), generator=g).tolist()
         rows.append([1] + text[:2] + [START] + [IMG] * c + [END] + text[2:])
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+    ids, mask = left_padded(rows)
     return ids, mask, (ids == IMG).long()
 
 
@@ -74,18 +84,6 @@ def inputs(model, grids=(WIDE, TALL), lengths=(5, 3), counts=None):
     return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, pixel_values=px, image_grid_thw=grid)
 
 
-def generate(model, grids=(WIDE, TALL), lengths=(5, 3), **kw):
-    x = inputs(model, grids, lengths)
-    with torch.no_grad():
-        out = model.generate(**x, **GEN, **kw)
-    return out[:, x["input_ids"].shape[1]:]
-
-
-def logits(model, grids=(WIDE, TALL)):
-    with torch.no_grad():
-        return model(**inputs(model, grids)).logits
-
-
 def stock_features(model, grids):
     """The unpatched model's merger output per image (``[t h w / 4, D]``)."""
     px, grid = pixels(grids)
@@ -93,35 +91,19 @@ def stock_features(model, grids):
         return list(hf.Qwen2_5_VLModel.get_image_features(model.model, px, grid).pooler_output)
 
 
-class LMInputs:
-    """Forward pre-hook on the language model: what each of its calls receives."""
-
-    def __init__(self, model):
-        self.calls = []
-        self.handle = model.model.language_model.register_forward_pre_hook(self, with_kwargs=True)
-
-    def __call__(self, _module, _args, kwargs):
-        self.calls.append({k: kwargs.get(k) for k in ("inputs_embeds", "position_ids")})
-
-    def remove(self):
-        self.handle.remove()
+QWEN = MLLM(make_qwen, inputs, stock_features, GEN, IMG, qwen_vl.Qwen2_5_VLModel, hf.Qwen2_5_VLModel, (WIDE, TALL))
+generate, logits = QWEN.generate, QWEN.logits
 
 
 # --------------------------------------------------------------------------- stock path
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_none_and_unpatched_generate_stock_ids(impl):
-    model = make_qwen(impl)
-    ref_ids, ref_logits = generate(model), logits(model)
+    def on_none(model):
+        assert crossget.image_tokens(model, WIDE) == 24
+
+    model = check_stock_path(QWEN, impl, on_none)
     assert [f.shape[0] for f in stock_features(model, (WIDE, TALL, SMALL))] == [24, 24, 8]
     assert [qwen_vl.stock_image_tokens(model, g) for g in (WIDE, TALL, SMALL)] == [24, 24, 8]
-    crossget.patch(model, method="none")
-    assert type(model.model) is qwen_vl.Qwen2_5_VLModel
-    assert crossget.image_tokens(model, WIDE) == 24
-    assert torch.equal(generate(model), ref_ids)
-    assert torch.equal(logits(model), ref_logits)
-    crossget.unpatch(model)
-    assert type(model.model) is hf.Qwen2_5_VLModel
-    assert torch.equal(generate(model), ref_ids)
 
 
 def test_output_capture_still_works_on_the_swapped_class():
@@ -142,27 +124,15 @@ def test_output_capture_still_works_on_the_swapped_class():
 # --------------------------------------------------------------------------- reduced generation
 @pytest.mark.parametrize("method", ["tome", "crossget"])
 def test_reduced_generation_same_with_and_without_cache(method):
-    model = make_qwen()
-    stock = logits(model)
-    crossget.patch(model, method=method, keep=KEEP)
+    model, stock = check_cache_agreement(QWEN, method, dict(keep=KEEP), (WIDE, TALL), beams=3)
     assert crossget.config(model).method == method and crossget.config(model).keep == KEEP
     assert crossget.config(model).towers == ()
-    reduced = logits(model)
-    assert reduced.shape[1] == stock.shape[1] - (24 - KEEP)  # both images: 24 tokens -> KEEP
-    assert not torch.allclose(reduced[:, -1], stock[:, -1], atol=1e-4)  # last prompt token: the image changed
-    for kw in (dict(), dict(num_beams=3)):
-        cached = generate(model, **kw)
-        assert torch.equal(generate(model, use_cache=False, **kw), cached)
-        assert cached.shape == (2, GEN["max_new_tokens"])
+    assert logits(model).shape[1] == stock.shape[1] - (24 - KEEP)  # both images: 24 tokens -> KEEP
 
 
 def test_generate_encodes_images_once_and_no_state_stays_on_the_model():
-    model = make_qwen()
-    crossget.patch(model, method="crossget", keep=KEEP)
-    calls = []
-    model.model.visual.register_forward_hook(lambda *a: calls.append(1))
-    generate(model)
-    assert len(calls) == 1  # generate encodes before the prefill; positions are placed from that output
+    # generate encodes before the prefill; positions are placed from that output
+    model = check_encodes_once(QWEN, lambda model: model.model.visual, KEEP)
     s = qwen_vl.site(model)
     assert (s.method, s.keep, s.fastv, s.handles) == ("crossget", KEEP, None, [])
     assert set(vars(s)) == {"method", "keep", "family", "counts", "fastv", "handles"}  # settings only
@@ -170,20 +140,7 @@ def test_generate_encodes_images_once_and_no_state_stays_on_the_model():
 
 @pytest.mark.parametrize("method", ["tome", "crossget"])
 def test_lm_receives_keep_tokens_per_image_which_are_the_reduced_features(method):
-    model = make_qwen()
-    grids = (WIDE, TALL)
-    want = [reduce_visual_tokens(f, KEEP, method)[0] for f in stock_features(model, grids)]
-    crossget.patch(model, method=method, keep=KEEP)
-    x = inputs(model, grids)
-    seen = LMInputs(model)
-    with torch.no_grad():
-        model(**x)
-    seen.remove()
-    embeds = seen.calls[0]["inputs_embeds"]
-    image = x["input_ids"] == IMG
-    assert image.sum(-1).tolist() == [KEEP, KEEP]
-    for row in range(2):
-        torch.testing.assert_close(embeds[row][image[row]], want[row], rtol=0, atol=0)
+    check_lm_receives_reduced(QWEN, method, KEEP, (WIDE, TALL), [24, 24], lengths=(5, 3), rtol=0, atol=0)
 
 
 def stock_positions(model, grids, lengths):
@@ -248,16 +205,11 @@ def test_batch_of_different_grids_gives_keep_each_and_matches_single_prompts(met
 
 # --------------------------------------------------------------------------- placeholders and processor
 def tiny_processor():
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     special = {"<|image_pad|>": IMG, "<|video_pad|>": VIDEO, "<|vision_start|>": START, "<|vision_end|>": END}
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "what": 6, "is": 7, **special}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>", padding_side="left")
-    tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+    tokenizer = word_tokenizer(vocab, special, padding_side="left")
     images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL)
     return ImageTextProcessor(image_processor=images, tokenizer=tokenizer)
 
@@ -314,26 +266,13 @@ def test_mismatched_prompt_says_what_to_call():
 # --------------------------------------------------------------------------- budgets and errors
 @pytest.mark.parametrize(
     "kwargs, match",
-    [
-        (dict(keep=0), "positive"),
-        (dict(keep=-3), "positive"),
-        (dict(keep=2.5), "int"),
-        (dict(keep=True), "int"),
+    BAD_BUDGETS + [
         (dict(method="fastv", keep=8, fastv_layer=2), "fastv_layer"),
-        (dict(keep=8, flops=0.5), "not both"),
-        (dict(method="visionzip", keep=8), "method must be one of"),
         (dict(r=4), "not an option of the Qwen2.5-VL"),
-        (dict(method="tome"), "keep="),
-        (dict(keep=8, towers=("vision",)), "towers"),
-        (dict(keep=8, guidance="scaled"), "no importance to guide"),
     ],
 )
 def test_bad_budgets_raise(kwargs, match):
-    model = make_qwen()
-    kwargs.setdefault("method", "crossget")
-    with pytest.raises(ValueError, match=match):
-        crossget.patch(model, **kwargs)
-    assert not crossget.is_patched(model) and type(model.model) is hf.Qwen2_5_VLModel
+    check_bad_budget(QWEN, kwargs, match)
 
 
 def test_keep_above_an_images_count_raises_at_the_image():
@@ -347,40 +286,13 @@ def test_keep_above_an_images_count_raises_at_the_image():
 
 # --------------------------------------------------------------------------- unpatch and copies
 def test_unpatch_restores_stock_outputs_exactly():
-    model = make_qwen()
-    ref_ids, ref_logits = generate(model), logits(model)
-    keys = set(model.state_dict())
-    for method in ("crossget", "tome"):
-        crossget.patch(model, method=method, keep=KEEP)
-        generate(model)
-        crossget.unpatch(model)
-        assert not crossget.is_patched(model) and type(model.model) is hf.Qwen2_5_VLModel
-        assert not any(hasattr(m, "_crossget") for m in model.modules())
-        assert set(model.state_dict()) == keys
-        assert torch.equal(generate(model), ref_ids)
-        assert torch.equal(logits(model), ref_logits)
-
-
-def torch_saved(model):
-    buf = io.BytesIO()
-    torch.save(model, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
+    check_unpatch_restores(QWEN, {method: dict(keep=KEEP) for method in ("crossget", "tome")}, (WIDE, TALL))
 
 
 @pytest.mark.parametrize("budget", [dict(method="crossget", keep=KEEP), dict(method="fastv", keep=KEEP, fastv_layer=1)])
 @pytest.mark.parametrize("clone", [copy.deepcopy, torch_saved], ids=["deepcopy", "torch.save"])
 def test_copies_run_and_unpatch_on_their_own(clone, budget):
-    model = make_qwen()
-    crossget.patch(model, **budget)
-    twin = clone(model)
-    want = generate(model)
-    assert crossget.config(twin) == crossget.config(model)
-    assert type(twin.model) is qwen_vl.Qwen2_5_VLModel
-    assert torch.equal(generate(twin), want)
-    crossget.unpatch(twin)
-    assert type(twin.model) is hf.Qwen2_5_VLModel and crossget.is_patched(model)
-    assert torch.equal(generate(model), want)
+    check_copies(QWEN, clone, budget, (WIDE, TALL))
 
 
 # --------------------------------------------------------------------------- fastv
@@ -401,10 +313,8 @@ def test_fastv_prunes_to_keep_per_image_inside_the_lm_and_caches_agree():
 
 
 def test_fastv_refuses_a_batch_with_different_counts():
-    model = make_qwen()
-    crossget.patch(model, method="fastv", keep=KEEP, fastv_layer=1)
-    with pytest.raises(ValueError, match=r"Qwen2.5-VL ranks one count.*same size.*tome"):
-        generate(model, (WIDE, SMALL))
+    match = r"Qwen2.5-VL ranks one count.*same size.*tome"
+    model = check_fastv_refuses(QWEN, dict(keep=KEEP, fastv_layer=1), (WIDE, SMALL), match)
     with pytest.raises(ValueError, match="fastv_layer"):
         crossget.patch(model, method="fastv", keep=KEEP)  # K=2 needs a deeper LM than 2 layers
 

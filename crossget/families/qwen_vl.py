@@ -213,41 +213,38 @@ def _rope_index(base: hf.Qwen2_5_VLModel, input_ids: torch.Tensor, mm_token_type
                 keep: int, video_grid_thw: torch.Tensor | None = None,
                 second_per_grid_ts: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upstream's ``get_rope_index`` loop with ``keep`` tokens per image, placed at ``first``.
+    """Upstream's ``get_rope_index`` on the stock layout of the prompts, at the kept tokens.
 
-    Text runs and videos are placed exactly as upstream; image ``i`` has ``keep`` placeholders
-    at the stock positions of ``image_first[i]`` (without ``image_first``: the first ``keep``
-    in raster order, stand-ins that the forward replaces). The position after each image and
-    the rope delta (the stock layout's largest position + 1 - the prompt's length) are the
-    stock model's.
+    Each prompt (its real tokens) is expanded to the stock layout (image ``i``'s ``keep``
+    placeholders back to its ``t h w / merge^2``), upstream's ``get_rope_index`` places the
+    expanded prompts, and each column of a prompt takes the stock position of what it stands
+    for: text and videos their own, image ``i``'s kept tokens those of ``image_first[i]``
+    (without ``image_first``: the first ``keep`` in raster order, stand-ins that the forward
+    replaces). So the position after each image and the largest position are the stock
+    model's; the rope delta (largest position + 1 - the prompt's length) is the stock one plus
+    the tokens the prompt has fewer.
 
     Returns:
         ``(position_ids [3, B, S], rope_deltas [B, 1])``.
 
     Raises:
-        ValueError: an image's placeholder run is not ``keep`` long, or the prompts hold more
-            images than ``image_grid_thw`` rows.
+        ValueError: an image's placeholder run is not ``keep`` long, the prompts hold more
+            images than ``image_grid_thw`` rows, or videos without ``video_grid_thw`` rows.
     """
     merge = base.config.vision_config.spatial_merge_size
-    tokens_per_second = base.config.vision_config.tokens_per_second
-    position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
     images = iter(range(len(image_grid_thw))) if image_grid_thw is not None else iter(())
-    videos = iter(video_grid_thw) if video_grid_thw is not None else iter(())
-    seconds = iter(second_per_grid_ts) if second_per_grid_ts is not None else itertools.repeat(1)
-    deltas = []
+    videos = len(video_grid_thw) if video_grid_thw is not None else 0
+    rows, columns, reduced = [], [], []  # per prompt: stock-layout (ids, types), its kept columns, real tokens
     for b in range(input_ids.shape[0]):
-        types = mm_token_type_ids[b]
-        valid = attention_mask[b].bool() if attention_mask is not None else None
-        if valid is not None:
-            types = types[valid]
-        parts, current, top, offset = [], 0, 0, 0
+        ids, types = input_ids[b], mm_token_type_ids[b]
+        if attention_mask is not None:
+            ids, types = ids[attention_mask[b].bool()], types[attention_mask[b].bool()]
+        x_ids, x_types, kept, at = [], [], [], 0
         for kind, group in itertools.groupby(types.tolist()):
             n = len(list(group))
-            if kind == 0:  # text
-                parts.append(torch.arange(n, device=input_ids.device).view(1, -1).expand(3, -1) + current)
-                current += n
-                top = max(top, current)
-            elif kind == 1:  # an image: keep tokens at the stock positions of first
+            run = ids[at:at + n].tolist()
+            cols = range(len(x_ids), len(x_ids) + n)
+            if kind == 1:  # an image: keep placeholders back to the stock count, kept at first
                 i = next(images, None)
                 if i is None:
                     raise ValueError("the prompts hold more images (placeholder runs) than image_grid_thw rows")
@@ -256,31 +253,41 @@ def _rope_index(base: hf.Qwen2_5_VLModel, input_ids: torch.Tensor, mm_token_type
                         f"image {i} has {n} placeholder tokens in the prompt, but the model is patched with "
                         f"keep={keep} visual tokens per image: build prompts with crossget.adapt_processor(processor, "
                         f"model), or repeat the image token crossget.image_tokens(model) times per image")
-                grid = image_grid_thw[i]
-                stock = vision_positions(base, current, grid)
-                first = image_first[i] if image_first is not None else torch.arange(keep, device=stock.device)
-                parts.append(stock[:, first.to(stock.device)])
-                top = max(top, int(stock.max()) + 1)
-                current += max(int(grid[1]), int(grid[2])) // merge
-            else:  # a video, as upstream
-                grid = next(videos, None)
-                if grid is None:
+                first = image_first[i] if image_first is not None else torch.arange(keep)
+                cols = [len(x_ids) + j for j in first.tolist()]
+                run = run[:1] * (int(image_grid_thw[i].prod()) // merge**2)
+            elif kind == 2:  # a video, as upstream
+                videos -= 1
+                if videos < 0:
                     raise ValueError("a prompt with reduced images and videos needs video_grid_thw in the forward "
                                      "(generate drops it after encoding: reduced images and videos cannot be generated "
                                      "together)")
-                interval = tokens_per_second * next(seconds)
-                stock = base.get_vision_position_ids(current, grid, 1, merge, interval, device=input_ids.device)
-                parts.append(stock)
-                top = max(top, int(stock.max()) + 1)
-                current += max(int(grid[1]), int(grid[2])) // merge
-            offset += n
-        row = torch.cat(parts, 1) if parts else position_ids.new_zeros(3, 0)
-        if valid is not None:
-            position_ids[:, b, valid] = row.to(position_ids)
+            x_ids += run
+            x_types += [kind] * len(run)
+            kept += cols
+            at += n
+        rows.append((x_ids, x_types))
+        columns.append(kept)
+        reduced.append(at)
+    width = max(len(r[0]) for r in rows)
+    stock_ids = input_ids.new_zeros(len(rows), width)
+    stock_types = torch.zeros_like(stock_ids)
+    stock_mask = torch.zeros_like(stock_ids)
+    for b, (r_ids, r_types) in enumerate(rows):  # left-padded, as the prompts
+        stock_ids[b, width - len(r_ids):] = torch.tensor(r_ids, dtype=stock_ids.dtype)
+        stock_types[b, width - len(r_ids):] = torch.tensor(r_types, dtype=stock_ids.dtype)
+        stock_mask[b, width - len(r_ids):] = 1
+    stock, deltas = hf.Qwen2_5_VLModel.get_rope_index(base, stock_ids, stock_types, image_grid_thw, video_grid_thw,
+                                                      second_per_grid_ts, attention_mask=stock_mask)
+    position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
+    for b, kept in enumerate(columns):
+        row = stock[:, b, width - len(rows[b][0]):][:, kept]
+        if attention_mask is not None:
+            position_ids[:, b, attention_mask[b].bool()] = row.to(position_ids)
         else:
             position_ids[:, b] = row.to(position_ids)
-        deltas.append(top - offset)
-    return position_ids, torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+    fewer = torch.tensor([len(r[0]) - n for r, n in zip(rows, reduced)], device=deltas.device)
+    return position_ids, deltas + fewer.unsqueeze(1)
 
 
 # --------------------------------------------------------------------------- FLOPs model

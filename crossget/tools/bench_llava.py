@@ -44,7 +44,10 @@ from crossget.io import apply
 from crossget.tools.memory import PeakMemory
 from crossget.tools.zoo import llava15_config
 
-__all__ = ["budget_configs", "lm_flops", "run_llava_benchmark", "scaled_llava"]
+__all__ = [
+    "Clock", "budget_configs", "count_flops", "generate_answer", "lm_flops", "run_llava_benchmark", "scaled_llava",
+    "timed_answer",
+]
 
 METHODS = tuple(m for m in ALL_METHODS if m != "none")  # every method, against the stock baseline
 DEFAULT_KEEPS = (64, 128, 192, 288)
@@ -95,7 +98,8 @@ def _prompt(model: nn.Module, prompt_tokens: int, seed: int = 0) -> dict[str, to
 
 
 # --------------------------------------------------------------------------- FLOPs of the real models
-def _count(fn, *args, **kwargs) -> int:
+def count_flops(fn, *args, **kwargs) -> int:
+    """FLOPs ``FlopCounterMode`` counts for ``fn(*args, **kwargs)``."""
     counter = FlopCounterMode(display=False)
     with counter:
         fn(*args, **kwargs)
@@ -135,8 +139,8 @@ def lm_flops(
         head(out.last_hidden_state[:, -1:])
 
     with torch.no_grad():
-        prefill = _count(step, [n for _, n in segments])
-        decode = sum(_count(step, [1] * len(segments)) for _ in range(new_tokens - 1))
+        prefill = count_flops(step, [n for _, n in segments])
+        decode = sum(count_flops(step, [1] * len(segments)) for _ in range(new_tokens - 1))
     return {"prefill": prefill / 1e9, "decode": decode / 1e9}
 
 
@@ -146,7 +150,7 @@ def _projector_flops(config: Any, visual: int) -> float:
     with torch.device("meta"):
         proj = LlavaMultiModalProjector(config)
     with torch.no_grad():
-        return _count(proj, torch.empty(1, visual, config.vision_config.hidden_size, device="meta")) / 1e9
+        return count_flops(proj, torch.empty(1, visual, config.vision_config.hidden_size, device="meta")) / 1e9
 
 
 def _fastv_rank_gflops(text_config: Any, tokens: int) -> float:
@@ -179,7 +183,7 @@ def real_model_flops(
 
 
 # --------------------------------------------------------------------------- timing
-class _Clock:
+class Clock:
     """A generate() streamer that only notes when each token batch arrives."""
 
     def __init__(self) -> None:
@@ -192,7 +196,8 @@ class _Clock:
         pass
 
 
-def _generate(model: nn.Module, inputs: dict, new_tokens: int, streamer=None):
+def generate_answer(model: nn.Module, inputs: dict, new_tokens: int, streamer=None):
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens (the image token suppressed)."""
     with torch.inference_mode():
         return model.generate(
             **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -200,10 +205,12 @@ def _generate(model: nn.Module, inputs: dict, new_tokens: int, streamer=None):
         )
 
 
-def _timed(model: nn.Module, inputs: dict, new_tokens: int) -> dict[str, float]:
-    clock = _Clock()
+def timed_answer(model: nn.Module, inputs: dict, new_tokens: int) -> dict[str, float]:
+    """One timed :func:`generate_answer`: ms to the prompt's streamer put and to the first
+    token, and decode tokens/s over the rest."""
+    clock = Clock()
     start = time.perf_counter()
-    _generate(model, inputs, new_tokens, clock)
+    generate_answer(model, inputs, new_tokens, clock)
     # puts: the prompt (after the images are encoded), then one per new token
     encoded, first, last = clock.times[0], clock.times[1], clock.times[-1]
     return {
@@ -211,6 +218,9 @@ def _timed(model: nn.Module, inputs: dict, new_tokens: int) -> dict[str, float]:
         "ttft_ms": (first - start) * 1e3,
         "decode_tok_s": (new_tokens - 1) / (last - first) if new_tokens > 1 else float("nan"),
     }
+
+
+_count, _generate, _timed = count_flops, generate_answer, timed_answer  # the former private names
 
 
 # --------------------------------------------------------------------------- the run
@@ -251,7 +261,7 @@ def run_llava_benchmark(
         lm_keep = pc.keep if cfg["method"] == "fastv" else visual
         with torch.inference_mode():
             pixels = _prompt(model, prompt_tokens)["pixel_values"]
-            vision = _count(model.model.vision_tower, pixels, output_hidden_states=True) / 1e9
+            vision = count_flops(model.model.vision_tower, pixels, output_hidden_states=True) / 1e9
         row = {
             "name": cfg["name"], "method": cfg["method"], "budget": {k: cfg[k] for k in ("keep", "r") if k in cfg},
             "visual_tokens": visual, "lm_visual_tokens": lm_keep, "schedule": list(pc.r["vision"]) if pc.r else None,
@@ -279,10 +289,10 @@ def run_llava_benchmark(
             inputs = _prompt(model, prompt_tokens)
             if rnd == 0:
                 with PeakMemory() as mem:
-                    _generate(model, inputs, new_tokens)
+                    generate_answer(model, inputs, new_tokens)
                 row["peak_act_mib"] = mem.peak_mib
             else:
-                row["times"].append(_timed(model, inputs, new_tokens))
+                row["times"].append(timed_answer(model, inputs, new_tokens))
         if progress:
             note = " (memory, untimed)" if rnd == 0 else ""
             print(f"[{time.perf_counter() - t0:6.0f}s] round {rnd}/{rounds} done{note}", flush=True)

@@ -1,6 +1,8 @@
 """The model zoo: named architectures with random weights (nothing is downloaded), for
 benchmarks, smoke runs and FLOPs counts: real-size CLIP ViT-B/16, BLIP ViT-B/16, BLIP-2
-ViT-g, SigLIP-B/16, DINOv2-S/14, LLaVA-1.5-7B/13B, and tiny versions of the encoders for tests."""
+ViT-g, SigLIP-B/16, DINOv2-S/14, LLaVA-1.5-7B/13B, LLaVA-NeXT-7B, LLaVA-OneVision-7B,
+Qwen2.5-VL-7B (:data:`MLLM_CONFIGS`), and tiny versions of the encoders and of the three
+multimodal LLMs for tests."""
 
 from __future__ import annotations
 
@@ -123,6 +125,122 @@ def llava15_config(size: str = "7b") -> tf.LlavaConfig:
         vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000,
         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
+
+
+# --------------------------------------------------------------------------- multimodal LLMs after LLaVA-1.5
+# Sources of the numbers below (transformers 5.23's configuration files and the public model cards):
+# - LLaVA-NeXT-7B = llava-hf/llava-v1.6-vicuna-7b-hf: LlavaNextConfig's defaults
+#   (transformers/models/llava_next/configuration_llava_next.py: the CLIP ViT-L/14-336 vision defaults
+#   1024 / 4096 / 24 layers / 16 heads / 336 px / patch 14 / projection 768, image_token_index 32000,
+#   vision_feature_layer -2, "default" strategy, gelu projector, the grid pinpoints
+#   [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]); the language model is
+#   Vicuna-7B v1.5, a Llama-2-7B (4096 / 11008 / 32 layers / 32 heads, no GQA, rms eps 1e-5, 4096
+#   positions) with LLaVA's 32064-word vocabulary (as llava-1.5-7b-hf, llava15_config).
+# - LLaVA-OneVision-7B = llava-hf/llava-onevision-qwen2-7b-ov-hf: LlavaOnevisionConfig's defaults
+#   (configuration_llava_onevision.py, whose docstring names that checkpoint: SigLIP so400m-patch14-384
+#   vision 1152 / 4304 / 26 layers (the checkpoint's 27th is dropped) / 16 heads / 384 px / patch 14,
+#   no head; image 151646, video 151647, vision_feature_layer -1, "full" strategy, anyres_max_9 and
+#   the 36 pinpoints [384 a, 384 b] for a, b in 1..6); the language model is Qwen2-7B (model card:
+#   3584 / 18944 / 28 layers / 28 heads / 4 KV heads, rope theta 1e6, rms eps 1e-6) with the
+#   checkpoint's 152128-word vocabulary.
+# - Qwen2.5-VL-7B = Qwen/Qwen2.5-VL-7B-Instruct: the vision config of the checkpoint (the module dump
+#   of Qwen2_5_VLForConditionalGeneration: 32 blocks of width 1280, MLP 3420 (gated), 16 heads, patch 14,
+#   temporal patch 2, merge 2 (merger 5120 -> 3584), window 112, full attention in blocks
+#   [7, 15, 23, 31]; Qwen2_5_VLVisionConfig's depth / window / out_hidden_size defaults); the language
+#   model Qwen2.5-7B (3584 / 18944 / 28 layers / 28 heads / 4 KV heads: k/v projections 3584 -> 512,
+#   vocabulary 152064, rope theta 1e6 with mrope_section [16, 24, 24], rms eps 1e-6, 128000 positions);
+#   image 151655, video 151656, vision start / end 151652 / 151653 (Qwen2_5_VLConfig's defaults; its
+#   text defaults are the 72B's, so every LM number is given here).
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+ONEVISION_PINPOINTS = [[384 * a, 384 * b] for a in range(1, 7) for b in range(1, 7)]
+
+
+def llava_next_7b_config() -> tf.LlavaNextConfig:
+    """``LlavaNextConfig`` of LLaVA-NeXT-7B (llava-v1.6-vicuna-7b): CLIP ViT-L/14-336, anyres grid
+    pinpoints :data:`LLAVA_NEXT_PINPOINTS`, MLP projector, Vicuna-7B (sources above)."""
+    vision = tf.CLIPVisionConfig(**vit(1024, 4096, 24, 16, 336, 14), projection_dim=768, hidden_act="quick_gelu")
+    lm = LLAVA15_SIZES["7b"]
+    text = tf.LlamaConfig(**lm, num_key_value_heads=lm["num_attention_heads"], vocab_size=32064,
+                          max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0)
+    return tf.LlavaNextConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000,
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, projector_hidden_act="gelu", vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def llava_onevision_7b_config() -> tf.LlavaOnevisionConfig:
+    """``LlavaOnevisionConfig`` of LLaVA-OneVision-7B (llava-onevision-qwen2-7b-ov): SigLIP
+    so400m-patch14-384 (26 layers), anyres_max_9 with :data:`ONEVISION_PINPOINTS`, Qwen2-7B (sources above)."""
+    vision = tf.SiglipVisionConfig(**vit(1152, 4304, 26, 16, 384, 14), vision_use_head=False, layer_norm_eps=1e-6,
+                                   hidden_act="gelu_pytorch_tanh")
+    text = tf.Qwen2Config(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        vocab_size=152128, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    )
+    return tf.LlavaOnevisionConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=151646, video_token_index=151647,
+        image_grid_pinpoints=ONEVISION_PINPOINTS, vision_aspect_ratio="anyres_max_9", vision_feature_layer=-1,
+        vision_feature_select_strategy="full", projector_hidden_act="gelu",
+    )
+
+
+def qwen25_vl_7b_config() -> tf.Qwen2_5_VLConfig:
+    """``Qwen2_5_VLConfig`` of Qwen2.5-VL-7B(-Instruct): the windowed ViT (depth 32, width 1280, patch 14,
+    merge 2, window 112, full attention in blocks 7, 15, 23, 31, out width 3584) and Qwen2.5-7B (sources above)."""
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                  out_hidden_size=3584, hidden_act="silu", tokens_per_second=2)
+    text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                bos_token_id=151643, eos_token_id=151645,
+                rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]))
+    return tf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=151655, video_token_id=151656,
+                               vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def llava_next_tiny() -> tf.LlavaNextConfig:
+    """A tiny LLaVA-NeXT (56 px tiles of 4 x 4 patches of 14 px, pinpoints of 1-2 tiles), for tests."""
+    vision = tf.CLIPVisionConfig(**vit(32, 64, 2, 2, 56, 14))
+    text = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=100, max_position_embeddings=512, pad_token_id=0)
+    return tf.LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=99,
+                              image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]], vision_feature_layer=-2)
+
+
+def llava_onevision_tiny() -> tf.LlavaOnevisionConfig:
+    """A tiny LLaVA-OneVision (SigLIP, 56 px tiles, anyres_max_1 so that packing downsamples), for tests."""
+    vision = tf.SiglipVisionConfig(**vit(32, 64, 2, 2, 56, 14), vision_use_head=False)
+    text = tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=100, max_position_embeddings=512)
+    return tf.LlavaOnevisionConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=98, video_token_index=99,
+        image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]], vision_aspect_ratio="anyres_max_1",
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+    )
+
+
+def qwen25_vl_tiny() -> tf.Qwen2_5_VLConfig:
+    """A tiny Qwen2.5-VL (patch 4, merge 2, windows of 2 x 2 merged tokens, full attention in block 1), for tests."""
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16, fullatt_block_indexes=[1])
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=128, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]))
+    return tf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=120, video_token_id=121,
+                               vision_start_token_id=122, vision_end_token_id=123)
+
+
+# name -> config factory of the multimodal LLMs crossget.tools.bench_mllm benchmarks
+MLLM_CONFIGS: dict[str, Callable[[], Any]] = {
+    "llava-next-7b": llava_next_7b_config,
+    "llava-onevision-7b": llava_onevision_7b_config,
+    "qwen2.5-vl-7b": qwen25_vl_7b_config,
+    "llava-next-tiny": llava_next_tiny,  # for tests
+    "llava-onevision-tiny": llava_onevision_tiny,
+    "qwen2.5-vl-tiny": qwen25_vl_tiny,
+}
 
 
 # name -> config factory (CLIPConfig, BlipConfig or Blip2Config) of the encoders load_model builds

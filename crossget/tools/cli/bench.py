@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from crossget.tools import bench_mllm
 from crossget.tools.bench import benchmark_model
 from crossget.tools.bench_llava import DEFAULT_KEEPS, DEFAULT_RS, METHODS, run_llava_benchmark
 from crossget.tools.cli.options import (
@@ -38,7 +39,8 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="named architecture with random weights (clip-vit-b16, blip-vit-b16, blip2-vit-g, "
                         "siglip-b16, dinov2-s14, "
                         "clip-tiny, blip-tiny, blip2-tiny) or a local model directory (from_pretrained); "
-                        "default clip-vit-b16")
+                        "llava-1.5, llava-next-7b, llava-onevision-7b, qwen2.5-vl-7b: the multimodal LLM benchmarks "
+                        "(real-size FLOPs, scaled-down timing); default clip-vit-b16")
     p.add_argument("--tower", choices=("vision", "text", "both", "caption"), default="vision",
                    help="what runs: image features, text features, the whole model, or a captioning "
                         "model's whole generate call (BLIP, BLIP-2) (default vision)")
@@ -55,8 +57,17 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="target FLOPs ratios solved into schedules, e.g. 0.58,0.69")
     p.add_argument("--attn", choices=("sdpa", "eager"), default=None, help="attention implementation")
     p.add_argument("--keep", type=comma_list(int_at_least(1), "positive integers"), default=[],
-                   help="--model llava-1.5: visual tokens per image for the LM, one config per value "
-                        "(default 64,128,192,288; with --r 13)")
+                   help="--model llava-1.5 / llava-next-7b / llava-onevision-7b / qwen2.5-vl-7b: visual tokens "
+                        "per image for the LM, one config per value (default 64,128,192,288; llava-1.5 with --r 13)")
+    p.add_argument("--time-keep", type=comma_list(int_at_least(1), "positive integers"), default=[],
+                   help="--model llava-next-7b / llava-onevision-7b / qwen2.5-vl-7b: the keeps timed on the "
+                        "scaled-down model (default 64,128)")
+    p.add_argument("--vision-layers", type=int_at_least(1), default=None,
+                   help="--model llava-next-7b / llava-onevision-7b / qwen2.5-vl-7b: layers of the timed "
+                        "vision tower, at real width (default: all)")
+    p.add_argument("--vocab", type=int_at_least(2), default=None,
+                   help="--model llava-next-7b / llava-onevision-7b / qwen2.5-vl-7b: vocabulary of the timed "
+                        "scaled-down LM (default: the real one)")
     p.add_argument("--lm-layers", type=int_at_least(1), default=3,
                    help="--model llava-1.5: layers of the timed scaled-down Llama (default 3; FastV prunes after 2)")
     p.add_argument("--prompt-tokens", type=int_at_least(1), default=64,
@@ -68,6 +79,11 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench(args: argparse.Namespace) -> int:
     """Benchmark merging configs against the stock model."""
+    if args.model in bench_mllm.MODELS:
+        return bench_mllm_model(args)
+    if args.time_keep or args.vision_layers or args.vocab:
+        raise ValueError("--time-keep, --vision-layers and --vocab are for --model "
+                         + ", ".join(bench_mllm.MODELS))
     if args.model.startswith("llava"):
         return bench_llava(args)
     if set(args.methods or ()) & set(LLAVA_PEERS) or args.keep:
@@ -100,6 +116,29 @@ def bench_llava(args: argparse.Namespace) -> int:
     run_llava_benchmark(
         methods=args.methods or METHODS, keeps=keeps, rs=rs, prompt_tokens=args.prompt_tokens,
         new_tokens=args.max_new_tokens, rounds=args.rounds, threads=args.threads, lm_layers=args.lm_layers, out_dir=out,
+    )
+    md = os.path.join(out, "results.md")
+    print_file(md)
+    print(f"wrote {md}, {os.path.join(out, 'results.json')} and {os.path.join(out, 'tradeoff.png')}")
+    return 0
+
+
+def bench_mllm_model(args: argparse.Namespace) -> int:
+    """LLaVA-NeXT-7B, LLaVA-OneVision-7B, Qwen2.5-VL-7B: prefill FLOPs of the real architecture
+    and timings of a scaled-down model, every method at every visual-token budget (see
+    crossget.tools.bench_mllm)."""
+    if args.flops or args.r:
+        raise ValueError(f"--model {args.model} takes visual-token budgets: give --keep (not --flops / --r)")
+    methods = args.methods or bench_mllm.METHODS
+    bad = [m for m in methods if m not in bench_mllm.METHODS]
+    if bad:
+        raise ValueError(f"--model {args.model} takes --methods among {', '.join(bench_mllm.METHODS)}, got {bad}")
+    out = args.out or os.path.join("benchmarks", f"{args.model}-bench")
+    bench_mllm.run_mllm_benchmark(
+        args.model, methods=methods, keeps=args.keep or bench_mllm.DEFAULT_KEEPS,
+        time_keeps=args.time_keep or bench_mllm.DEFAULT_TIME_KEEPS, text_len=args.prompt_tokens,
+        new_tokens=args.max_new_tokens, rounds=args.rounds, threads=args.threads, lm_layers=args.lm_layers,
+        vision_layers=args.vision_layers, vocab=args.vocab, timing=args.latency, out_dir=out,
     )
     md = os.path.join(out, "results.md")
     print_file(md)

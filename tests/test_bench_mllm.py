@@ -1,0 +1,95 @@
+"""`crossget bench` for LLaVA-NeXT, LLaVA-OneVision and Qwen2.5-VL (crossget/tools/bench_mllm.py),
+on tiny configs of crossget.tools.zoo (no absolute times are checked)."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from crossget.families.visual_site import site_and_lm_flops
+from crossget.tools import bench_mllm
+from crossget.tools.cli import main
+
+TINY = ("llava-next-tiny", "llava-onevision-tiny", "qwen2.5-vl-tiny")
+KEEPS = (4, 8, 12)
+FLOPS_TOL = 1e-9  # relative: analytic and counted LM FLOPs are the same matmul products
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_flops_table_has_every_method_and_keep_and_ratios_fall_with_keep(name):
+    spec = bench_mllm.SPECS[name]
+    rows = bench_mllm.flops_rows(bench_mllm.meta_model(name), spec, spec.flops_image, keeps=KEEPS, text_len=5)
+    assert rows[0]["name"] == "baseline" and rows[0]["ratio"] == 1.0
+    assert {(r["method"], r["keep"]) for r in rows[1:]} == {(m, k) for m in bench_mllm.METHODS for k in KEEPS}
+    for m in bench_mllm.METHODS:
+        ratios = [r["ratio"] for k in KEEPS for r in rows if r["method"] == m and r["keep"] == k]
+        assert len(ratios) == len(KEEPS) and 0 < ratios[0] and ratios[-1] < 1
+        assert all(a < b for a, b in zip(ratios, ratios[1:]))  # fewer tokens, fewer FLOPs
+    for r in rows:  # the LM part counted by FlopCounterMode on the meta device
+        assert r["lm_rel_diff"] == pytest.approx(0, abs=FLOPS_TOL)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_analytic_lm_flops_are_what_the_real_language_model_does(name):
+    """The analytic LM part against FlopCounterMode on the family's own (tiny, random) language
+    model class, eager attention: the Llama stand-in of the meta count has the same products."""
+    model = bench_mllm.scaled_model(name, lm_layers=3)
+    lm = model.model.language_model
+    lm.config._attn_implementation = "eager"
+    n, text_len = 20, 5
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        lm(inputs_embeds=torch.randn(1, n + text_len, lm.config.hidden_size))
+    analytic = site_and_lm_flops(lm.config, "none", n, n, text_len, 2)
+    assert counter.get_total_flops() == pytest.approx(analytic, rel=FLOPS_TOL)
+    counted = bench_mllm.counted_lm_flops(lm.config, [(3, n + text_len)])
+    assert counted == pytest.approx(analytic, rel=FLOPS_TOL)
+
+
+def test_timing_loop_runs_a_round_and_writes_the_three_files(tmp_path):
+    out = tmp_path / "bench"
+    res = bench_mllm.run_mllm_benchmark("llava-next-tiny", keeps=KEEPS, time_keeps=(4, 8), text_len=5, new_tokens=3,
+                                        rounds=1, threads=1, out_dir=out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "tradeoff.png"]
+    saved = json.loads((out / "results.json").read_text())
+    t = saved["timing"]
+    assert [r["name"] for r in t["rows"]] == ["baseline"] + [f"{m} keep={k}" for k in (4, 8) for m in bench_mllm.METHODS]
+    for r in t["rows"]:
+        assert len(r["times"]) == 1 and r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 and r["ttft_speedup"] > 0
+        assert 0 < r["flops_ratio"] <= 1
+    assert t["rows"][0]["ttft_speedup"] == 1.0
+    md = (out / "results.md").read_text()
+    assert "fastv keep=8" in md and "1st token ms" in md
+
+
+@pytest.mark.parametrize("name", ["llava-onevision-tiny", "qwen2.5-vl-tiny"])
+def test_timing_runs_the_other_families(name, tmp_path):
+    res = bench_mllm.run_mllm_benchmark(name, keeps=(4,), time_keeps=(4,), text_len=5, new_tokens=2, rounds=1,
+                                        threads=1, out_dir=tmp_path, progress=False)
+    assert len(res["timing"]["rows"]) == 1 + len(bench_mllm.METHODS)
+
+
+def test_cli_flops_only_for_a_real_size_model(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["bench", "--model", "qwen2.5-vl-7b", "--keep", "64", "--no-latency", "--out", str(out)]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert "timing" not in saved and saved["meta"]["stock_visual_tokens"] == 1024
+    assert [r["name"] for r in saved["flops"]] == ["baseline", "tome keep=64", "crossget keep=64", "fastv keep=64"]
+    assert (out / "tradeoff.png").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--methods", "visionzip"], "--methods among"),
+    (["--r", "4"], "--keep"),
+])
+def test_cli_refuses_what_these_families_do_not_take(args, match, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "llava-next-7b", "--out", str(tmp_path), "--no-latency", *args])
+    assert match in capsys.readouterr().err
+
+
+def test_cli_refuses_mllm_options_elsewhere(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "clip-tiny", "--r", "2", "--vision-layers", "2", "--out", str(tmp_path)])
+    assert "--vision-layers" in capsys.readouterr().err

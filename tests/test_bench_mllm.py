@@ -47,10 +47,19 @@ def test_analytic_lm_flops_are_what_the_real_language_model_does(name):
     assert counted == pytest.approx(analytic, rel=FLOPS_TOL)
 
 
+@pytest.mark.parametrize("name", ["llava-next-tiny", "llava-onevision-tiny"])
+def test_vision_side_counted_on_meta_is_the_analytic_one(name):
+    spec = bench_mllm.SPECS[name]
+    model = bench_mllm.meta_model(name)
+    rows = bench_mllm.flops_rows(model, spec, spec.flops_image, keeps=(4,), text_len=5, counted=False)
+    counted = bench_mllm.counted_vision_flops(model, spec, spec.flops_image)
+    assert counted / 1e9 == pytest.approx(rows[0]["vision_gflops"], rel=FLOPS_TOL)
+
+
 def test_timing_loop_runs_a_round_and_writes_the_three_files(tmp_path):
     out = tmp_path / "bench"
-    res = bench_mllm.run_mllm_benchmark("llava-next-tiny", keeps=KEEPS, time_keeps=(4, 8), text_len=5, new_tokens=3,
-                                        rounds=1, threads=1, out_dir=out, progress=False)
+    bench_mllm.run_mllm_benchmark("llava-next-tiny", keeps=KEEPS, time_keeps=(4, 8), text_len=5, new_tokens=3,
+                                  rounds=1, threads=1, out_dir=out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "tradeoff.png"]
     saved = json.loads((out / "results.json").read_text())
     t = saved["timing"]

@@ -50,7 +50,7 @@ import crossget
 from crossget.families import llava_next, llava_onevision, qwen_vl
 from crossget.families.visual_site import site_and_lm_flops
 from crossget.methods import fastv
-from crossget.tools.bench_llava import budget_configs, generate_answer, lm_flops, timed_answer
+from crossget.tools.bench_llava import budget_configs, count_flops, generate_answer, lm_flops, timed_answer
 from crossget.tools.zoo import MLLM_CONFIGS
 
 __all__ = [
@@ -189,6 +189,29 @@ def counted_lm_flops(text_config: Any, segments: Sequence[tuple[int, int]]) -> f
     return out["prefill"] * 1e9 - 2 * text_config.hidden_size * text_config.vocab_size
 
 
+def counted_vision_flops(model: nn.Module, spec: Spec, image: tuple[int, int]) -> float | None:
+    """FLOPs of the vision side (``get_image_features``: tower on every tile, projector, packing)
+    for one image, counted by ``FlopCounterMode`` on the meta device (eager attention); None for
+    Qwen2.5-VL, whose tower computes its window and rotary indices from CPU tensors that cannot
+    meet meta ones (its analytic tower is checked against a measured count in tests/test_qwen_vl.py)."""
+    if spec.kind != "anyres":
+        return None
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    impl = cfg._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        tile = cfg.vision_config.image_size
+        tiles = image_size_to_num_patches(list(image), cfg.image_grid_pinpoints, tile)
+        px = torch.empty(1, tiles, 3, tile, tile, device="meta")
+        with torch.no_grad():
+            return float(count_flops(spec.family.base_model(model).get_image_features, pixel_values=px,
+                                     image_sizes=torch.tensor([image])))
+    finally:
+        model.set_attn_implementation(impl)
+
+
 def _lm_segments(method: str, n_lm: int, stock: int, keep: int, text_len: int, k: int) -> list[tuple[int, int]]:
     if method == "fastv":
         return [(k, stock + text_len), (n_lm - k, keep + text_len)]
@@ -273,6 +296,7 @@ def run_mllm_benchmark(
     real = meta_model(name)
     rows = flops_rows(real, spec, flops_image, methods, keeps, text_len)
     say(f"FLOPs of {len(rows)} configs (analytic, LM counted on meta)")
+    vision = counted_vision_flops(real, spec, flops_image)
     results: dict = {
         "meta": {
             "model": name, "title": spec.title, "flops_image": list(flops_image), "flops_image_note": spec.note,
@@ -280,7 +304,8 @@ def run_mllm_benchmark(
             "fastv_layer": fastv.DEFAULT_LAYER, "keeps": list(keeps), "methods": list(methods),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "transformers": tf.__version__,
+            "transformers": tf.__version__, "vision_counted_gflops": None if vision is None else vision / 1e9,
+            "vision_rel_diff": None if vision is None else (vision / 1e9 - rows[0]["vision_gflops"]) / rows[0]["vision_gflops"],
         },
         "flops": rows,
     }
@@ -363,6 +388,14 @@ def results_markdown(results: dict) -> str:
         "layer, no head). LM counted: `FlopCounterMode` on the meta device (Llama decoder of the LM's matmul "
         f"shapes, eager attention; FastV: layers from K={meta['fastv_layer']} on the pruned sequence). "
         "keep = visual tokens per image in the LM (FastV: after layer K).",
+        "",
+        (f"Vision side counted by `FlopCounterMode` on the meta device (`get_image_features`, eager attention): "
+         f"{meta['vision_counted_gflops']:.0f} GFLOPs, {meta['vision_rel_diff']:+.1e} relative to the analytic "
+         "vision column (the same for every config: the tower and projector run unreduced)."
+         if meta.get("vision_counted_gflops") is not None else
+         "Vision side: not counted on the meta device (Qwen2.5-VL's tower mixes CPU index tensors with its "
+         "inputs); its analytic model is checked against a measured count in tests/test_qwen_vl.py. The vision "
+         "column is the same for every config: the tower and merger run unreduced."),
         "",
         "| config | visual tokens in the LM | vision GFLOPs | matching | LM analytic | LM counted | diff | "
         "prefill GFLOPs | ratio to stock |",

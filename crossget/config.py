@@ -17,7 +17,7 @@ from typing import Any
 
 # every token-reduction method crossget knows; a family says which of them it runs.
 # "none": patched with the bookkeeping but never reducing (crossget.apply: the stock model)
-METHODS = ("none", "tome", "crossget", "fastv", "visionzip")
+METHODS = ("none", "tome", "crossget", "fastv", "visionzip", "divprune", "dart")
 MERGING = ("none", "tome", "crossget")  # run inside the encoder layers (bookkeeping + Merge)
 METRICS = ("keys", "keys_mean")
 IMPORTANCE = ("cross", "attention", "none")

@@ -18,6 +18,14 @@ language model, per image) or ``flops`` (a prefill FLOPs ratio):
   attended to most stay in the sequence.
 - ``visionzip`` (:mod:`crossget.methods.visionzip`): at the feature layer, keep the
   dominant patches and merge the rest into a few contextual tokens.
+- ``divprune`` (:mod:`crossget.methods.divprune`): the tower is untouched; each image's
+  projected features (the multimodal projector's output, as they enter the language model)
+  are cut to the ``keep`` that DivPrune's max-min diversity selection picks, in spatial order
+  (a forward hook on ``multi_modal_projector``); the prompt holds ``keep`` placeholders.
+- ``dart`` (:class:`crossget.methods.dart.DART`): as ``fastv`` (the prompt keeps every
+  placeholder; pruned before LM layer ``K``, ``fastv_layer``), with DART's rule choosing
+  each image's ``keep`` tokens (4 image and 4 text pivots by the L1 norm of layer
+  ``K - 1``'s keys; similarity on layer ``K``'s input after the LM's final norm).
 
 Prompts must hold as many ``<image>`` placeholders as the model now gives features
 (:func:`image_tokens`); :func:`adapt_processor` makes a ``LlavaProcessor`` write that
@@ -59,7 +67,9 @@ from crossget.families.base import (
     no_inputs,
     uninstall,
 )
-from crossget.methods import fastv, visionzip
+from crossget.families.visual_site import LM_METHODS, dart_flops
+from crossget.methods import dart, fastv, visionzip
+from crossget.methods.divprune import divprune_select
 from crossget.record import mark, record, unmark
 from crossget.schedule import EncoderCost, RSpec, decoder_layer_flops, resolve_r, token_counts, vit_layer_flops
 from crossget.state import TowerSettings, TowerState
@@ -277,10 +287,16 @@ def prefill_flops(
     else:
         counts = token_counts(n0, sched if method in MERGING else [0] * layers, protected=1)
     total += sum(vit_layer_flops(vcfg.hidden_size, vcfg.intermediate_size, n, m) for n, m in counts)
-    lm_in = (keep if method != "fastv" else stock) + text_len
-    total += 2 * (lm_in - text_len) * (vcfg.hidden_size * tcfg.hidden_size + tcfg.hidden_size**2)
+    # FastV, DART and DivPrune project every token (DivPrune selects among the projected ones)
+    projected = stock if method in LM_METHODS + ("divprune",) else keep
+    total += 2 * projected * (vcfg.hidden_size * tcfg.hidden_size + tcfg.hidden_size**2)
+    if method == "divprune":
+        total += 2 * stock * stock * tcfg.hidden_size  # its cosine-distance matrix
+    elif method == "dart":
+        total += dart_flops(tcfg.hidden_size, stock, keep, text_len)
+    lm_in = (keep if method not in LM_METHODS else stock) + text_len
     for layer in range(tcfg.num_hidden_layers):
-        n = lm_in if (method != "fastv" or layer < fastv_layer) else keep + text_len
+        n = lm_in if (method not in LM_METHODS or layer < fastv_layer) else keep + text_len
         total += decoder_layer_flops(tcfg, n)
     return float(total)
 
@@ -564,8 +580,9 @@ class LlavaFamily(Family):
         """Budgets (give one): ``r`` tokens per vision layer (int, or one per layer with zeros
         from the feature layer on), ``keep`` visual tokens per image for the LM, or ``flops``
         a target ratio of the estimated prefill FLOPs (:func:`prefill_flops`, ``text_len``
-        prompt tokens besides the image, default 64). ``fastv``/``visionzip`` read ``r`` as
-        the visual-token count CrossGET's schedule ``r`` gives. ``fastv_layer``: FastV's K;
+        prompt tokens besides the image, default 64). ``fastv``/``visionzip``/``divprune``/``dart``
+        read ``r`` as the visual-token count CrossGET's schedule ``r`` gives. ``fastv_layer``:
+        the ``K`` of FastV and DART (pruned before LM layer ``K``);
         ``contextual``: VisionZip's contextual tokens (default 10/64 of ``keep``).
         ``importance`` (``method="crossget"``): ``"cross"`` or ``"attention"`` (the same for
         LLaVA: the authors' attention rule, cross tokens in the tower and the LM) or
@@ -595,7 +612,7 @@ class LlavaFamily(Family):
             r = r.get("vision", 0)
         n_lm = len(base.language_model.layers)
         fastv_layer = FASTV_LAYER if cfg.fastv_layer is None else cfg.fastv_layer
-        if method == "fastv" and (isinstance(fastv_layer, bool) or not isinstance(fastv_layer, int)
+        if method in LM_METHODS and (isinstance(fastv_layer, bool) or not isinstance(fastv_layer, int)
                                   or not 1 <= fastv_layer < n_lm):
             raise ValueError(f"fastv_layer must be an int in [1, {n_lm - 1}] for this {n_lm}-layer LM, got {fastv_layer!r}")
         if method == "visionzip" and len(feature_layers(model)) > 1:
@@ -623,8 +640,8 @@ class LlavaFamily(Family):
         vision_record = _vision_tower_record(model)
         theta_vision = uninstall(vision_record)
         theta_text = _uninstall_glue(model)
-        # FastV prunes inside the LM: the prompt still holds every visual token
-        placeholders = stock_image_tokens(model) if method == "fastv" else keep
+        # FastV and DART prune inside the LM: the prompt still holds every visual token
+        placeholders = stock_image_tokens(model) if method in LM_METHODS else keep
         g = Glue(method, placeholders, base.config.vision_feature_layer, strategy)
         if method in MERGING:
             settings = TowerSettings(
@@ -635,9 +652,12 @@ class LlavaFamily(Family):
             install(vision_record, settings, theta_vision)
             if method == "crossget" and importance != "none":
                 g.lm_state, g.handles = _install_lm_cross_tokens(base, theta_text)
-        elif method == "fastv":
-            g.fastv = fastv.FastV(base.language_model, fastv_layer, keep, stock_image_tokens(base))
+        elif method in LM_METHODS:
+            prune = fastv.FastV if method == "fastv" else dart.DART
+            g.fastv = prune(base.language_model, fastv_layer, keep, stock_image_tokens(base))
             g.handles = g.fastv.install()
+        elif method == "divprune" and keep != stock_image_tokens(model):
+            g.handles = [base.multi_modal_projector.register_forward_hook(ProjectorSelect(keep))]
         elif split is not None:
             g.visionzip_layer = _vision(model).encoder.layers[min(feature_layers(model)) - 1]
             visionzip.install(g.visionzip_layer, *split)
@@ -657,7 +677,7 @@ class LlavaFamily(Family):
             guidance_scale=cfg.guidance_scale,
             text_len=text_len,
             trace_sources=cfg.trace_sources,
-            fastv_layer=fastv_layer if method == "fastv" else None,
+            fastv_layer=fastv_layer if method in LM_METHODS else None,
             contextual=split[1] if split is not None else None,
         )
 
@@ -686,9 +706,22 @@ class LlavaFamily(Family):
             vision = [n0] * layers
         lm_in = (g.image_tokens if g is not None else stock_image_tokens(model)) + text_len
         language = [lm_in] * n_lm
-        if method == "fastv":
+        if method in LM_METHODS:
             language[g.fastv.layer :] = [g.fastv.keep + text_len] * (n_lm - g.fastv.layer)
         return {"vision": vision, "language": language}
+
+
+@dataclass(frozen=True)
+class ProjectorSelect:
+    """DivPrune at LLaVA's projector: a forward hook on ``multi_modal_projector`` keeping, of
+    each image's ``[L, D]`` projected features (output ``[images, L, D]``), the ``keep``
+    :func:`~crossget.methods.divprune.divprune_select` picks, in spatial order."""
+
+    keep: int
+
+    def __call__(self, _module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        idx = divprune_select(output, self.keep)  # [images, keep]
+        return output.gather(1, idx.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -8,15 +8,19 @@ row; later LLaVA-OneVision and Qwen-VL) reduce here instead, image by image:
 - ``"tome"``: ToMe's bipartite soft matching (:func:`crossget.methods.tome.bipartite_soft_matching`),
   repeated, since one round removes at most half of the tokens;
 - ``"crossget"``: CrossGET's complete-graph soft matching without cross tokens
-  (:func:`crossget.methods.crossget.complete_graph_soft_matching`, training-free), repeated.
+  (:func:`crossget.methods.crossget.complete_graph_soft_matching`, training-free), repeated;
+- ``"divprune"``: DivPrune's greedy max-min diversity selection
+  (:func:`crossget.methods.divprune.divprune_select`), where its authors run it: on the
+  image's projected features as they enter the language model.
 
-Both match on the features themselves (cosine), merge by size-weighted averages
+The first two match on the features themselves (cosine), merge by size-weighted averages
 (:class:`crossget.merge.Merge`) and stop at exactly ``keep`` tokens; the output is in the
-order of each token's smallest original index, so spatial order is kept.
+order of each token's smallest original index, so spatial order is kept. A selection keeps
+``keep`` original tokens as they are, in spatial order, each its own ``first``.
 
 The rest of the module is what such families share around the site (LLaVA-NeXT,
 LLaVA-OneVision, Qwen2.5-VL): :class:`Site` (the method and budget a patched model reads,
-and FastV's per-forward wiring in the language model), :func:`reduce_images` /
+and the per-forward wiring of FastV / DART in the language model), :func:`reduce_images` /
 :func:`reduce_packed` (every image to ``keep`` tokens), :func:`check_placeholders` (a
 prompt/feature mismatch that says how to build prompts), :class:`FixedImageTokens` (a
 processor writing ``keep`` placeholders), :func:`site_and_lm_flops` (the analytic FLOPs after
@@ -44,14 +48,17 @@ from transformers.image_processing_utils import select_best_resolution
 from crossget.config import PatchConfig
 from crossget.families.base import Family, Tower
 from crossget.merge import Merge
-from crossget.methods import fastv
+from crossget.methods import dart, fastv
 from crossget.methods.crossget import complete_graph_soft_matching
+from crossget.methods.divprune import divprune_select
 from crossget.methods.tome import bipartite_soft_matching
 from crossget.record import TOWER_FIELDS, record, swap_class, unmark
 from crossget.schedule import decoder_layer_flops, vit_layer_flops
 
 __all__ = [
     "DEFAULT_TEXT_LEN",
+    "LM_METHODS",
+    "SELECTING",
     "SITE_METHODS",
     "FixedImageTokens",
     "ImageSize",
@@ -62,6 +69,7 @@ __all__ = [
     "check_keep",
     "check_pinpoints",
     "check_placeholders",
+    "dart_flops",
     "image_hw",
     "placeholder_mask",
     "reduce_images",
@@ -71,7 +79,9 @@ __all__ = [
     "unpadded_grid",
 ]
 
-SITE_METHODS = ("tome", "crossget")  # what reduce_visual_tokens runs
+SITE_METHODS = ("tome", "crossget", "divprune")  # what reduce_visual_tokens runs
+SELECTING = ("divprune",)  # site methods that keep original tokens (the rest merge)
+LM_METHODS = ("fastv", "dart")  # pruned inside the language model, before layer K (fastv_layer)
 
 
 def check_keep(keep: object, available: int | None = None, what: str = "the image's visual tokens") -> int:
@@ -98,8 +108,10 @@ def _match(method: str, metric: torch.Tensor, r: int) -> Merge:
 def reduce_visual_tokens(x: torch.Tensor, keep: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's visual tokens ``x`` ``[L, D]`` reduced to exactly ``keep`` tokens.
 
-    Rounds of ``method``'s matching on the current tokens (cosine similarity of the tokens
-    themselves), each removing ``min(current - keep, current // 2)``; every group becomes the
+    ``divprune``: the ``keep`` tokens :func:`~crossget.methods.divprune.divprune_select`
+    picks, as they are (``first``: their indices). ``tome`` / ``crossget``: rounds of
+    ``method``'s matching on the current tokens (cosine similarity of the tokens themselves),
+    each removing ``min(current - keep, current // 2)``; every group becomes the
     size-weighted average of what it covers. After each round the tokens are put in the
     order of their smallest original index, so a round's bipartite split (ToMe: alternate
     tokens) runs on spatially ordered tokens, and so does the output.
@@ -107,7 +119,7 @@ def reduce_visual_tokens(x: torch.Tensor, keep: int, method: str) -> tuple[torch
     Args:
         x: ``[L, D]`` visual tokens (any float dtype; merging accumulates in float32).
         keep: tokens to return, ``1 <= keep <= L``.
-        method: ``"tome"`` or ``"crossget"`` (:data:`SITE_METHODS`).
+        method: ``"tome"``, ``"crossget"`` or ``"divprune"`` (:data:`SITE_METHODS`).
 
     Returns:
         ``(tokens [keep, D], first [keep])``: the reduced tokens, and for each the smallest
@@ -123,6 +135,9 @@ def reduce_visual_tokens(x: torch.Tensor, keep: int, method: str) -> tuple[torch
         raise ValueError(f"method must be one of {SITE_METHODS}, got {method!r}")
     n = x.shape[0]
     check_keep(keep, n)
+    if method in SELECTING:
+        first = divprune_select(x, keep)
+        return x[first], first
     tokens = x.unsqueeze(0)  # [1, N, D]: the matchers are batched
     size = None  # [1, N, 1] float32 after the first merge
     first = torch.arange(n, device=x.device).unsqueeze(0)  # [1, N]
@@ -220,16 +235,18 @@ def _forward_signature(cls: type) -> inspect.Signature:
 @dataclass(eq=False)
 class Site:
     """What a :class:`PackedSiteFamily` patch put on the base model (its record's ``glue``): the
-    method and budget its patched class reads, and FastV's wiring (:meth:`on_forward` is the
-    base model's forward pre-hook with ``method="fastv"``).
+    method and budget its patched class reads, and the wiring of the pruning in the language
+    model (:meth:`on_forward` is the base model's forward pre-hook with ``method="fastv"`` or
+    ``"dart"``).
 
     Attributes:
-        method: ``none``, ``tome``, ``crossget`` or ``fastv``.
+        method: ``none``, ``tome``, ``crossget``, ``divprune``, ``fastv`` or ``dart``.
         keep: visual tokens per image (0 with ``none``).
         family: the family's name, in errors.
         counts: ``(base model, forward kwargs) -> [stock visual tokens per image]`` for a
             forward with ``pixel_values`` (a module-level function: picklable).
-        fastv: FastV in the language model (``method="fastv"``).
+        fastv: the pruning in the language model (``method="fastv"``: FastV; ``"dart"``:
+            :class:`crossget.methods.dart.DART`).
         handles: the hooks to remove.
     """
 
@@ -242,12 +259,12 @@ class Site:
 
     @property
     def reduces(self) -> bool:
-        """Reduced at the projector site (``tome`` / ``crossget``): ``keep`` tokens per image."""
+        """Reduced at the projector site (``tome`` / ``crossget`` / ``divprune``): ``keep`` tokens per image."""
         return self.method in SITE_METHODS
 
     def on_forward(self, base: nn.Module, args: tuple, kwargs: dict) -> None:
-        """FastV: the image positions, the visual tokens per image (one count for the whole
-        batch) and the ranking query (last real prompt token) of this forward.
+        """FastV / DART: the image positions, the visual tokens per image (one count for the
+        whole batch) and the ranking query (last real prompt token) of this forward.
 
         Raises:
             ValueError: the images give different counts, or fewer than ``keep``.
@@ -266,8 +283,8 @@ class Site:
             return  # no images: a decode step (or text only; videos are not pruned)
         if len(set(counts)) > 1:
             raise ValueError(
-                f"fastv on {self.family} ranks one count of visual tokens per image, but these images give {counts}: "
-                f"batch images of the same size (tile grid), or use method='tome' / 'crossget'"
+                f"{self.method} on {self.family} ranks one count of visual tokens per image, but these images give "
+                f"{counts}: batch images of the same size (tile grid), or use method='tome' / 'crossget' / 'divprune'"
             )
         if self.keep > counts[0]:
             raise ValueError(f"keep={self.keep} is more than the {counts[0]} visual tokens each image gives")
@@ -319,7 +336,7 @@ def reduce_packed(
     features: Sequence[torch.Tensor], lengths: torch.Tensor, site: Site, image_sizes: Any = None
 ) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
     """What ``pack_image_features`` returned, reduced at the site: with ``tome`` / ``crossget``
-    each image's ``[L_i, D]`` features become ``[keep, D]`` (:func:`reduce_images`) and
+    / ``divprune`` each image's ``[L_i, D]`` features become ``[keep, D]`` (:func:`reduce_images`) and
     ``lengths`` ``[images]`` all ``keep``; otherwise both unchanged.
 
     Raises:
@@ -374,28 +391,41 @@ def site_and_lm_flops(
 ) -> int:
     """Analytic FLOPs after the vision side of one prefill with one image of ``stock`` visual
     tokens: the projector-site matching rounds (``tome``/``crossget`` down to ``keep``: the
-    similarity products) and every LM layer (``text_config``, a Llama-style decoder) on the
-    visual plus ``text_len`` text tokens (``fastv``: layers from ``fastv_layer`` on with
-    ``keep`` visual tokens)."""
+    similarity products; ``divprune``: its ``stock x stock`` distance matrix) and every LM
+    layer (``text_config``, a Llama-style decoder) on the visual plus ``text_len`` text tokens
+    (``fastv`` / ``dart``: layers from ``fastv_layer`` on with ``keep`` visual tokens; ``dart``
+    adds :func:`dart_flops`)."""
     total = 0
-    if method in SITE_METHODS:
+    if method in SELECTING:
+        total += 2 * stock * stock * text_config.hidden_size
+    elif method in SITE_METHODS:
         n = stock
         while n > keep:  # the rounds of reduce_visual_tokens: bipartite (N/2)^2 or complete N^2 products
             pairs = (n // 2) * ((n + 1) // 2) if method == "tome" else n * n
             total += 2 * pairs * text_config.hidden_size
             n -= min(n - keep, n // 2)
+    if method == "dart":
+        total += dart_flops(text_config.hidden_size, stock, keep, text_len)
     visual = keep if method in SITE_METHODS else stock
     for layer in range(text_config.num_hidden_layers):
-        n = keep if method == "fastv" and layer >= fastv_layer else visual
+        n = keep if method in LM_METHODS and layer >= fastv_layer else visual
         total += decoder_layer_flops(text_config, n + text_len)
     return total
+
+
+def dart_flops(width: int, stock: int, keep: int, text_len: int) -> int:
+    """DART's selection cost for one image of ``stock`` tokens in an LM of ``width``: the
+    cosine similarity of every image token to each of its pivots (``min(4, keep)`` image and
+    ``min(4, text_len)`` text pivots), ``2 x pivots x stock x width`` (norms left out)."""
+    pivots = min(dart.DEFAULT_PIVOTS, keep) + min(dart.DEFAULT_PIVOTS, text_len)
+    return 2 * pivots * stock * width if keep < stock else 0
 
 
 # --------------------------------------------------------------------------- the family logic
 class SiteFamily(Family):
     """A multimodal LLM family whose budget is ``keep`` visual tokens per image, reduced at the
-    projector site by :attr:`patched_class` (``tome``, ``crossget``), or FastV in the language
-    model: budgets, ``flops=``, placeholders, the processor and patching.
+    projector site by :attr:`patched_class` (``tome``, ``crossget``, ``divprune``), or FastV /
+    DART in the language model: budgets, ``flops=``, placeholders, the processor and patching.
 
     A subclass sets :attr:`name`, :attr:`classes` (``(the model with the LM head, the base
     model)``), :attr:`patched_class` (the base model's patched subclass), :attr:`processor_class`,
@@ -405,7 +435,7 @@ class SiteFamily(Family):
     (``.layers``).
     """
 
-    methods = ("none", "tome", "crossget", "fastv")
+    methods = ("none", "tome", "crossget", "fastv", "divprune", "dart")
     # guidance: read only to refuse a rule (a resolved config names the authors' one)
     options = frozenset({"keep", "flops", "fastv_layer", "text_len", "image_size", "towers", "importance", "guidance",
                          "guidance_scale"})
@@ -464,12 +494,13 @@ class SiteFamily(Family):
 
     def image_tokens(self, model: nn.Module, image_size: Any = None) -> int:
         """Image placeholders an image of ``image_size`` needs in the prompt, as the model is
-        patched now: ``keep`` when reduced at the projector site (``tome``, ``crossget``), else
+        patched now: ``keep`` when reduced at the projector site (``tome``, ``crossget``,
+        ``divprune``), else
         the stock count of :meth:`stock_image_tokens`.
 
         Raises:
             ValueError: no ``image_size`` where the count depends on it (stock, ``none``,
-                ``fastv``), or ``keep`` is more than such an image gives.
+                ``fastv``, ``dart``), or ``keep`` is more than such an image gives.
         """
         s = self.site(model)
         if s is not None and s.reduces:
@@ -530,7 +561,8 @@ class SiteFamily(Family):
     def patch(self, model: nn.Module, cfg: PatchConfig) -> PatchConfig:
         """Budgets (give one): ``keep`` visual tokens per image, or ``flops`` a target ratio of
         :meth:`prefill_flops` for one image of ``image_size`` (default :meth:`default_image`)
-        and ``text_len`` prompt tokens (default 64). ``fastv_layer``: FastV's K.
+        and ``text_len`` prompt tokens (default 64). ``fastv_layer``: the ``K`` of FastV and
+        DART (pruned before LM layer ``K``).
 
         Raises:
             TypeError: not one of the family's models.
@@ -549,7 +581,7 @@ class SiteFamily(Family):
             raise ValueError("give keep= or flops=, not both")
         n_lm = len(base.language_model.layers)
         fastv_layer = fastv.DEFAULT_LAYER if cfg.fastv_layer is None else cfg.fastv_layer
-        if method == "fastv" and (isinstance(fastv_layer, bool) or not isinstance(fastv_layer, int)
+        if method in LM_METHODS and (isinstance(fastv_layer, bool) or not isinstance(fastv_layer, int)
                                   or not 1 <= fastv_layer < n_lm):
             raise ValueError(f"fastv_layer must be an int in [1, {n_lm - 1}] for this {n_lm}-layer LM, got {fastv_layer!r}")
         size = self.default_image(model, cfg.image_size)
@@ -566,9 +598,10 @@ class SiteFamily(Family):
 
         self.unpatch(model)
         s = Site(method, keep if keep is not None else 0, self.name, self.stock_counts)
-        if method == "fastv":
+        if method in LM_METHODS:
             # per_image is set by every forward (it depends on the images' size)
-            s.fastv = fastv.FastV(base.language_model, fastv_layer, keep, per_image=keep)
+            prune = fastv.FastV if method == "fastv" else dart.DART
+            s.fastv = prune(base.language_model, fastv_layer, keep, per_image=keep)
             s.handles = s.fastv.install()
             if self.fastv_pre_hook:
                 s.handles.append(base.register_forward_pre_hook(s, with_kwargs=True))
@@ -578,7 +611,7 @@ class SiteFamily(Family):
             importance="none" if method == "crossget" else cfg.importance,
             guidance=cfg.guidance, guidance_scale=cfg.guidance_scale,
             text_len=cfg.text_len if cfg.flops is None else text_len, image_size=cfg.image_size,
-            fastv_layer=fastv_layer if method == "fastv" else None,
+            fastv_layer=fastv_layer if method in LM_METHODS else None,
         )
 
     def unpatch(self, model: nn.Module) -> None:
@@ -596,7 +629,7 @@ class SiteFamily(Family):
         visual = self.image_tokens(model, self.default_image(model, image_size))
         n_lm = len(self.base_model(model).language_model.layers)
         language = [visual + text_len] * n_lm
-        if s is not None and s.method == "fastv":
+        if s is not None and s.method in LM_METHODS:
             language[s.fastv.layer:] = [s.keep + text_len] * (n_lm - s.fastv.layer)
         return {"language": language}
 

@@ -29,14 +29,28 @@ Departures, to make the rule exact and the budget ``keep`` in total:
   Python ``set``, whose order is the hash table's, in effect arbitrary).
 - Ties go to the lower position (norm ranking and similarity ranking alike; the authors'
   ``topk`` leaves ties unspecified).
+
+In a model (:class:`DART`): FastV's pruning in the language model
+(:class:`crossget.methods.fastv.FastV`: the prompt keeps every placeholder, layers from ``K``
+on see each row's text and ``keep`` visual tokens per image, at their original positions,
+the KV cache holds only them), with DART's rule in place of FastV's ranking. Per image, the
+text is the real prompt tokens after it that are not image tokens (up to the last real
+prompt token: a ``generate`` without a cache selects as its prefill did); a prompt with
+fewer than ``text_pivots`` of them has that many text pivots. Only what the rule reads is
+computed: layer ``K - 1``'s key projection (captured; its ``k_norm`` if the attention has
+one, then rotary) and the LM's final norm on layer ``K``'s input, so any attention
+implementation (SDPA included) runs as it is.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from crossget.methods.divprune import check_keep
+from crossget.methods.fastv import FastV, image_positions, rotary, with_text
 
 DEFAULT_LAYER = 2  # DART's K: select before this LM layer (the authors' K=2 for LLaVA)
 DEFAULT_PIVOTS = 4  # image pivots, and as many text pivots, in the authors' LLaVA scripts
@@ -141,3 +155,46 @@ def dart_select(
         pool[rows, pick] = False
         taken.append(pick)
     return torch.cat(taken, 1).sort(1).values
+
+
+@dataclass(eq=False)
+class DART(FastV):
+    """DART in one language model: :class:`~crossget.methods.fastv.FastV`'s pruning before
+    layer ``K`` (:attr:`layer`) with :func:`dart_select` choosing each image's ``keep``
+    tokens (``pivots`` of them image pivots, ``text_pivots`` text pivots steering)."""
+
+    name = "DART"
+    pivots: int = DEFAULT_PIVOTS
+    text_pivots: int = DEFAULT_PIVOTS
+
+    def capture_q(self, _module, _args, output):
+        pass  # DART reads layer K-1's keys only
+
+    def keep_indices(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Each image's :func:`dart_select` on layer ``K``'s input ``x`` ``[B, L, C]`` after
+        the LM's final norm, pivots by the L1 norm of layer ``K - 1``'s keys (rotary applied,
+        heads concatenated); returns every text position and the kept visual ones, ascending."""
+        b, length, _ = x.shape
+        attn = self.attn
+        cos, sin = (t.expand(b, -1, -1).unsqueeze(2) for t in kwargs["position_embeddings"])
+        keys = self.k.view(b, length, -1, attn.head_dim)
+        k_norm = getattr(attn, "k_norm", None)  # Qwen3-style attention normalises keys before rotary
+        keys = rotary(keys if k_norm is None else k_norm(keys), cos, sin).flatten(2)  # [B, L, KV * hd]
+        self.k = None
+        hidden = self.lm.norm(x)
+        img_pos = image_positions(self.image_mask, self.per_image)  # [B, images, per_image]
+        pos = torch.arange(length, device=x.device)
+        text = ~self.image_mask & (pos <= self.query_pos.unsqueeze(1))
+        if self.valid is not None:
+            text = text & self.valid
+        pivots = min(self.pivots, self.keep)
+        chosen = []
+        for row in range(b):
+            for p in img_pos[row]:
+                after = (text[row] & (pos > p[-1])).nonzero()[:, 0]
+                t_piv = min(self.text_pivots, len(after))
+                t_args = dict(text_hidden=hidden[row, after][None], text_norm_of=keys[row, after][None]) if t_piv else {}
+                sel = dart_select(hidden[row, p][None], self.keep, pivots, norm_of=keys[row, p][None],
+                                  text_pivots=t_piv, **t_args)
+                chosen.append(p[sel[0]])
+        return with_text(self.image_mask, torch.stack(chosen).view(b, -1))

@@ -1,10 +1,15 @@
 """FastV (Chen et al., "An Image is Worth 1/2 Tokens After Layer 2", ECCV 2024) as a peer
-in a LLaVA language model (docs/method.md §9).
+in a LLaVA language model (docs/method.md §9), and the language-model pruning it runs on.
 
 The vision tower is untouched; after layer ``K`` (2) of the language model only the
 ``keep`` visual tokens per image that the last prompt token attended to most in layer
 ``K - 1`` (mean over heads) stay in the sequence, with their original positions. A cached
 decode reads the pruned prefill's keys; the output gives every position its state back.
+
+The pruning (hooks, gathered mask / rotary / positions, the pruned KV cache, the output's
+states) is :class:`FastV`'s; the rule that picks the kept tokens is its
+:meth:`FastV.keep_indices`, which a subclass replaces (DART:
+:class:`crossget.methods.dart.DART`).
 """
 
 from __future__ import annotations
@@ -36,18 +41,34 @@ def fastv_keep_indices(scores: torch.Tensor, image_mask: torch.Tensor, per_image
     Returns:
         ``[B, L - n_images * (per_image - keep)]``: every text position and the kept visual ones.
     """
-    b, length = image_mask.shape
-    n_img = int(image_mask[0].sum())
-    img_pos = image_mask.nonzero()[:, 1].view(b, n_img // per_image, per_image)
+    img_pos = image_positions(image_mask, per_image)
     img_scores = scores.gather(1, img_pos.flatten(1)).view(img_pos.shape)
     top = img_scores.topk(keep, dim=-1).indices
-    chosen = img_pos.gather(2, top).flatten(1)
-    text = (~image_mask).nonzero()[:, 1].view(b, length - n_img)
-    return torch.cat([text, chosen], 1).sort(-1).values
+    return with_text(image_mask, img_pos.gather(2, top).flatten(1))
 
 
 def cache_len(cache: Any) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding applied as upstream's ``apply_rotary_pos_emb`` (``cos``/``sin``
+    broadcast to ``x``)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def image_positions(image_mask: torch.Tensor, per_image: int) -> torch.Tensor:
+    """``[B, images, per_image]`` positions of each row's images (``image_mask`` ``[B, L]``:
+    the same number of images per row, contiguous per image)."""
+    b = image_mask.shape[0]
+    return image_mask.nonzero()[:, 1].view(b, -1, per_image)
+
+
+def with_text(image_mask: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Every text position of each row and the ``chosen`` ``[B, n]`` visual ones, ascending."""
+    b, length = image_mask.shape
+    text = (~image_mask).nonzero()[:, 1].view(b, length - int(image_mask[0].sum()))
+    return torch.cat([text, chosen], 1).sort(-1).values
 
 
 def _gather_rope(rope, idx: torch.Tensor):
@@ -71,8 +92,12 @@ class FastV:
     """FastV in one language model: settings, per-forward bookkeeping and the hooks.
 
     The caller (the LLaVA family) sets ``image_mask`` ``[B, L]`` and ``query_pos`` ``[B]``
-    (the ranking query: last real prompt token) before each forward.
+    (the ranking query: last real prompt token) before each forward. :attr:`name` names the
+    method in errors; :meth:`keep_indices` is the selection rule (a subclass's own).
     """
+
+    name = "FastV"
+
 
     lm: nn.Module
     layer: int
@@ -119,11 +144,12 @@ class FastV:
         mask = self.image_mask
         if mask is not None and mask.any() and self.keep < self.per_image:
             if cache_len(cache):
-                raise ValueError("FastV prunes the prefill: a prompt with images cannot continue a filled KV cache")
+                raise ValueError(f"{self.name} prunes the prefill: a prompt with images cannot continue a filled "
+                                 f"KV cache")
             images = mask.sum(-1)
             if bool((images != images[0]).any()) or int(images[0]) % self.per_image:
                 raise ValueError(
-                    f"FastV needs the same number of images in every prompt of a batch, {self.per_image} "
+                    f"{self.name} needs the same number of images in every prompt of a batch, {self.per_image} "
                     f"placeholders each; got {images.tolist()} placeholders"
                 )
             self.mode = "prune"
@@ -152,9 +178,8 @@ class FastV:
         cos, sin = (t.expand(b, -1, -1) for t in rope)
         q = self.q[rows, self.query_pos].view(b, -1, hd)  # [B, H, hd]
         qc, qs = cos[rows, self.query_pos].unsqueeze(1), sin[rows, self.query_pos].unsqueeze(1)
-        q = q * qc + rotate_half(q) * qs
-        k = self.k.view(b, length, -1, hd)  # [B, L, KV, hd]
-        k = k * cos.unsqueeze(2) + rotate_half(k) * sin.unsqueeze(2)
+        q = rotary(q, qc, qs)
+        k = rotary(self.k.view(b, length, -1, hd), cos.unsqueeze(2), sin.unsqueeze(2))  # [B, L, KV, hd]
         k = k.repeat_interleave(attn.num_key_value_groups, dim=2)  # [B, L, H, hd]
         logits = torch.einsum("bhd,blhd->bhl", q.float(), k.float()) * attn.scaling
         pos = torch.arange(length, device=k.device)
@@ -164,11 +189,16 @@ class FastV:
         logits = logits.masked_fill(~allowed.unsqueeze(1), -math.inf)
         return logits.softmax(-1).mean(1)
 
+    def keep_indices(self, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The rule: ``[B, L']`` positions that stay (ascending), from layer ``K``'s input
+        ``x`` ``[B, L, C]`` and kwargs (and layer ``K - 1``'s captured projections)."""
+        return fastv_keep_indices(self.scores(kwargs["position_embeddings"]), self.image_mask, self.per_image,
+                                  self.keep)
+
     def prune(self, args, kwargs):
         x = args[0]
         b, length, _ = x.shape
-        keep_idx = fastv_keep_indices(self.scores(kwargs["position_embeddings"]), self.image_mask,
-                                      self.per_image, self.keep)
+        keep_idx = self.keep_indices(x, kwargs)
         kept = torch.zeros(b, length, dtype=torch.bool, device=x.device).scatter_(1, keep_idx, True)
         self.keep_idx, self.drop_idx, self.full_len = keep_idx, (~kept).nonzero()[:, 1].view(b, -1), length
         self.dropped = gather_tokens(x, self.drop_idx)

@@ -20,9 +20,9 @@ this one reuses). Two parts, one run:
   real width with ``lm_layers`` layers (3: FastV keeps its K=2 and prunes the third), random
   weights, fp32, batch 1: time to first token and decode tokens/s of
   ``generate(max_new_tokens=new_tokens)`` for one image of :attr:`Spec.time_image`, stock vs
-  every method at every ``time_keeps``. A first, untimed round warms up; then every timed round
-  runs every config once in a rotating order; medians; speedups are ratios of medians of the
-  same run.
+  every method at every ``time_keeps``. One untimed answer of the stock model warms up; then
+  every timed round runs every config once in a rotating order; medians; speedups are ratios of
+  medians of the same run.
 
 Writes ``results.json``, ``results.md`` and ``tradeoff.png`` (left: the 7B's prefill FLOPs
 ratio against ``keep``; right: measured time-to-first-token speedup against the scaled model's
@@ -111,17 +111,14 @@ def meta_model(name: str) -> nn.Module:
         return _spec(name).model_class(MLLM_CONFIGS[name]())
 
 
-def scaled_model(name: str, lm_layers: int = 3, vision_layers: int | None = None, vocab: int | None = None,
-                 seed: int = 0) -> nn.Module:
-    """``name`` with its real-width vision side and LM, the LM cut to ``lm_layers`` layers and the
-    tower to ``vision_layers`` (None: all; Qwen2.5-VL keeps the full-attention blocks below that
-    depth), the vocabulary to ``vocab`` words (None: the real one); random weights, eval mode."""
+def scaled_model(name: str, lm_layers: int = 3, vision_layers: int | None = None, seed: int = 0) -> nn.Module:
+    """``name`` with its real-width vision side and LM (real vocabulary), the LM cut to
+    ``lm_layers`` layers and the tower to ``vision_layers`` (None: all; Qwen2.5-VL keeps the
+    full-attention blocks below that depth); random weights, eval mode."""
     cfg = MLLM_CONFIGS[name]()
     cfg.text_config.num_hidden_layers = lm_layers
     if getattr(cfg.text_config, "layer_types", None) is not None:
         cfg.text_config.layer_types = cfg.text_config.layer_types[:lm_layers]
-    if vocab is not None:
-        cfg.text_config.vocab_size = vocab
     v = cfg.vision_config
     if vision_layers is not None:
         if hasattr(v, "depth"):  # Qwen2.5-VL
@@ -268,7 +265,6 @@ def run_mllm_benchmark(
     threads: int = 2,
     lm_layers: int = 3,
     vision_layers: int | None = None,
-    vocab: int | None = None,
     timing: bool = True,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -311,16 +307,16 @@ def run_mllm_benchmark(
     }
     if timing:
         results["timing"] = _timing(name, spec, methods, time_keeps, time_image, text_len, new_tokens, rounds, threads,
-                                    lm_layers, vision_layers, vocab, say)
+                                    lm_layers, vision_layers, say)
     results["meta"]["seconds"] = time.perf_counter() - t0
     write_results(results, out_dir)
     return results
 
 
 def _timing(name: str, spec: Spec, methods: Sequence[str], keeps: Sequence[int], image: tuple[int, int], text_len: int,
-            new_tokens: int, rounds: int, threads: int, lm_layers: int, vision_layers: int | None, vocab: int | None,
+            new_tokens: int, rounds: int, threads: int, lm_layers: int, vision_layers: int | None,
             say: Callable[[str], None]) -> dict:
-    model = scaled_model(name, lm_layers, vision_layers, vocab)
+    model = scaled_model(name, lm_layers, vision_layers)
     fam = spec.family
     cfg0 = fam.base_model(model).config
     stock = fam.stock_image_tokens(model, image)
@@ -335,8 +331,8 @@ def _timing(name: str, spec: Spec, methods: Sequence[str], keeps: Sequence[int],
                      "flops_ratio": f / base_flops, "times": []})
     say(f"scaled model built ({len(configs)} configs, {stock} stock visual tokens at {image[0]}x{image[1]})")
     load = []
-    for rnd in range(rounds + 1):  # round 0: untimed warm-up
-        order = configs[rnd % len(configs):] + configs[: rnd % len(configs)]
+    for rnd in range(rounds + 1):  # round 0: one untimed warm-up answer of the stock model
+        order = configs[rnd % len(configs):] + configs[: rnd % len(configs)] if rnd else configs[:1]
         for cfg in order:
             _patch(model, cfg)
             row = next(r for r in rows if r["name"] == cfg["name"])
@@ -347,6 +343,8 @@ def _timing(name: str, spec: Spec, methods: Sequence[str], keeps: Sequence[int],
                 row["times"].append(timed_answer(model, inputs, new_tokens))
         load.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
         say(f"round {rnd}/{rounds} done{' (warm-up, untimed)' if rnd == 0 else ''}, load average {load[-1]:.2f}")
+        if rnd == 0:
+            load.pop()  # the load averages reported are those of the timed rounds
     crossget.unpatch(model)
     base = rows[0]
     for row in rows:
@@ -410,13 +408,14 @@ def results_markdown(results: dict) -> str:
     if t is None:
         lines += ["", "Timing: not run (`--no-latency`, or the machine was not quiet)."]
     else:
+        loads = ", ".join(f"{x:.2f}" for x in t["load_average_per_round"])
         lines += [
             "",
             f"Measured on the scaled model ({t['model']}), one {t['image'][0]}x{t['image'][1]} image "
             f"({t['stock_visual_tokens']} stock visual tokens), {meta['text_len']} other prompt tokens, batch 1, "
             f"{t['threads']} threads, generate(max_new_tokens={t['new_tokens']}), {t['rounds']} interleaved timed "
-            f"rounds after a warm-up (medians; speedups are ratios of medians of this run; load average after each "
-            f"round: {', '.join(f'{x:.2f}' for x in t['load_average_per_round'])}). FLOPs ratio: the scaled model's "
+            f"rounds in rotating order after one untimed stock answer (medians; speedups are ratios of medians "
+            f"of this run; 1-minute load average after each round: {loads}). FLOPs ratio: the scaled model's "
             f"analytic prefill FLOPs to stock (FastV K={t['fastv_layer']}).",
             "",
             "| config | prefill GFLOPs (scaled) | FLOPs ratio | 1st token ms | speedup | decode tok/s | speedup |",

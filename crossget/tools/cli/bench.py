@@ -65,9 +65,6 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision-layers", type=int_at_least(1), default=None,
                    help="--model llava-next-7b / llava-onevision-7b / qwen2.5-vl-7b: layers of the timed "
                         "vision tower, at real width (default: all)")
-    p.add_argument("--vocab", type=int_at_least(2), default=None,
-                   help="--model llava-next-7b / llava-onevision-7b / qwen2.5-vl-7b: vocabulary of the timed "
-                        "scaled-down LM (default: the real one)")
     p.add_argument("--lm-layers", type=int_at_least(1), default=3,
                    help="--model llava-1.5: layers of the timed scaled-down Llama (default 3; FastV prunes after 2)")
     p.add_argument("--prompt-tokens", type=int_at_least(1), default=64,
@@ -81,8 +78,8 @@ def bench(args: argparse.Namespace) -> int:
     """Benchmark merging configs against the stock model."""
     if args.model in bench_mllm.MODELS:
         return bench_mllm_model(args)
-    if args.time_keep or args.vision_layers or args.vocab:
-        raise ValueError("--time-keep, --vision-layers and --vocab are for --model "
+    if args.time_keep or args.vision_layers:
+        raise ValueError("--time-keep and --vision-layers are for --model "
                          + ", ".join(bench_mllm.MODELS))
     if args.model.startswith("llava"):
         return bench_llava(args)
@@ -138,7 +135,7 @@ def bench_mllm_model(args: argparse.Namespace) -> int:
         args.model, methods=methods, keeps=args.keep or bench_mllm.DEFAULT_KEEPS,
         time_keeps=args.time_keep or bench_mllm.DEFAULT_TIME_KEEPS, text_len=args.prompt_tokens,
         new_tokens=args.max_new_tokens, rounds=args.rounds, threads=args.threads, lm_layers=args.lm_layers,
-        vision_layers=args.vision_layers, vocab=args.vocab, timing=args.latency, out_dir=out,
+        vision_layers=args.vision_layers, timing=args.latency, out_dir=out,
     )
     md = os.path.join(out, "results.md")
     print_file(md)

@@ -18,6 +18,9 @@ from test_llava_next import inputs as next_inputs
 from test_llava_onevision import WIDE as OV_WIDE
 from test_llava_onevision import inputs as ov_inputs
 from test_llava_onevision import make_ov
+from test_qwen3_vl import WIDE as QWEN3_WIDE
+from test_qwen3_vl import inputs as qwen3_inputs
+from test_qwen3_vl import make_qwen3
 from test_qwen_vl import WIDE as QWEN_WIDE
 from test_qwen_vl import inputs as qwen_inputs
 from test_qwen_vl import make_qwen
@@ -121,6 +124,9 @@ GRID = [
      [("none", {}), ("tome", {"keep": 7}), ("crossget", {"keep": 7}),
       ("tome", {"flops": 0.75, "image_size": 64, "text_len": 8}), ("fastv", {"keep": 7, "fastv_layer": 1}),
       ("divprune", {"keep": 7}), ("dart", {"keep": 7, "fastv_layer": 1})]),
+    ("Qwen3VLForConditionalGeneration", make_qwen3, lambda m: m(**qwen3_inputs(m, (QWEN3_WIDE, QWEN3_WIDE))).logits,
+     [("none", {}), ("tome", {"keep": 7}), ("crossget", {"keep": 7}), ("fastv", {"keep": 7, "fastv_layer": 2}),
+      ("divprune", {"keep": 7}), ("dart", {"keep": 7, "fastv_layer": 2})]),
     ("ViTModel", lambda: make("vit"), run_vision, ENCODER),
     ("DeiTForImageClassificationWithTeacher", lambda: make_head("DeiTForImageClassificationWithTeacher"),
      lambda m: m(pixel_values=PIXELS).logits, [("none", {}), ("tome", {"r": 2}), ("crossget", {"flops": 0.7})]),

@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,12 +92,15 @@ from crossget.record import ATTR, record
 
 __all__ = [
     "FAMILY",
+    "KeptPositionsForward",
     "KeptTokens",
     "Qwen2_5_VLModel",
     "adapt_processor",
     "image_tokens",
     "kept_tokens",
     "prefill_flops",
+    "qwen2_5_stock_rope_index",
+    "rope_index",
     "stock_image_tokens",
     "vision_tower_flops",
     "vision_positions",
@@ -208,11 +211,22 @@ def vision_positions(base: hf.Qwen2_5_VLModel, start: int, grid: torch.Tensor,
     return pos if first is None else pos[:, first.to(pos.device)]
 
 
-def _rope_index(base: hf.Qwen2_5_VLModel, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
-                image_grid_thw: torch.Tensor | None, image_first: Sequence[torch.Tensor] | None,
-                keep: int, video_grid_thw: torch.Tensor | None = None,
-                second_per_grid_ts: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def qwen2_5_stock_rope_index(base: nn.Module, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
+                             image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None,
+                             second_per_grid_ts: torch.Tensor | None,
+                             attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream Qwen2.5-VL's ``get_rope_index`` (:func:`rope_index`'s default ``upstream``)."""
+    return hf.Qwen2_5_VLModel.get_rope_index(base, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                                             second_per_grid_ts, attention_mask=attention_mask)
+
+
+def rope_index(base: nn.Module, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
+               image_grid_thw: torch.Tensor | None, image_first: Sequence[torch.Tensor] | None,
+               keep: int, video_grid_thw: torch.Tensor | None = None,
+               second_per_grid_ts: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None, *,
+               upstream: Callable[..., tuple[torch.Tensor, torch.Tensor]] = qwen2_5_stock_rope_index,
+               video_runs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Upstream's ``get_rope_index`` on the stock layout of the prompts, at the kept tokens.
 
     Each prompt (its real tokens) is expanded to the stock layout (image ``i``'s ``keep``
@@ -224,6 +238,12 @@ def _rope_index(base: hf.Qwen2_5_VLModel, input_ids: torch.Tensor, mm_token_type
     model's; the rope delta (largest position + 1 - the prompt's length) is the stock one plus
     the tokens the prompt has fewer.
 
+    ``upstream`` ``(base, ids, types, image_grid_thw, video_grid_thw, second_per_grid_ts,
+    attention_mask) -> (positions, deltas)`` places the stock-layout prompts (default
+    Qwen2.5-VL's; Qwen3-VL passes its own); ``video_runs`` is the number of video
+    placeholder runs the prompts may hold (default one per ``video_grid_thw`` row; Qwen3-VL
+    writes one run per frame).
+
     Returns:
         ``(position_ids [3, B, S], rope_deltas [B, 1])``.
 
@@ -233,7 +253,7 @@ def _rope_index(base: hf.Qwen2_5_VLModel, input_ids: torch.Tensor, mm_token_type
     """
     merge = base.config.vision_config.spatial_merge_size
     images = iter(range(len(image_grid_thw))) if image_grid_thw is not None else iter(())
-    videos = len(video_grid_thw) if video_grid_thw is not None else 0
+    videos = (len(video_grid_thw) if video_grid_thw is not None else 0) if video_runs is None else video_runs
     rows, columns, reduced = [], [], []  # per prompt: stock-layout (ids, types), its kept columns, real tokens
     for b in range(input_ids.shape[0]):
         ids, types = input_ids[b], mm_token_type_ids[b]
@@ -277,8 +297,8 @@ def _rope_index(base: hf.Qwen2_5_VLModel, input_ids: torch.Tensor, mm_token_type
         stock_ids[b, width - len(r_ids):] = torch.tensor(r_ids, dtype=stock_ids.dtype)
         stock_types[b, width - len(r_ids):] = torch.tensor(r_types, dtype=stock_ids.dtype)
         stock_mask[b, width - len(r_ids):] = 1
-    stock, deltas = hf.Qwen2_5_VLModel.get_rope_index(base, stock_ids, stock_types, image_grid_thw, video_grid_thw,
-                                                      second_per_grid_ts, attention_mask=stock_mask)
+    stock, deltas = upstream(base, stock_ids, stock_types, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                             stock_mask)
     position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
     for b, kept in enumerate(columns):
         row = stock[:, b, width - len(rows[b][0]):][:, kept]
@@ -337,71 +357,25 @@ def prefill_flops(
 
 
 # --------------------------------------------------------------------------- the patched model
-_FORWARD = inspect.signature(hf.Qwen2_5_VLModel.forward)
+class KeptPositionsForward:
+    """The forward a patched Qwen-VL base model shares (put first among the bases of a
+    subclass of the upstream model, as :class:`Qwen2_5_VLModel`): the images are encoded and
+    reduced before the prompts are placed. The subclass sets :attr:`forward_signature`
+    (upstream's ``forward``) and overrides ``get_image_features`` (output carrying
+    :class:`KeptTokens`) and ``get_rope_index`` (taking ``image_first``)."""
 
-
-class Qwen2_5_VLModel(hf.Qwen2_5_VLModel):  # noqa: N801 (upstream's name: save_pretrained writes the stock architecture)
-    """The patched ``Qwen2_5_VLModel`` (the instance's class is swapped; same name, so that
-    ``save_pretrained`` writes the stock architecture). Reads its :class:`Site` from the
-    crossget record; with ``method="none"`` every method is upstream's."""
-
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None,
-                           **kwargs: Any) -> Any:
-        """Upstream's features, then (``tome``/``crossget``) each image's ``[L_i, D]`` tokens
-        reduced to ``[keep, D]``: ``pooler_output`` is a tuple of ``[keep, D]``, and the
-        output carries the grids and kept indices (:class:`KeptTokens`, :func:`kept_tokens`).
-
-        Raises:
-            ValueError: ``keep`` is more than an image gives.
-        """
-        s = _reducing(self)
-        return_dict = kwargs.pop("return_dict", None)
-        out = super().get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
-        if s is not None:
-            tokens, firsts = reduce_images(out.pooler_output, s, image_grid_thw, "image_grid_thw", "grid")
-            tokens = [t.to(f.dtype) for t, f in zip(tokens, out.pooler_output)]
-            out.pooler_output = tuple(tokens)
-            out.__dict__[ATTR] = KeptTokens(tuple(tokens), image_grid_thw.detach().clone(), tuple(firsts))
-        if return_dict is False or (return_dict is None and not self.config.return_dict):
-            return out.to_tuple()
-        return out
-
-    def get_rope_index(self, input_ids: torch.LongTensor, mm_token_type_ids: torch.IntTensor,
-                       image_grid_thw: torch.LongTensor | None = None, video_grid_thw: torch.LongTensor | None = None,
-                       second_per_grid_ts: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                       image_first: Sequence[torch.Tensor] | None = None,
-                       **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upstream's 3-D positions, with ``keep`` tokens per image at the stock positions of
-        ``image_first`` (per image, ``[keep]``: :class:`KeptTokens`). Without ``image_first``
-        (``generate`` asks before the images are encoded) the visual columns are stand-ins,
-        which the forward that encodes the images replaces; text positions and the rope deltas
-        do not depend on it. Returns ``(position_ids [3, B, S], rope_deltas [B, 1])``."""
-        s = _reducing(self)
-        if s is None:
-            return super().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
-                                          second_per_grid_ts, attention_mask, **kwargs)
-        return _rope_index(self, input_ids, mm_token_type_ids, image_grid_thw, image_first, s.keep,
-                           video_grid_thw, second_per_grid_ts, attention_mask)
-
-    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor,
-                             image_features: torch.Tensor | None = None,
-                             video_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upstream's masks ``([B, S, 1], [B, S, 1])``, after a check whose error says how to
-        build the prompts (``image_features``: ``[visual tokens, D]``)."""
-        if image_features is not None:
-            check_placeholders(self, input_ids, inputs_embeds, image_features, record(self).glue)
-        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
+    forward_signature: inspect.Signature
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Upstream's forward; with ``tome``/``crossget`` the images are encoded (and reduced)
         first, so that the 3-D positions ``[3, B, S]`` of this forward's prompts are computed
-        from the tokens kept of its images (:func:`_rope_index`), replacing the M-RoPE rows of
-        any ``position_ids`` given; with ``fastv`` its per-forward inputs are set
+        from the tokens kept of its images (the patched ``get_rope_index`` with ``image_first``),
+        replacing the M-RoPE rows of any ``position_ids`` given; with ``fastv`` its per-forward inputs are set
         (:meth:`crossget.families.visual_site.Site.on_forward`)."""
         s = record(self).glue
         if not s.reduces and s.fastv is None:
             return super().forward(*args, **kwargs)
-        kw = _FORWARD.bind(self, *args, **kwargs).arguments
+        kw = self.forward_signature.bind(self, *args, **kwargs).arguments
         kw.pop("self")
         extra = kw.pop("kwargs", {})
         if s.fastv is not None:
@@ -438,13 +412,69 @@ class Qwen2_5_VLModel(hf.Qwen2_5_VLModel):  # noqa: N801 (upstream's name: save_
                              "cannot continue a filled KV cache")
         mask = kw.get("attention_mask")
         mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        pos, deltas = _rope_index(self, ids, types, grids, first, record(self).glue.keep, kw.get("video_grid_thw"),
-                                  kw.get("second_per_grid_ts"), mask)
+        pos, deltas = self.get_rope_index(ids, types, image_grid_thw=grids, video_grid_thw=kw.get("video_grid_thw"),
+                                          second_per_grid_ts=kw.get("second_per_grid_ts"), attention_mask=mask,
+                                          image_first=first)
         self.rope_deltas = deltas  # as upstream's compute_3d_position_ids does, for a later cached decode
         given = kw.get("position_ids")
         if given is not None and given.dim() == 3 and given.shape[0] == 4:
             pos = torch.cat([given[:1], pos.to(given)], 0)  # the text row generate adds (packed masks) stays
         return pos
+
+
+class Qwen2_5_VLModel(KeptPositionsForward, hf.Qwen2_5_VLModel):  # noqa: N801 (upstream's name: save_pretrained writes the stock architecture)
+    """The patched ``Qwen2_5_VLModel`` (the instance's class is swapped; same name, so that
+    ``save_pretrained`` writes the stock architecture). Reads its :class:`Site` from the
+    crossget record; with ``method="none"`` every method is upstream's."""
+
+    forward_signature = inspect.signature(hf.Qwen2_5_VLModel.forward)
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None,
+                           **kwargs: Any) -> Any:
+        """Upstream's features, then (``tome``/``crossget``) each image's ``[L_i, D]`` tokens
+        reduced to ``[keep, D]``: ``pooler_output`` is a tuple of ``[keep, D]``, and the
+        output carries the grids and kept indices (:class:`KeptTokens`, :func:`kept_tokens`).
+
+        Raises:
+            ValueError: ``keep`` is more than an image gives.
+        """
+        s = _reducing(self)
+        return_dict = kwargs.pop("return_dict", None)
+        out = super().get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
+        if s is not None:
+            tokens, firsts = reduce_images(out.pooler_output, s, image_grid_thw, "image_grid_thw", "grid")
+            tokens = [t.to(f.dtype) for t, f in zip(tokens, out.pooler_output)]
+            out.pooler_output = tuple(tokens)
+            out.__dict__[ATTR] = KeptTokens(tuple(tokens), image_grid_thw.detach().clone(), tuple(firsts))
+        if return_dict is False or (return_dict is None and not self.config.return_dict):
+            return out.to_tuple()
+        return out
+
+    def get_rope_index(self, input_ids: torch.LongTensor, mm_token_type_ids: torch.IntTensor,
+                       image_grid_thw: torch.LongTensor | None = None, video_grid_thw: torch.LongTensor | None = None,
+                       second_per_grid_ts: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                       image_first: Sequence[torch.Tensor] | None = None,
+                       **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream's 3-D positions, with ``keep`` tokens per image at the stock positions of
+        ``image_first`` (per image, ``[keep]``: :class:`KeptTokens`). Without ``image_first``
+        (``generate`` asks before the images are encoded) the visual columns are stand-ins,
+        which the forward that encodes the images replaces; text positions and the rope deltas
+        do not depend on it. Returns ``(position_ids [3, B, S], rope_deltas [B, 1])``."""
+        s = _reducing(self)
+        if s is None:
+            return super().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                                          second_per_grid_ts, attention_mask, **kwargs)
+        return rope_index(self, input_ids, mm_token_type_ids, image_grid_thw, image_first, s.keep,
+                          video_grid_thw, second_per_grid_ts, attention_mask)
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor,
+                             image_features: torch.Tensor | None = None,
+                             video_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream's masks ``([B, S, 1], [B, S, 1])``, after a check whose error says how to
+        build the prompts (``image_features``: ``[visual tokens, D]``)."""
+        if image_features is not None:
+            check_placeholders(self, input_ids, inputs_embeds, image_features, record(self).glue)
+        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
 
 
 # --------------------------------------------------------------------------- the family

@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from crossget.config import PatchConfig
-from crossget.families import blip, blip2, clip, dual_encoder, llava, llava_next, llava_onevision, qwen_vl, siglip, vit
+from crossget.families import blip, blip2, clip, dual_encoder, llava, llava_next, llava_onevision, qwen3_vl, qwen_vl, siglip, vit
 from crossget.families.base import Family
 from crossget.record import mark, unmark
 
 # LLaVA first: a LlavaModel holds a CLIPVisionModel, which the CLIP family would also claim
 FAMILIES: tuple[Family, ...] = (llava.FAMILY, llava_next.FAMILY, llava_onevision.FAMILY, clip.FAMILY, blip.FAMILY,
-                               blip2.FAMILY, vit.FAMILY, siglip.FAMILY, dual_encoder.FAMILY, qwen_vl.FAMILY)
+                               blip2.FAMILY, vit.FAMILY, siglip.FAMILY, dual_encoder.FAMILY, qwen_vl.FAMILY,
+                               qwen3_vl.FAMILY)
 
 
 def family_of(model: nn.Module) -> Family:

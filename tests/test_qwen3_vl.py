@@ -1,0 +1,481 @@
+"""crossget on Qwen3-VL (full-attention vision tower, patch merger, deep-stack features added
+to the first LM layers, interleaved 3-D M-RoPE): the projector-site reduction (tome, crossget)
+with the deep-stack features reduced by the same groups, and FastV, on a tiny random model.
+
+Exactness of the stock path, generation with and without a KV cache (greedy and beams), the
+visual and deep-stack tokens the language model receives, M-RoPE positions, batches of images
+with different grids, budgets and errors, unpatch / copies."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from mllm_common import (
+    BAD_BUDGETS,
+    MLLM,
+    LMInputs,
+    check_bad_budget,
+    check_cache_agreement,
+    check_copies,
+    check_encodes_once,
+    check_fastv_prunes,
+    check_fastv_refuses,
+    check_lm_receives_reduced,
+    check_stock_path,
+    check_unpatch_restores,
+    left_padded,
+    lm_visual_tokens,
+    torch_saved,
+    word_tokenizer,
+)
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+from transformers.models.qwen3_vl import modeling_qwen3_vl as hf
+from transformers.processing_utils import ProcessorMixin
+
+import crossget
+from crossget.families import qwen3_vl
+from crossget.families.visual_site import SITE_METHODS, reduce_visual_tokens
+
+IMG, VIDEO, START, END = 120, 121, 122, 123  # <|image_pad|>, <|video_pad|>, <|vision_start|>, <|vision_end|>
+PATCH, MERGE, TEMPORAL = 4, 2, 2
+PATCH_DIM = 3 * TEMPORAL * PATCH * PATCH  # one row of pixel_values
+GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMG, VIDEO, START, END])
+WIDE, TALL, SMALL = (1, 8, 12), (1, 12, 8), (1, 4, 8)  # image_grid_thw rows: 24, 24 and 8 merged tokens
+KEEP = 7
+LEVELS = [0, 1]  # deep-stack: the outputs of vision blocks 0 and 1, added after LM layers 0 and 1
+
+
+def make_qwen3(impl="sdpa", seed=0):
+    torch.manual_seed(seed)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=PATCH,
+                  spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, in_channels=3, num_position_embeddings=16,
+                  deepstack_visual_indexes=LEVELS)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, vocab_size=128, max_position_embeddings=512, pad_token_id=0,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3],
+                                     mrope_interleaved=True))
+    cfg = Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=IMG, video_token_id=VIDEO,
+                        vision_start_token_id=START, vision_end_token_id=END, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0)
+    model = Qwen3VLForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(impl)
+    return model
+
+
+def pixels(grids, seed=2):
+    grid = torch.tensor(grids)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, generator=g), grid
+
+
+def make_prompts(counts, lengths, seed=1):
+    """Left-padded prompts: text, one image (``<|vision_start|>``, ``counts[i]`` placeholders,
+    ``<|vision_end|>``), text; and their ``mm_token_type_ids``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for c, n in zip(counts, lengths):
+        text = torch.randint(3, 100, (n + 2,), generator=g).tolist()
+        rows.append([1] + text[:2] + [START] + [IMG] * c + [END] + text[2:])
+    ids, mask = left_padded(rows)
+    return ids, mask, (ids == IMG).long()
+
+
+def inputs(model, grids=(WIDE, TALL), lengths=(5, 3), counts=None):
+    counts = [crossget.image_tokens(model, g) for g in grids] if counts is None else counts
+    ids, mask, types = make_prompts(counts, lengths)
+    px, grid = pixels(grids)
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, pixel_values=px, image_grid_thw=grid)
+
+
+def stock_output(model, grids):
+    px, grid = pixels(grids)
+    with torch.no_grad():
+        return hf.Qwen3VLModel.get_image_features(model.model, px, grid)
+
+
+def stock_features(model, grids):
+    return list(stock_output(model, grids).pooler_output)
+
+
+QWEN3 = MLLM(make_qwen3, inputs, stock_features, GEN, IMG, qwen3_vl.Qwen3VLModel, hf.Qwen3VLModel, (WIDE, TALL))
+generate, logits = QWEN3.generate, QWEN3.logits
+
+
+class DeepStack:
+    """What the language model receives for deep-stack injection in each of its calls."""
+
+    def __init__(self, model):
+        self.calls = []
+        self.handle = model.model.language_model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, _module, _args, kwargs):
+        self.calls.append((kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")))
+
+    def remove(self):
+        self.handle.remove()
+
+
+# --------------------------------------------------------------------------- the groups
+@pytest.mark.parametrize("method", ["tome", "crossget"])
+@pytest.mark.parametrize("keep", [1, 5, 11, 24])
+def test_reduce_with_groups_is_reduce_visual_tokens_and_replays_its_groups(method, keep):
+    g = torch.Generator().manual_seed(keep)
+    x, y = torch.randn(24, 16, generator=g), torch.randn(24, 5, generator=g)
+    tokens, first, groups = qwen3_vl.reduce_with_groups(x, keep, method)
+    ref_tokens, ref_first = reduce_visual_tokens(x, keep, method)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(first, ref_first)
+    assert torch.allclose(groups(x), tokens, atol=1e-6)  # replayed on the main tokens: the same
+    # the groups as an averaging matrix (replayed on the identity): a partition, uniform weights
+    a = groups(torch.eye(24, dtype=torch.float64))  # [keep, 24]
+    member = a > 0
+    assert member.sum(0).tolist() == [1] * 24  # every token in exactly one group
+    assert torch.allclose(a.sum(1), torch.ones(keep, dtype=torch.float64))
+    assert torch.allclose(a[member], (1 / member.sum(1, keepdim=True).double()).expand_as(a)[member])
+    assert torch.equal(member.double().argmax(1), first)  # first member = first
+    assert torch.allclose(a.float() @ x, tokens, atol=1e-5)  # they are the groups of the main tokens
+    assert torch.allclose(groups(y), a.float() @ y, atol=1e-5)
+    with pytest.raises(ValueError, match=r"reduce \[24, D\]"):
+        groups(y[:20])
+
+
+# --------------------------------------------------------------------------- stock path
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_none_and_unpatched_generate_stock_ids(impl):
+    def on_none(model):
+        assert crossget.image_tokens(model, WIDE) == 24
+
+    model = check_stock_path(QWEN3, impl, on_none)
+    out = stock_output(model, (WIDE, TALL, SMALL))
+    assert [f.shape[0] for f in out.pooler_output] == [24, 24, 8]
+    assert len(out.deepstack_features) == len(LEVELS)
+    assert [qwen3_vl.stock_image_tokens(model, g) for g in (WIDE, TALL, SMALL)] == [24, 24, 8]
+
+
+# --------------------------------------------------------------------------- reduced generation
+@pytest.mark.parametrize("method", SITE_METHODS)
+def test_reduced_generation_same_with_and_without_cache(method):
+    model, stock = check_cache_agreement(QWEN3, method, dict(keep=KEEP), (WIDE, TALL), beams=3)
+    assert crossget.config(model).method == method and crossget.config(model).keep == KEEP
+    assert logits(model).shape[1] == stock.shape[1] - (24 - KEEP)
+
+
+def test_generate_encodes_images_once():
+    check_encodes_once(QWEN3, lambda model: model.model.visual, KEEP)
+
+
+@pytest.mark.parametrize("method", SITE_METHODS)
+def test_lm_receives_keep_tokens_per_image_which_are_the_reduced_features(method):
+    check_lm_receives_reduced(QWEN3, method, KEEP, (WIDE, TALL), [24, 24], lengths=(5, 3), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("via", ["forward", "generate"])
+@pytest.mark.parametrize("method", SITE_METHODS)  # a selecting method too, where there is one: its indices
+def test_deepstack_features_reaching_the_lm_are_reduced_with_the_main_groups(method, via):
+    model = make_qwen3()
+    grids = (WIDE, SMALL)
+    stock = stock_output(model, grids)
+    crossget.patch(model, method=method, keep=KEEP)
+    x = inputs(model, grids)
+    seen = DeepStack(model)
+    with torch.no_grad():
+        model(**x) if via == "forward" else model.generate(**x, **GEN)
+    seen.remove()
+    masks, embeds = seen.calls[0]
+    assert torch.equal(masks, x["input_ids"] == IMG) and masks.sum(-1).tolist() == [KEEP, KEEP]
+    assert len(embeds) == len(LEVELS) and all(e.shape == (2 * KEEP, 64) for e in embeds)
+    for i, main in enumerate(stock.pooler_output):
+        reduced = reduce_visual_tokens(main, KEEP, method)[0]
+        _, _, groups = qwen3_vl.reduce_with_groups(main, KEEP, method)
+        a = groups(torch.eye(main.shape[0], dtype=torch.float64)).float()  # [keep, L_i] averaging matrix
+        assert torch.allclose(a @ main, reduced, atol=1e-5)  # the main tokens' groups
+        for level, e in enumerate(embeds):
+            want = a @ stock.deepstack_features[level][i]  # the same groups on the stock deep-stack level
+            torch.testing.assert_close(e[i * KEEP:(i + 1) * KEEP], want, rtol=1e-5, atol=1e-5)
+    if via == "generate":
+        assert all(m is None for m, _ in seen.calls[1:])  # decode steps add nothing
+
+
+def test_deepstack_features_change_the_output():
+    """The deep-stack features matter (a test that ignored them would not notice a wrong reduction)."""
+    model = make_qwen3()
+    crossget.patch(model, method="crossget", keep=KEEP)
+    x = inputs(model)
+    with torch.no_grad():
+        ref = model(**x).logits
+        for m in model.model.visual.deepstack_merger_list:
+            m.linear_fc2.bias.add_(1.0)
+        out = model(**x).logits
+    assert not torch.allclose(out, ref, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- positions
+def stock_positions(model, grids, lengths):
+    counts = [qwen3_vl.stock_image_tokens(model, g) for g in grids]
+    ids, mask, types = make_prompts(counts, lengths)
+    pos, deltas = hf.Qwen3VLModel.get_rope_index(model.model, ids, types, torch.tensor(grids), attention_mask=mask)
+    return pos, ids, mask, deltas
+
+
+@pytest.mark.parametrize("via", ["forward", "generate"])
+def test_kept_tokens_take_the_stock_position_of_their_first_index(via):
+    model = make_qwen3()
+    grids, lengths = (WIDE, SMALL), (5, 3)
+    firsts = [reduce_visual_tokens(f, KEEP, "tome")[1] for f in stock_features(model, grids)]
+    stock, stock_ids, stock_mask, stock_deltas = stock_positions(model, grids, lengths)
+    crossget.patch(model, method="tome", keep=KEEP)
+    x = inputs(model, grids, lengths)
+    seen = LMInputs(model)
+    with torch.no_grad():
+        model(**x) if via == "forward" else model.generate(**x, **GEN)
+    seen.remove()
+    pos = seen.calls[0]["position_ids"]
+    pos = pos[1:] if pos.shape[0] == 4 else pos
+    for row in range(2):
+        real, stock_real = x["attention_mask"][row].bool(), stock_mask[row].bool()
+        ids, got = x["input_ids"][row][real], pos[:, row][:, real]
+        ref_ids, ref = stock_ids[row][stock_real], stock[:, row][:, stock_real]
+        image, ref_image = ids == IMG, ref_ids == IMG
+        assert torch.equal(got[:, image], ref[:, ref_image][:, firsts[row]])
+        assert torch.equal(got[:, ~image], ref[:, ~ref_image])
+    assert torch.equal(model.model.rope_deltas, stock_deltas + torch.tensor([[24 - KEEP], [8 - KEEP]]))
+    if via == "generate":
+        assert torch.equal(seen.calls[1]["position_ids"][1:, :, -1], stock[:, :, -1] + 1)
+
+
+# --------------------------------------------------------------------------- batches
+@pytest.mark.parametrize("method", ["tome", "crossget"])
+def test_batch_of_different_grids_gives_keep_each_and_matches_single_prompts(method):
+    model = make_qwen3()
+    crossget.patch(model, method=method, keep=KEEP)
+    grids, lengths = (WIDE, SMALL), (2, 6)
+    both = generate(model, grids, lengths)
+    x = inputs(model, grids, lengths)
+    px, grid = pixels(grids)
+    for row in range(2):
+        keep_rows = x["attention_mask"][row].bool()
+        start = int(grid[:row].prod(-1).sum())
+        single = {k: x[k][row:row + 1, keep_rows] for k in ("input_ids", "mm_token_type_ids", "attention_mask")}
+        single.update(pixel_values=px[start:start + int(grid[row].prod())], image_grid_thw=grid[row:row + 1])
+        with torch.no_grad():
+            alone = model.generate(**single, **GEN)[:, single["input_ids"].shape[1]:]
+        assert torch.equal(alone[0], both[row])
+
+
+# --------------------------------------------------------------------------- placeholders and processor
+class ImageTextProcessor(Qwen3VLProcessor):
+    """A ``Qwen3VLProcessor`` without its video processor (which needs torchvision, not
+    installed here); images and text are processed by upstream's code."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def tiny_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    special = {"<|image_pad|>": IMG, "<|video_pad|>": VIDEO, "<|vision_start|>": START, "<|vision_end|>": END}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "what": 6, "is": 7, **special}
+    tokenizer = word_tokenizer(vocab, special, padding_side="left")
+    images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL)
+    return ImageTextProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def test_adapt_processor_writes_the_count_the_model_needs():
+    model = make_qwen3()
+    processor = tiny_processor()
+    sizes = [(64, 80), (96, 64)]  # the processor's own resize (its defaults): grids (1, 16, 20) and (1, 24, 16)
+    pictures = [(np.random.default_rng(i).random((*s, 3)) * 255).astype("uint8") for i, s in enumerate(sizes)]
+    text = ["<s> what <|vision_start|><|image_pad|><|vision_end|> is", "<s> <|vision_start|><|image_pad|><|vision_end|> is"]
+    for budget, want in ((dict(method="crossget", keep=KEEP), [KEEP] * 2), (dict(method="tome", keep=9), [9] * 2),
+                         (dict(method="none"), [80, 96])):
+        crossget.patch(model, **budget)
+        x = crossget.adapt_processor(processor, model)(images=pictures, text=text, padding=True, return_tensors="pt")
+        assert (x["input_ids"] == IMG).sum(-1).tolist() == want
+        assert torch.equal(torch.as_tensor(x["mm_token_type_ids"]), (x["input_ids"] == IMG).long())
+        assert [crossget.image_tokens(model, g) for g in x["image_grid_thw"]] == want
+        with torch.no_grad():
+            model.generate(**x, **GEN)
+    crossget.unpatch(model)
+    x = crossget.adapt_processor(processor, model)(images=pictures, text=text, padding=True, return_tensors="pt")
+    assert (x["input_ids"] == IMG).sum(-1).tolist() == [80, 96]
+    assert "replace_image_token" not in vars(processor)
+    with pytest.raises(TypeError, match="Qwen3VLProcessor"):
+        crossget.adapt_processor(object(), model)
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        crossget.image_tokens(model)  # the stock count depends on the image
+
+
+# --------------------------------------------------------------------------- budgets and errors
+@pytest.mark.parametrize(
+    "kwargs, match",
+    BAD_BUDGETS + [
+        (dict(method="fastv", keep=8, fastv_layer=1), "deep-stack"),  # prunes before level 1 is added
+        (dict(method="fastv", keep=8, fastv_layer=3), "fastv_layer"),  # a 3-layer LM
+        (dict(r=4), "not an option of the Qwen3-VL"),
+    ],
+)
+def test_bad_budgets_raise(kwargs, match):
+    check_bad_budget(QWEN3, kwargs, match)
+
+
+def test_keep_above_an_images_count_and_mismatched_prompts_raise():
+    model = make_qwen3()
+    crossget.patch(model, method="tome", keep=9)
+    with pytest.raises(ValueError, match=r"keep=9 is more than the 8 tokens"):
+        crossget.image_tokens(model, SMALL)
+    with pytest.raises(ValueError, match=r"keep=9 is more than the 8 visual tokens image 1"):
+        model(**inputs(model, (WIDE, SMALL), counts=[9, 9]))
+    crossget.patch(model, method="crossget", keep=KEEP)
+    with pytest.raises(ValueError, match=r"adapt_processor.*image_tokens"):
+        model(**inputs(model, counts=[24, 24]))
+
+
+def test_unpatch_restores_stock_outputs_exactly():
+    check_unpatch_restores(QWEN3, {method: dict(keep=KEEP) for method in ("crossget", "tome")}, (WIDE, TALL))
+
+
+@pytest.mark.parametrize("budget", [dict(method="crossget", keep=KEEP), dict(method="fastv", keep=KEEP, fastv_layer=2)])
+@pytest.mark.parametrize("clone", [copy.deepcopy, torch_saved], ids=["deepcopy", "torch.save"])
+def test_copies_run_and_unpatch_on_their_own(clone, budget):
+    check_copies(QWEN3, clone, budget, (WIDE, TALL))
+
+
+# --------------------------------------------------------------------------- fastv
+def test_default_fastv_layer_is_refused_with_three_deepstack_levels():
+    model = make_qwen3()
+    model.model.config.vision_config.deepstack_visual_indexes = [0, 1, 2]  # as the released models: 3 levels
+    with pytest.raises(ValueError, match=r"fastv_layer=2 prunes before the deep-stack.*at least 3"):
+        crossget.patch(model, method="fastv", keep=KEEP)
+    assert not crossget.is_patched(model)
+
+
+def test_dart_prunes_at_layer_k_after_the_deepstack_levels_and_caches_agree():
+    model = make_qwen3()
+    with pytest.raises(ValueError, match="deep-stack"):
+        crossget.patch(model, method="dart", keep=KEEP, fastv_layer=1)
+    crossget.patch(model, method="dart", keep=KEEP, fastv_layer=2)
+    x = inputs(model)
+    assert lm_visual_tokens(model, x, IMG, 1)[0] == [24, 24]
+    assert lm_visual_tokens(model, x, IMG, 2)[0] == [KEEP, KEEP]
+    for kw in (dict(), dict(num_beams=3)):
+        assert torch.equal(generate(model, use_cache=False, **kw), generate(model, **kw))
+
+
+def test_fastv_prunes_after_the_deepstack_levels_on_normed_queries_and_caches_agree():
+    model = check_fastv_prunes(QWEN3, dict(keep=KEEP, fastv_layer=2), (WIDE, TALL), 24)
+    s = qwen3_vl.site(model)
+    assert sum(isinstance(h, qwen3_vl.NormedCapture) for x in model.modules() for h in x._forward_hooks.values()) == 2
+    attn = model.model.language_model.layers[1].self_attn
+    captured = {}
+    attn.q_norm.register_forward_hook(lambda m, a, out: captured.update(q=out.flatten(-2)))
+    real_prune = s.fastv.prune
+
+    def prune(args, kwargs):
+        captured["ranked"] = s.fastv.q
+        return real_prune(args, kwargs)
+
+    s.fastv.prune = prune
+    logits(model)
+    assert torch.equal(captured["ranked"], captured["q"])  # the ranking reads the normed queries
+    del s.fastv.prune
+    for kw in (dict(), dict(num_beams=3)):
+        assert torch.equal(generate(model, use_cache=False, **kw), generate(model, **kw))
+    check_fastv_refuses(QWEN3, dict(keep=KEEP, fastv_layer=2), (WIDE, SMALL), r"Qwen3-VL ranks one count")
+
+
+# --------------------------------------------------------------------------- the bare model, FLOPs
+def test_bare_qwen3_vl_model_patches_and_saves_the_stock_architecture(tmp_path):
+    bare = make_qwen3().model
+    with torch.no_grad():
+        ref = bare(**inputs(bare)).last_hidden_state
+    crossget.patch(bare, method="crossget", keep=KEEP)
+    with torch.no_grad():
+        out = bare(**inputs(bare)).last_hidden_state
+    assert out.shape[1] == ref.shape[1] - (24 - KEEP)
+    bare.save_pretrained(tmp_path)
+    saved = hf.Qwen3VLModel.from_pretrained(tmp_path)
+    assert saved.config.architectures == ["Qwen3VLModel"] and type(saved) is hf.Qwen3VLModel
+    crossget.unpatch(bare)
+    with torch.no_grad():
+        assert torch.equal(bare(**inputs(bare)).last_hidden_state, ref)
+
+
+@pytest.mark.parametrize("grid", [WIDE, SMALL], ids=str)
+def test_analytic_vision_flops_are_the_measured_ones(grid):
+    from crossget.flops import count_flops
+
+    model = make_qwen3()
+    px, thw = pixels([grid])
+    with torch.no_grad():
+        measured = count_flops(model.model.visual, px, grid_thw=thw)
+    assert qwen3_vl.vision_tower_flops(model, grid) == measured
+
+
+def test_flops_target_solves_keep_and_replays():
+    model = make_qwen3()
+    # a 256-pixel square (Qwen3-VL's smallest area): grid (1, 64, 64), 1024 merged tokens; the
+    # vision tower is 87% of this tiny model's prefill, so 0.8 is out of reach
+    crossget.patch(model, method="tome", flops=0.95, image_size=256, text_len=8)
+    cfg = crossget.config(model)
+    assert qwen3_vl.stock_image_tokens(model, (256, 256)) == 1024
+    ratio = lambda keep: (qwen3_vl.prefill_flops(model, "tome", keep, (256, 256), 8)
+                          / qwen3_vl.prefill_flops(model, image=(256, 256), text_len=8))
+    assert 1 <= cfg.keep < 1024 and ratio(cfg.keep) <= 0.95 < ratio(cfg.keep + 1)
+    assert cfg.flops_estimate == pytest.approx(ratio(cfg.keep))
+    other = make_qwen3()
+    crossget.patch_from_config(other, cfg.to_dict())
+    assert crossget.config(other) == cfg
+    with pytest.raises(ValueError, match="out of reach"):
+        crossget.patch(model, method="crossget", flops=0.8, image_size=256)
+
+
+# --------------------------------------------------------------------------- videos
+VIDEO_GRID = (2, 4, 4)  # two temporal patches (one placeholder run each, after its timestamp), 4 tokens per frame
+
+
+def image_and_video_prompt(image_count):
+    frames = [[90 + f, START] + [VIDEO] * 4 + [END] for f in range(VIDEO_GRID[0])]  # "<t seconds>" then the frame
+    ids = torch.tensor([[1, 5, START] + [IMG] * image_count + [END, 6] + sum(frames, []) + [7, 8]])
+    types = (ids == IMG).long() + 2 * (ids == VIDEO).long()
+    return ids, types
+
+
+def test_videos_run_unreduced_beside_reduced_images():
+    model = make_qwen3()
+    grids = (WIDE,)
+    px, grid = pixels(grids)
+    vid = torch.randn(int(torch.tensor(VIDEO_GRID).prod()), PATCH_DIM, generator=torch.Generator().manual_seed(5))
+    vgrid = torch.tensor([VIDEO_GRID])
+    first = reduce_visual_tokens(stock_features(model, grids)[0], KEEP, "crossget")[1]
+    stock_ids, stock_types = image_and_video_prompt(24)
+    stock, _ = hf.Qwen3VLModel.get_rope_index(model.model, stock_ids, stock_types, grid, vgrid.clone())
+    with torch.no_grad():
+        stock_video = hf.Qwen3VLModel.get_video_features(model.model, vid, vgrid)
+    crossget.patch(model, method="crossget", keep=KEEP)
+    ids, types = image_and_video_prompt(KEEP)
+    x = dict(input_ids=ids, mm_token_type_ids=types, attention_mask=torch.ones_like(ids), pixel_values=px,
+             image_grid_thw=grid, pixel_values_videos=vid, video_grid_thw=vgrid)
+    seen, deep = LMInputs(model), DeepStack(model)
+    with torch.no_grad():
+        model(**x)
+    seen.remove()
+    deep.remove()
+    pos = seen.calls[0]["position_ids"][:, 0]
+    image, ref_image = ids[0] == IMG, stock_ids[0] == IMG
+    assert torch.equal(pos[:, image], stock[:, 0][:, ref_image][:, first])
+    assert torch.equal(pos[:, ~image], stock[:, 0][:, ~ref_image])  # text and every video frame: stock
+    masks, embeds = deep.calls[0]
+    assert torch.equal(masks[0], image | (ids[0] == VIDEO))
+    video_rows = (ids[0] == VIDEO)[masks[0]]
+    for level, e in enumerate(embeds):  # the video's deep-stack features as upstream's
+        assert torch.equal(e[video_rows], torch.cat(stock_video.deepstack_features[level]))
+    with pytest.raises(ValueError, match="video_grid_thw"):  # generate drops it once encoded, as for Qwen2.5-VL
+        model.generate(**x, **GEN)
+    crossget.unpatch(model)
+    with torch.no_grad():  # the stock model takes the stock prompt
+        model(**{**x, "input_ids": stock_ids, "mm_token_type_ids": stock_types,
+                 "attention_mask": torch.ones_like(stock_ids)})

@@ -152,6 +152,21 @@ def test_none_and_unpatched_generate_stock_ids(impl):
     assert [qwen3_vl.stock_image_tokens(model, g) for g in (WIDE, TALL, SMALL)] == [24, 24, 8]
 
 
+def test_output_capture_still_works_on_the_swapped_class():
+    model = make_qwen3("eager")
+    with torch.no_grad():
+        ref = model(**inputs(model), output_hidden_states=True, output_attentions=True)
+    crossget.patch(model, method="none")
+    with torch.no_grad():
+        out = model(**inputs(model), output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 4 and len(out.attentions) == 3
+    assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, ref.hidden_states))
+    crossget.patch(model, method="crossget", keep=KEEP)
+    with torch.no_grad():
+        out = model(**inputs(model), output_hidden_states=True)
+    assert len(out.hidden_states) == 4 and out.hidden_states[0].shape[1] == out.logits.shape[1]
+
+
 # --------------------------------------------------------------------------- reduced generation
 @pytest.mark.parametrize("method", SITE_METHODS)
 def test_reduced_generation_same_with_and_without_cache(method):

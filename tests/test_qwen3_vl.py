@@ -6,9 +6,7 @@ Exactness of the stock path, generation with and without a KV cache (greedy and 
 visual and deep-stack tokens the language model receives, M-RoPE positions, batches of images
 with different grids, budgets and errors, unpatch / copies."""
 
-import copy
 
-import numpy as np
 import pytest
 import torch
 from mllm_common import (
@@ -17,32 +15,47 @@ from mllm_common import (
     LMInputs,
     check_bad_budget,
     check_cache_agreement,
-    check_copies,
     check_encodes_once,
     check_fastv_prunes,
     check_fastv_refuses,
     check_lm_receives_reduced,
     check_stock_path,
-    check_unpatch_restores,
-    left_padded,
     lm_visual_tokens,
-    torch_saved,
-    word_tokenizer,
+)
+from test_qwen_vl import (  # the Qwen-VL test builders: the same tiny shapes, prompts and checks
+    END,
+    GEN,
+    IMG,
+    KEEP,
+    MERGE,
+    PATCH,
+    PATCH_DIM,
+    SMALL,
+    START,
+    TALL,
+    TEMPORAL,
+    VIDEO,
+    WIDE,
+    WithoutVideos,
+    check_adapt_processor,
+    check_bare_model,
+    check_flops_target,
+    check_grids_batch_matches_single_prompts,
+    check_keep_above_an_images_count,
+    check_kept_positions,
+    check_output_capture,
+    inputs,
+    pixels,
+    tiny_processor,
+    unpatch_and_copy_tests,
 )
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 from transformers.models.qwen3_vl import modeling_qwen3_vl as hf
-from transformers.processing_utils import ProcessorMixin
 
 import crossget
 from crossget.families import qwen3_vl
 from crossget.families.visual_site import SITE_METHODS, reduce_visual_tokens
 
-IMG, VIDEO, START, END = 120, 121, 122, 123  # <|image_pad|>, <|video_pad|>, <|vision_start|>, <|vision_end|>
-PATCH, MERGE, TEMPORAL = 4, 2, 2
-PATCH_DIM = 3 * TEMPORAL * PATCH * PATCH  # one row of pixel_values
-GEN = dict(max_new_tokens=4, do_sample=False, suppress_tokens=[IMG, VIDEO, START, END])
-WIDE, TALL, SMALL = (1, 8, 12), (1, 12, 8), (1, 4, 8)  # image_grid_thw rows: 24, 24 and 8 merged tokens
-KEEP = 7
 LEVELS = [0, 1]  # deep-stack: the outputs of vision blocks 0 and 1, added after LM layers 0 and 1
 
 
@@ -61,31 +74,6 @@ def make_qwen3(impl="sdpa", seed=0):
     model = Qwen3VLForConditionalGeneration(cfg).eval()
     model.set_attn_implementation(impl)
     return model
-
-
-def pixels(grids, seed=2):
-    grid = torch.tensor(grids)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, generator=g), grid
-
-
-def make_prompts(counts, lengths, seed=1):
-    """Left-padded prompts: text, one image (``<|vision_start|>``, ``counts[i]`` placeholders,
-    ``<|vision_end|>``), text; and their ``mm_token_type_ids``."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for c, n in zip(counts, lengths):
-        text = torch.randint(3, 100, (n + 2,), generator=g).tolist()
-        rows.append([1] + text[:2] + [START] + [IMG] * c + [END] + text[2:])
-    ids, mask = left_padded(rows)
-    return ids, mask, (ids == IMG).long()
-
-
-def inputs(model, grids=(WIDE, TALL), lengths=(5, 3), counts=None):
-    counts = [crossget.image_tokens(model, g) for g in grids] if counts is None else counts
-    ids, mask, types = make_prompts(counts, lengths)
-    px, grid = pixels(grids)
-    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, pixel_values=px, image_grid_thw=grid)
 
 
 def stock_output(model, grids):
@@ -153,18 +141,7 @@ def test_none_and_unpatched_generate_stock_ids(impl):
 
 
 def test_output_capture_still_works_on_the_swapped_class():
-    model = make_qwen3("eager")
-    with torch.no_grad():
-        ref = model(**inputs(model), output_hidden_states=True, output_attentions=True)
-    crossget.patch(model, method="none")
-    with torch.no_grad():
-        out = model(**inputs(model), output_hidden_states=True, output_attentions=True)
-    assert len(out.hidden_states) == len(ref.hidden_states) == 4 and len(out.attentions) == 3
-    assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, ref.hidden_states))
-    crossget.patch(model, method="crossget", keep=KEEP)
-    with torch.no_grad():
-        out = model(**inputs(model), output_hidden_states=True)
-    assert len(out.hidden_states) == 4 and out.hidden_states[0].shape[1] == out.logits.shape[1]
+    check_output_capture(QWEN3, 3)
 
 
 # --------------------------------------------------------------------------- reduced generation
@@ -225,101 +202,25 @@ def test_deepstack_features_change_the_output():
 
 
 # --------------------------------------------------------------------------- positions
-def stock_positions(model, grids, lengths):
-    counts = [qwen3_vl.stock_image_tokens(model, g) for g in grids]
-    ids, mask, types = make_prompts(counts, lengths)
-    pos, deltas = hf.Qwen3VLModel.get_rope_index(model.model, ids, types, torch.tensor(grids), attention_mask=mask)
-    return pos, ids, mask, deltas
-
-
 @pytest.mark.parametrize("via", ["forward", "generate"])
 def test_kept_tokens_take_the_stock_position_of_their_first_index(via):
-    model = make_qwen3()
-    grids, lengths = (WIDE, SMALL), (5, 3)
-    firsts = [reduce_visual_tokens(f, KEEP, "tome")[1] for f in stock_features(model, grids)]
-    stock, stock_ids, stock_mask, stock_deltas = stock_positions(model, grids, lengths)
-    crossget.patch(model, method="tome", keep=KEEP)
-    x = inputs(model, grids, lengths)
-    seen = LMInputs(model)
-    with torch.no_grad():
-        model(**x) if via == "forward" else model.generate(**x, **GEN)
-    seen.remove()
-    pos = seen.calls[0]["position_ids"]
-    pos = pos[1:] if pos.shape[0] == 4 else pos
-    for row in range(2):
-        real, stock_real = x["attention_mask"][row].bool(), stock_mask[row].bool()
-        ids, got = x["input_ids"][row][real], pos[:, row][:, real]
-        ref_ids, ref = stock_ids[row][stock_real], stock[:, row][:, stock_real]
-        image, ref_image = ids == IMG, ref_ids == IMG
-        assert torch.equal(got[:, image], ref[:, ref_image][:, firsts[row]])
-        assert torch.equal(got[:, ~image], ref[:, ~ref_image])
-    assert torch.equal(model.model.rope_deltas, stock_deltas + torch.tensor([[24 - KEEP], [8 - KEEP]]))
-    if via == "generate":
-        assert torch.equal(seen.calls[1]["position_ids"][1:, :, -1], stock[:, :, -1] + 1)
+    check_kept_positions(QWEN3, qwen3_vl, via)
 
 
 # --------------------------------------------------------------------------- batches
 @pytest.mark.parametrize("method", ["tome", "crossget"])
 def test_batch_of_different_grids_gives_keep_each_and_matches_single_prompts(method):
-    model = make_qwen3()
-    crossget.patch(model, method=method, keep=KEEP)
-    grids, lengths = (WIDE, SMALL), (2, 6)
-    both = generate(model, grids, lengths)
-    x = inputs(model, grids, lengths)
-    px, grid = pixels(grids)
-    for row in range(2):
-        keep_rows = x["attention_mask"][row].bool()
-        start = int(grid[:row].prod(-1).sum())
-        single = {k: x[k][row:row + 1, keep_rows] for k in ("input_ids", "mm_token_type_ids", "attention_mask")}
-        single.update(pixel_values=px[start:start + int(grid[row].prod())], image_grid_thw=grid[row:row + 1])
-        with torch.no_grad():
-            alone = model.generate(**single, **GEN)[:, single["input_ids"].shape[1]:]
-        assert torch.equal(alone[0], both[row])
+    check_grids_batch_matches_single_prompts(QWEN3, method)
 
 
 # --------------------------------------------------------------------------- placeholders and processor
-class ImageTextProcessor(Qwen3VLProcessor):
-    """A ``Qwen3VLProcessor`` without its video processor (which needs torchvision, not
-    installed here); images and text are processed by upstream's code."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
-        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-
-def tiny_processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    special = {"<|image_pad|>": IMG, "<|video_pad|>": VIDEO, "<|vision_start|>": START, "<|vision_end|>": END}
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "what": 6, "is": 7, **special}
-    tokenizer = word_tokenizer(vocab, special, padding_side="left")
-    images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL)
-    return ImageTextProcessor(image_processor=images, tokenizer=tokenizer)
+class ImageTextProcessor(WithoutVideos, Qwen3VLProcessor):
+    """A ``Qwen3VLProcessor`` without its video processor."""
 
 
 def test_adapt_processor_writes_the_count_the_model_needs():
-    model = make_qwen3()
-    processor = tiny_processor()
-    sizes = [(64, 80), (96, 64)]  # the processor's own resize (its defaults): grids (1, 16, 20) and (1, 24, 16)
-    pictures = [(np.random.default_rng(i).random((*s, 3)) * 255).astype("uint8") for i, s in enumerate(sizes)]
-    text = ["<s> what <|vision_start|><|image_pad|><|vision_end|> is", "<s> <|vision_start|><|image_pad|><|vision_end|> is"]
-    for budget, want in ((dict(method="crossget", keep=KEEP), [KEEP] * 2), (dict(method="tome", keep=9), [9] * 2),
-                         (dict(method="none"), [80, 96])):
-        crossget.patch(model, **budget)
-        x = crossget.adapt_processor(processor, model)(images=pictures, text=text, padding=True, return_tensors="pt")
-        assert (x["input_ids"] == IMG).sum(-1).tolist() == want
-        assert torch.equal(torch.as_tensor(x["mm_token_type_ids"]), (x["input_ids"] == IMG).long())
-        assert [crossget.image_tokens(model, g) for g in x["image_grid_thw"]] == want
-        with torch.no_grad():
-            model.generate(**x, **GEN)
-    crossget.unpatch(model)
-    x = crossget.adapt_processor(processor, model)(images=pictures, text=text, padding=True, return_tensors="pt")
-    assert (x["input_ids"] == IMG).sum(-1).tolist() == [80, 96]
-    assert "replace_image_token" not in vars(processor)
-    with pytest.raises(TypeError, match="Qwen3VLProcessor"):
-        crossget.adapt_processor(object(), model)
+    # the processor's own resize (its defaults): grids (1, 16, 20) and (1, 24, 16)
+    model = check_adapt_processor(QWEN3, tiny_processor(ImageTextProcessor), [80, 96], "Qwen3VLProcessor")
     with pytest.raises(ValueError, match="image_grid_thw"):
         crossget.image_tokens(model)  # the stock count depends on the image
 
@@ -338,25 +239,13 @@ def test_bad_budgets_raise(kwargs, match):
 
 
 def test_keep_above_an_images_count_and_mismatched_prompts_raise():
-    model = make_qwen3()
-    crossget.patch(model, method="tome", keep=9)
-    with pytest.raises(ValueError, match=r"keep=9 is more than the 8 tokens"):
-        crossget.image_tokens(model, SMALL)
-    with pytest.raises(ValueError, match=r"keep=9 is more than the 8 visual tokens image 1"):
-        model(**inputs(model, (WIDE, SMALL), counts=[9, 9]))
+    model = check_keep_above_an_images_count(QWEN3)
     crossget.patch(model, method="crossget", keep=KEEP)
     with pytest.raises(ValueError, match=r"adapt_processor.*image_tokens"):
         model(**inputs(model, counts=[24, 24]))
 
 
-def test_unpatch_restores_stock_outputs_exactly():
-    check_unpatch_restores(QWEN3, {method: dict(keep=KEEP) for method in ("crossget", "tome")}, (WIDE, TALL))
-
-
-@pytest.mark.parametrize("budget", [dict(method="crossget", keep=KEEP), dict(method="fastv", keep=KEEP, fastv_layer=2)])
-@pytest.mark.parametrize("clone", [copy.deepcopy, torch_saved], ids=["deepcopy", "torch.save"])
-def test_copies_run_and_unpatch_on_their_own(clone, budget):
-    check_copies(QWEN3, clone, budget, (WIDE, TALL))
+test_unpatch_restores_stock_outputs_exactly, test_copies_run_and_unpatch_on_their_own = unpatch_and_copy_tests(QWEN3, 2)
 
 
 # --------------------------------------------------------------------------- fastv
@@ -404,19 +293,8 @@ def test_fastv_prunes_after_the_deepstack_levels_on_normed_queries_and_caches_ag
 
 # --------------------------------------------------------------------------- the bare model, FLOPs
 def test_bare_qwen3_vl_model_patches_and_saves_the_stock_architecture(tmp_path):
-    bare = make_qwen3().model
-    with torch.no_grad():
-        ref = bare(**inputs(bare)).last_hidden_state
-    crossget.patch(bare, method="crossget", keep=KEEP)
-    with torch.no_grad():
-        out = bare(**inputs(bare)).last_hidden_state
-    assert out.shape[1] == ref.shape[1] - (24 - KEEP)
-    bare.save_pretrained(tmp_path)
-    saved = hf.Qwen3VLModel.from_pretrained(tmp_path)
-    assert saved.config.architectures == ["Qwen3VLModel"] and type(saved) is hf.Qwen3VLModel
-    crossget.unpatch(bare)
-    with torch.no_grad():
-        assert torch.equal(bare(**inputs(bare)).last_hidden_state, ref)
+    assert QWEN3.stock.__name__ == "Qwen3VLModel"
+    check_bare_model(QWEN3, tmp_path)
 
 
 @pytest.mark.parametrize("grid", [WIDE, SMALL], ids=str)
@@ -431,21 +309,9 @@ def test_analytic_vision_flops_are_the_measured_ones(grid):
 
 
 def test_flops_target_solves_keep_and_replays():
-    model = make_qwen3()
     # a 256-pixel square (Qwen3-VL's smallest area): grid (1, 64, 64), 1024 merged tokens; the
     # vision tower is 87% of this tiny model's prefill, so 0.8 is out of reach
-    crossget.patch(model, method="tome", flops=0.95, image_size=256, text_len=8)
-    cfg = crossget.config(model)
-    assert qwen3_vl.stock_image_tokens(model, (256, 256)) == 1024
-    ratio = lambda keep: (qwen3_vl.prefill_flops(model, "tome", keep, (256, 256), 8)
-                          / qwen3_vl.prefill_flops(model, image=(256, 256), text_len=8))
-    assert 1 <= cfg.keep < 1024 and ratio(cfg.keep) <= 0.95 < ratio(cfg.keep + 1)
-    assert cfg.flops_estimate == pytest.approx(ratio(cfg.keep))
-    other = make_qwen3()
-    crossget.patch_from_config(other, cfg.to_dict())
-    assert crossget.config(other) == cfg
-    with pytest.raises(ValueError, match="out of reach"):
-        crossget.patch(model, method="crossget", flops=0.8, image_size=256)
+    check_flops_target(QWEN3, qwen3_vl, 0.95, 256, 1024, 0.8)
 
 
 # --------------------------------------------------------------------------- videos

@@ -106,19 +106,25 @@ def test_none_and_unpatched_generate_stock_ids(impl):
     assert [qwen_vl.stock_image_tokens(model, g) for g in (WIDE, TALL, SMALL)] == [24, 24, 8]
 
 
-def test_output_capture_still_works_on_the_swapped_class():
-    model = make_qwen("eager")
+def check_output_capture(m, layers):
+    """``output_hidden_states`` / ``output_attentions`` on the swapped class: with ``none`` as
+    the stock model's (``layers`` LM layers), with ``crossget`` over the reduced sequence."""
+    model = m.make("eager")
     with torch.no_grad():
-        ref = model(**inputs(model), output_hidden_states=True, output_attentions=True)
+        ref = model(**m.inputs(model), output_hidden_states=True, output_attentions=True)
     crossget.patch(model, method="none")
     with torch.no_grad():
-        out = model(**inputs(model), output_hidden_states=True, output_attentions=True)
-    assert len(out.hidden_states) == len(ref.hidden_states) == 3 and len(out.attentions) == 2
+        out = model(**m.inputs(model), output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == len(ref.hidden_states) == layers + 1 and len(out.attentions) == layers
     assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, ref.hidden_states))
     crossget.patch(model, method="crossget", keep=KEEP)
     with torch.no_grad():
-        out = model(**inputs(model), output_hidden_states=True)
-    assert len(out.hidden_states) == 3 and out.hidden_states[0].shape[1] == out.logits.shape[1]
+        out = model(**m.inputs(model), output_hidden_states=True)
+    assert len(out.hidden_states) == layers + 1 and out.hidden_states[0].shape[1] == out.logits.shape[1]
+
+
+def test_output_capture_still_works_on_the_swapped_class():
+    check_output_capture(QWEN, 2)
 
 
 # --------------------------------------------------------------------------- reduced generation
@@ -143,28 +149,30 @@ def test_lm_receives_keep_tokens_per_image_which_are_the_reduced_features(method
     check_lm_receives_reduced(QWEN, method, KEEP, (WIDE, TALL), [24, 24], lengths=(5, 3), rtol=0, atol=0)
 
 
-def stock_positions(model, grids, lengths):
-    """Upstream get_rope_index on the stock prompts: positions [3, B, S], image mask, deltas."""
-    counts = [qwen_vl.stock_image_tokens(model, g) for g in grids]
+def stock_positions(model, grids, lengths, m=QWEN, family=qwen_vl):
+    """Upstream get_rope_index (``m.stock``'s) on the stock prompts: positions [3, B, S], ids,
+    mask, deltas."""
+    counts = [family.stock_image_tokens(model, g) for g in grids]
     ids, mask, types = make_prompts(counts, lengths)
-    pos, deltas = hf.Qwen2_5_VLModel.get_rope_index(model.model, ids, types, torch.tensor(grids), attention_mask=mask)
+    pos, deltas = m.stock.get_rope_index(model.model, ids, types, torch.tensor(grids), attention_mask=mask)
     return pos, ids, mask, deltas
 
 
-@pytest.mark.parametrize("via", ["forward", "generate"])
-def test_kept_tokens_take_the_stock_position_of_their_first_index(via):
-    model = make_qwen()
+def check_kept_positions(m, family, via):
+    """Each kept token takes the stock (t, h, w) of its smallest covered index, text the stock
+    positions, the rope deltas the stock ones plus the tokens fewer (``via`` a forward or generate)."""
+    model = m.make()
     grids, lengths = (WIDE, SMALL), (5, 3)
-    firsts = [reduce_visual_tokens(f, KEEP, "tome")[1] for f in stock_features(model, grids)]
-    stock, stock_ids, stock_mask, stock_deltas = stock_positions(model, grids, lengths)
+    firsts = [reduce_visual_tokens(f, KEEP, "tome")[1] for f in m.features(model, grids)]
+    stock, stock_ids, stock_mask, stock_deltas = stock_positions(model, grids, lengths, m, family)
     crossget.patch(model, method="tome", keep=KEEP)
-    x = inputs(model, grids, lengths)
+    x = m.inputs(model, grids, lengths)
     seen = LMInputs(model)
     with torch.no_grad():
         if via == "forward":
             model(**x)
         else:
-            model.generate(**x, **GEN)
+            model.generate(**x, **m.gen)
     seen.remove()
     pos = seen.calls[0]["position_ids"]
     pos = pos[1:] if pos.shape[0] == 4 else pos  # generate adds a text row
@@ -185,38 +193,38 @@ def test_kept_tokens_take_the_stock_position_of_their_first_index(via):
         assert torch.equal(last[1:, :, -1], (stock[:, :, -1] + 1))
 
 
-@pytest.mark.parametrize("method", ["tome", "crossget"])
-def test_batch_of_different_grids_gives_keep_each_and_matches_single_prompts(method):
-    model = make_qwen()
+@pytest.mark.parametrize("via", ["forward", "generate"])
+def test_kept_tokens_take_the_stock_position_of_their_first_index(via):
+    check_kept_positions(QWEN, qwen_vl, via)
+
+
+def check_grids_batch_matches_single_prompts(m, method):
+    """A batch of images with different grids: each prompt generates as it does alone."""
+    model = m.make()
     crossget.patch(model, method=method, keep=KEEP)
     grids, lengths = (WIDE, SMALL), (2, 6)
-    both = generate(model, grids, lengths)
+    both = m.generate(model, grids, lengths)
+    x = m.inputs(model, grids, lengths)
+    px, grid = pixels(grids)
     for row in range(2):
-        x = inputs(model, grids, lengths)
-        px, grid = pixels(grids)
         keep_rows = x["attention_mask"][row].bool()
         start = int(grid[:row].prod(-1).sum())
         single = {k: x[k][row:row + 1, keep_rows] for k in ("input_ids", "mm_token_type_ids", "attention_mask")}
         single.update(pixel_values=px[start:start + int(grid[row].prod())], image_grid_thw=grid[row:row + 1])
         with torch.no_grad():
-            alone = model.generate(**single, **GEN)[:, single["input_ids"].shape[1]:]
+            alone = model.generate(**single, **m.gen)[:, single["input_ids"].shape[1]:]
         assert torch.equal(alone[0], both[row])
 
 
+@pytest.mark.parametrize("method", ["tome", "crossget"])
+def test_batch_of_different_grids_gives_keep_each_and_matches_single_prompts(method):
+    check_grids_batch_matches_single_prompts(QWEN, method)
+
+
 # --------------------------------------------------------------------------- placeholders and processor
-def tiny_processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    special = {"<|image_pad|>": IMG, "<|video_pad|>": VIDEO, "<|vision_start|>": START, "<|vision_end|>": END}
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "what": 6, "is": 7, **special}
-    tokenizer = word_tokenizer(vocab, special, padding_side="left")
-    images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL)
-    return ImageTextProcessor(image_processor=images, tokenizer=tokenizer)
-
-
-class ImageTextProcessor(Qwen2_5_VLProcessor):
-    """A ``Qwen2_5_VLProcessor`` without its video processor (which needs torchvision, not
-    installed here); images and text are processed by upstream's code."""
+class WithoutVideos:
+    """A Qwen-VL processor's ``__init__`` without its video processor (which needs torchvision,
+    not installed here; put first among the bases): images and text are processed by upstream's code."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None):
         self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
@@ -225,14 +233,28 @@ class ImageTextProcessor(Qwen2_5_VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
-def test_adapt_processor_writes_the_count_the_model_needs():
-    model = make_qwen()
-    processor = tiny_processor()
+class ImageTextProcessor(WithoutVideos, Qwen2_5_VLProcessor):
+    """A ``Qwen2_5_VLProcessor`` without its video processor."""
+
+
+def tiny_processor(cls=ImageTextProcessor):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    special = {"<|image_pad|>": IMG, "<|video_pad|>": VIDEO, "<|vision_start|>": START, "<|vision_end|>": END}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "what": 6, "is": 7, **special}
+    tokenizer = word_tokenizer(vocab, special, padding_side="left")
+    images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL)
+    return cls(image_processor=images, tokenizer=tokenizer)
+
+
+def check_adapt_processor(m, processor, stock, name):
+    """The processor writes ``keep`` placeholders when reduced, the stock counts ``stock`` of
+    two images otherwise (and after unpatch); refuses another processor (``name`` in the
+    error). Returns the unpatched model."""
+    model = m.make()
     sizes = [(64, 80), (96, 64)]  # resized to multiples of 8: grids (1, 16, 20) and (1, 24, 16)
     pictures = [(np.random.default_rng(i).random((*s, 3)) * 255).astype("uint8") for i, s in enumerate(sizes)]
     text = ["<s> what <|vision_start|><|image_pad|><|vision_end|> is", "<s> <|vision_start|><|image_pad|><|vision_end|> is"]
-    stock = [qwen_vl.stock_image_tokens(model, s) for s in sizes]
-    assert stock == [80, 96]
     for budget, want in ((dict(method="crossget", keep=KEEP), [KEEP] * 2), (dict(method="tome", keep=9), [9] * 2),
                          (dict(method="none"), stock)):
         crossget.patch(model, **budget)
@@ -241,13 +263,20 @@ def test_adapt_processor_writes_the_count_the_model_needs():
         assert torch.equal(torch.as_tensor(x["mm_token_type_ids"]), (x["input_ids"] == IMG).long())
         assert [crossget.image_tokens(model, g) for g in x["image_grid_thw"]] == want
         with torch.no_grad():
-            model.generate(**x, **GEN)
+            model.generate(**x, **m.gen)
     crossget.unpatch(model)
     x = crossget.adapt_processor(processor, model)(images=pictures, text=text, padding=True, return_tensors="pt")
     assert (x["input_ids"] == IMG).sum(-1).tolist() == stock
     assert "replace_image_token" not in vars(processor)
-    with pytest.raises(TypeError, match="Qwen2_5_VLProcessor"):
+    with pytest.raises(TypeError, match=name):
         crossget.adapt_processor(object(), model)
+    return model
+
+
+def test_adapt_processor_writes_the_count_the_model_needs():
+    stock = [qwen_vl.stock_image_tokens(make_qwen(), s) for s in [(64, 80), (96, 64)]]
+    assert stock == [80, 96]
+    check_adapt_processor(QWEN, tiny_processor(), stock, "Qwen2_5_VLProcessor")
 
 
 def test_mismatched_prompt_says_what_to_call():
@@ -275,24 +304,40 @@ def test_bad_budgets_raise(kwargs, match):
     check_bad_budget(QWEN, kwargs, match)
 
 
-def test_keep_above_an_images_count_raises_at_the_image():
-    model = make_qwen()
+def check_keep_above_an_images_count(m):
+    """``keep=9`` refused for an 8-token image, by ``image_tokens`` and at the forward; returns the model."""
+    model = m.make()
     crossget.patch(model, method="tome", keep=9)
     with pytest.raises(ValueError, match=r"keep=9 is more than the 8 tokens"):
         crossget.image_tokens(model, SMALL)
     with pytest.raises(ValueError, match=r"keep=9 is more than the 8 visual tokens image 1"):
-        model(**inputs(model, (WIDE, SMALL), counts=[9, 9]))
+        model(**m.inputs(model, (WIDE, SMALL), counts=[9, 9]))
+    return model
+
+
+def test_keep_above_an_images_count_raises_at_the_image():
+    check_keep_above_an_images_count(QWEN)
 
 
 # --------------------------------------------------------------------------- unpatch and copies
-def test_unpatch_restores_stock_outputs_exactly():
-    check_unpatch_restores(QWEN, {method: dict(keep=KEEP) for method in ("crossget", "tome")}, (WIDE, TALL))
+def unpatch_and_copy_tests(m, fastv_layer):
+    """A Qwen-VL family's two tests (bind them to module names ``test_...``): unpatch restores
+    the stock outputs exactly; copies (deepcopy, torch.save) run and unpatch on their own,
+    patched at the projector site or with FastV at ``fastv_layer``."""
+
+    def test_unpatch_restores_stock_outputs_exactly():
+        check_unpatch_restores(m, {method: dict(keep=KEEP) for method in ("crossget", "tome")}, (WIDE, TALL))
+
+    @pytest.mark.parametrize("budget", [dict(method="crossget", keep=KEEP),
+                                        dict(method="fastv", keep=KEEP, fastv_layer=fastv_layer)])
+    @pytest.mark.parametrize("clone", [copy.deepcopy, torch_saved], ids=["deepcopy", "torch.save"])
+    def test_copies_run_and_unpatch_on_their_own(clone, budget):
+        check_copies(m, clone, budget, (WIDE, TALL))
+
+    return test_unpatch_restores_stock_outputs_exactly, test_copies_run_and_unpatch_on_their_own
 
 
-@pytest.mark.parametrize("budget", [dict(method="crossget", keep=KEEP), dict(method="fastv", keep=KEEP, fastv_layer=1)])
-@pytest.mark.parametrize("clone", [copy.deepcopy, torch_saved], ids=["deepcopy", "torch.save"])
-def test_copies_run_and_unpatch_on_their_own(clone, budget):
-    check_copies(QWEN, clone, budget, (WIDE, TALL))
+test_unpatch_restores_stock_outputs_exactly, test_copies_run_and_unpatch_on_their_own = unpatch_and_copy_tests(QWEN, 1)
 
 
 # --------------------------------------------------------------------------- fastv
@@ -335,22 +380,27 @@ def test_config_round_trips_through_dict_and_apply(budget):
     assert torch.equal(generate(other), generate(model))
 
 
-def test_bare_qwen2_5_vl_model_patches_and_saves_the_stock_architecture(tmp_path):
-    full = make_qwen()
-    bare = full.model
+def check_bare_model(m, tmp_path):
+    """The base model alone patches (reduced sequence), saves the stock architecture and unpatches."""
+    bare = m.make().model
     with torch.no_grad():
-        ref = bare(**inputs(bare)).last_hidden_state
+        ref = bare(**m.inputs(bare)).last_hidden_state
     crossget.patch(bare, method="crossget", keep=KEEP)
     with torch.no_grad():
-        out = bare(**inputs(bare)).last_hidden_state
+        out = bare(**m.inputs(bare)).last_hidden_state
     assert out.shape[1] == ref.shape[1] - (24 - KEEP)
     bare.save_pretrained(tmp_path)
-    saved = hf.Qwen2_5_VLModel.from_pretrained(tmp_path)
-    assert saved.config.architectures == ["Qwen2_5_VLModel"] and type(saved) is hf.Qwen2_5_VLModel
+    saved = m.stock.from_pretrained(tmp_path)
+    assert saved.config.architectures == [m.stock.__name__] and type(saved) is m.stock
     assert set(saved.state_dict()) == set(bare.state_dict())
     crossget.unpatch(bare)
     with torch.no_grad():
-        assert torch.equal(bare(**inputs(bare)).last_hidden_state, ref)
+        assert torch.equal(bare(**m.inputs(bare)).last_hidden_state, ref)
+
+
+def test_bare_qwen2_5_vl_model_patches_and_saves_the_stock_architecture(tmp_path):
+    assert QWEN.stock.__name__ == "Qwen2_5_VLModel"
+    check_bare_model(QWEN, tmp_path)
 
 
 def test_two_images_in_one_prompt_are_placed_in_order():
@@ -401,16 +451,22 @@ def test_analytic_flops_are_the_measured_ones(grid):
     assert qwen_vl.prefill_flops(model, image=grid, text_len=8) == measured + lm
 
 
-def test_flops_target_solves_keep_and_replays():
-    model = make_qwen()
-    crossget.patch(model, method="tome", flops=0.8, image_size=64, text_len=8)  # a 64 x 64 image: grid (1, 16, 16)
+def check_flops_target(m, family, target, side, stock, unreachable):
+    """``flops=target`` for a ``side``-pixel square (``stock`` tokens) solves the largest keep
+    within it, replays from the config, and ``unreachable`` is refused."""
+    model = m.make()
+    crossget.patch(model, method="tome", flops=target, image_size=side, text_len=8)
     cfg = crossget.config(model)
-    assert qwen_vl.stock_image_tokens(model, (64, 64)) == 64 and 1 <= cfg.keep < 64
-    ratio = lambda keep: (qwen_vl.prefill_flops(model, "tome", keep, (64, 64), 8)
-                          / qwen_vl.prefill_flops(model, image=(64, 64), text_len=8))
-    assert cfg.flops_estimate == pytest.approx(ratio(cfg.keep)) and ratio(cfg.keep) <= 0.8 < ratio(cfg.keep + 1)
-    other = make_qwen()
+    assert family.stock_image_tokens(model, (side, side)) == stock and 1 <= cfg.keep < stock
+    ratio = lambda keep: (family.prefill_flops(model, "tome", keep, (side, side), 8)
+                          / family.prefill_flops(model, image=(side, side), text_len=8))
+    assert cfg.flops_estimate == pytest.approx(ratio(cfg.keep)) and ratio(cfg.keep) <= target < ratio(cfg.keep + 1)
+    other = m.make()
     crossget.patch_from_config(other, cfg.to_dict())
     assert crossget.config(other) == cfg
     with pytest.raises(ValueError, match="out of reach"):
-        crossget.patch(model, method="crossget", flops=0.01, image_size=64)
+        crossget.patch(model, method="crossget", flops=unreachable, image_size=side)
+
+
+def test_flops_target_solves_keep_and_replays():
+    check_flops_target(QWEN, qwen_vl, 0.8, 64, 64, 0.01)  # a 64 x 64 image: grid (1, 16, 16)

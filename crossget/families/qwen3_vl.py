@@ -79,21 +79,15 @@ from transformers.models.qwen3_vl import modeling_qwen3_vl as hf
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from crossget.config import PatchConfig
-from crossget.families.qwen_vl import KeptPositionsForward, KeptTokens, rope_index
+from crossget.families.qwen_vl import KeptPositionsForward, QwenVLFamily, rope_index
 from crossget.families.visual_site import (
     DEFAULT_TEXT_LEN,
-    SITE_METHODS,
-    SiteFamily,
-    check_keep,
-    check_placeholders,
+    Site,
+    reduce_images,
     reduce_visual_tokens,
-    site_and_lm_flops,
 )
 from crossget.merge import Merge
 from crossget.methods import fastv
-from crossget.methods.crossget import complete_graph_soft_matching
-from crossget.methods.tome import bipartite_soft_matching
-from crossget.record import ATTR, record
 
 __all__ = [
     "FAMILY",
@@ -159,56 +153,27 @@ def reduce_with_groups(x: torch.Tensor, keep: int, method: str) -> tuple[torch.T
     """
     if x.dim() != 2:
         raise ValueError(f"reduce_with_groups expects one image's tokens [L, D], got {tuple(x.shape)}")
-    if method not in SITE_METHODS:
-        raise ValueError(f"method must be one of {SITE_METHODS}, got {method!r}")
-    n = x.shape[0]
-    check_keep(keep, n)
-    if method not in MERGING:  # a selection: the kept tokens as they are, each its own group
-        tokens, first = reduce_visual_tokens(x, keep, method)
-        if not torch.equal(tokens, x[first]):
-            raise ValueError(f"method {method!r} neither merges (tome, crossget) nor selects tokens")
-        return tokens, first, Groups(n, select=first)
-    match = bipartite_soft_matching if method == "tome" else complete_graph_soft_matching
-    groups = Groups(n)
-    tokens, size = x.unsqueeze(0), None
-    first = torch.arange(n, device=x.device).unsqueeze(0)
-    while n > keep:
-        merge = match(tokens, min(n - keep, n // 2))
-        tokens, size = merge(tokens, size)
-        first = -merge.amax(-first)
-        n = tokens.shape[1]
-        order = first[0].argsort()
-        first, tokens, size = first[:, order], tokens[:, order], size[:, order]
-        groups.rounds.append((merge, order))
-    return tokens[0], first[0], groups
+    rounds: list[tuple[Merge, torch.Tensor]] = []
+    tokens, first = reduce_visual_tokens(x, keep, method, rounds)
+    if method in MERGING:
+        return tokens, first, Groups(x.shape[0], rounds)
+    if not torch.equal(tokens, x[first]):  # a selection: the kept tokens as they are, each its own group
+        raise ValueError(f"method {method!r} neither merges (tome, crossget) nor selects tokens")
+    return tokens, first, Groups(x.shape[0], select=first)
 
 
 # --------------------------------------------------------------------------- anatomy
 def _grid(model: nn.Module, image: ImageSpec) -> tuple[int, int, int]:
     """``(t, h, w)`` in patches: a grid row as given, or an image size ``(height, width)``
-    resized as Qwen3-VL's image processor does (:data:`MIN_PIXELS`, :data:`MAX_PIXELS`)."""
-    if isinstance(image, torch.Tensor):
-        image = image.tolist()
-    ok = isinstance(image, Sequence) and len(image) in (2, 3) and all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in image)
-    if not ok:
-        raise ValueError(f"give an image_grid_thw row (t, h, w) in patches or an image size (height, width) in "
-                         f"pixels, got {image!r}")
-    if len(image) == 3:
-        return int(image[0]), int(image[1]), int(image[2])
-    vcfg = base_model(model).config.vision_config
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    h, w = smart_resize(int(image[0]), int(image[1]), factor=vcfg.patch_size * vcfg.spatial_merge_size,
-                        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    return 1, h // vcfg.patch_size, w // vcfg.patch_size
+    resized as Qwen3-VL's image processor does (:data:`MIN_PIXELS`, :data:`MAX_PIXELS`;
+    :meth:`crossget.families.qwen_vl.QwenVLFamily.grid`)."""
+    return FAMILY.grid(model, image)
 
 
 def stock_image_tokens(model: nn.Module, image: ImageSpec) -> int:
     """Visual tokens the unpatched model gives an image: ``t h w / merge^2`` for its grid row,
     or for an image size ``(height, width)`` after the image processor's resize."""
-    t, h, w = _grid(model, image)
-    return t * h * w // base_model(model).config.vision_config.spatial_merge_size ** 2
+    return FAMILY.stock_image_tokens(model, image)
 
 
 def stock_counts(base: nn.Module, kwargs: dict) -> list[int]:
@@ -247,11 +212,7 @@ def prefill_flops(model: nn.Module, method: str = "none", keep: int | None = Non
     square) and ``text_len`` other prompt tokens: :func:`vision_tower_flops`, the matching
     rounds and every LM layer (:func:`crossget.families.visual_site.site_and_lm_flops`; the
     deep-stack additions and their replayed merges are element-wise, left out)."""
-    tcfg = base_model(model).config.text_config
-    image = (DEFAULT_IMAGE, DEFAULT_IMAGE) if image is None else image
-    stock = stock_image_tokens(model, image)
-    keep = stock if keep is None else keep
-    return float(vision_tower_flops(model, image) + site_and_lm_flops(tcfg, method, stock, keep, text_len, fastv_layer))
+    return FAMILY.prefill_flops(model, method, keep, image, text_len, fastv_layer)
 
 
 # --------------------------------------------------------------------------- FastV on normed q / k
@@ -278,39 +239,27 @@ class Qwen3VLModel(KeptPositionsForward, hf.Qwen3VLModel):
 
     forward_signature = inspect.signature(hf.Qwen3VLModel.forward)
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None,
-                           **kwargs: Any) -> Any:
-        """Upstream's features, then (``tome``/``crossget``) each image's ``[L_i, D]`` main
-        tokens reduced to ``[keep, D]`` (:func:`reduce_with_groups`) and every deep-stack
-        level's ``[L_i, D]`` of that image reduced with the same groups: ``pooler_output`` a
-        tuple of ``[keep, D]``, ``deepstack_features`` a list (per level) of such tuples; the
-        output carries the grids and kept indices (:class:`~crossget.families.qwen_vl.KeptTokens`).
+    def reduce_features(self, out: Any, site: Site, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's ``[L_i, D]`` main tokens reduced to ``[keep, D]`` (:func:`reduce_with_groups`)
+        and every deep-stack level's ``[L_i, D]`` of that image reduced with the same groups, in
+        place: ``pooler_output`` a tuple of ``[keep, D]``, ``deepstack_features`` a list (per
+        level) of such tuples. Returns each image's ``first`` ``[keep]``.
 
         Raises:
             ValueError: ``keep`` is more than an image gives.
         """
-        s = FAMILY.site(self)
-        return_dict = kwargs.pop("return_dict", None)
-        out = super().get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
-        if s is not None and s.reduces:
-            tokens, firsts, levels = [], [], [[] for _ in out.deepstack_features]
-            for i, f in enumerate(out.pooler_output):
-                if s.keep > f.shape[0]:
-                    raise ValueError(
-                        f"keep={s.keep} is more than the {f.shape[0]} visual tokens image {i} (grid "
-                        f"{tuple(image_grid_thw[i].tolist())}) gives; patch with a smaller keep "
-                        f"(crossget.image_tokens(model, image_grid_thw) on the stock model counts them)")
-                tok, first, groups = reduce_with_groups(f, s.keep, s.method)
-                tokens.append(tok.to(f.dtype))
-                firsts.append(first)
-                for level, feats in zip(levels, out.deepstack_features):
-                    level.append(groups(feats[i]).to(feats[i].dtype))
-            out.pooler_output = tuple(tokens)
-            out.deepstack_features = [tuple(level) for level in levels]
-            out.__dict__[ATTR] = KeptTokens(tuple(tokens), image_grid_thw.detach().clone(), tuple(firsts))
-        if return_dict is False or (return_dict is None and not self.config.return_dict):
-            return out.to_tuple()
-        return out
+        groups = []
+
+        def reduce(f: torch.Tensor, keep: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+            tok, first, g = reduce_with_groups(f, keep, method)
+            groups.append(g)
+            return tok, first
+
+        tokens, firsts = reduce_images(out.pooler_output, site, image_grid_thw, "grid", "image_grid_thw", reduce)
+        out.pooler_output = tuple(t.to(f.dtype) for t, f in zip(tokens, out.pooler_output))
+        out.deepstack_features = [tuple(g(feats[i]).to(feats[i].dtype) for i, g in enumerate(groups))
+                                  for feats in out.deepstack_features]
+        return firsts
 
     def get_video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.LongTensor | None = None,
                            **kwargs: Any) -> Any:
@@ -318,17 +267,10 @@ class Qwen3VLModel(KeptPositionsForward, hf.Qwen3VLModel):
         ``get_image_features``, which this class reduces: the stock one runs here)."""
         return hf.Qwen3VLModel.get_image_features(self, pixel_values_videos, video_grid_thw, **kwargs)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """:class:`~crossget.families.qwen_vl.KeptPositionsForward`'s forward; with
-        ``tome``/``crossget`` raw ``pixel_values_videos`` are encoded first as well (upstream
-        Qwen3-VL takes either raw videos or ``mm_encoder_outputs``, which the shared forward
-        passes for the images)."""
-        s = record(self).glue
-        if not s.reduces:
-            return super().forward(*args, **kwargs)
-        kw = self.forward_signature.bind(self, *args, **kwargs).arguments
-        kw.pop("self")
-        extra = kw.pop("kwargs", {})
+    def encode_first(self, kw: dict, extra: dict) -> None:
+        """Raw ``pixel_values_videos`` encoded before the images (upstream Qwen3-VL takes either
+        raw videos or ``mm_encoder_outputs``, which the shared forward,
+        :class:`~crossget.families.qwen_vl.KeptPositionsForward`'s, passes for the images)."""
         videos = kw.get("pixel_values_videos")
         if videos is not None:
             mm = dict(kw.get("mm_encoder_outputs") or {})
@@ -336,7 +278,6 @@ class Qwen3VLModel(KeptPositionsForward, hf.Qwen3VLModel):
                 raise ValueError("You cannot specify both pixel_values_videos and mm_encoder_outputs['video']")
             mm["video"] = self.get_video_features(videos, kw.get("video_grid_thw"), return_dict=True, **extra)
             kw["mm_encoder_outputs"], kw["pixel_values_videos"] = mm, None
-        return super().forward(**kw, **extra)
 
     def get_rope_index(self, input_ids: torch.LongTensor, mm_token_type_ids: torch.IntTensor,
                        image_grid_thw: torch.LongTensor | None = None, video_grid_thw: torch.LongTensor | None = None,
@@ -345,62 +286,29 @@ class Qwen3VLModel(KeptPositionsForward, hf.Qwen3VLModel):
         """Upstream's 3-D positions, with ``keep`` tokens per image at the stock positions of
         ``image_first`` (per image ``[keep]``; without it, stand-ins the encoding forward
         replaces). Returns ``(position_ids [3, B, S], rope_deltas [B, 1])``."""
-        s = FAMILY.site(self)
-        if s is None or not s.reduces:
+        s = self.reducing_site()
+        if s is None:
             return super().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
                                           attention_mask, **kwargs)
         frames = int(video_grid_thw[:, 0].sum()) if video_grid_thw is not None else 0  # a run per frame
         return rope_index(self, input_ids, mm_token_type_ids, image_grid_thw, image_first, s.keep, video_grid_thw,
                           None, attention_mask, upstream=qwen3_stock_rope_index, video_runs=frames)
 
-    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor,
-                             image_features: torch.Tensor | None = None,
-                             video_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upstream's masks, after a check whose error says how to build the prompts."""
-        if image_features is not None:
-            check_placeholders(self, input_ids, inputs_embeds, image_features, record(self).glue)
-        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
-
 
 # --------------------------------------------------------------------------- the family
-class Qwen3VLFamily(SiteFamily):
+class Qwen3VLFamily(QwenVLFamily):
     """Qwen3-VL: the budget is the visual tokens per image that reach the language model
-    (main and deep-stack alike)."""
+    (main and deep-stack alike); Qwen2.5-VL's pieces (:class:`~crossget.families.qwen_vl.QwenVLFamily`)
+    with Qwen3-VL's classes, resize bounds and FLOPs model."""
 
     name = "Qwen3-VL"
     classes = (hf.Qwen3VLForConditionalGeneration, hf.Qwen3VLModel)
     patched_class = Qwen3VLModel
     processor_class = Qwen3VLProcessor
-    depends_on = "the image"
-    size_hint = "give its image_grid_thw row (t, h, w) or its size (height, width) to crossget.image_tokens"
-    fastv_pre_hook = False  # the patched forward sets FastV's per-forward inputs
     stock_counts = staticmethod(stock_counts)
-    stock_image_tokens = staticmethod(stock_image_tokens)
-    prefill_flops = staticmethod(prefill_flops)
-
-    def image_label(self, model: nn.Module, image_size: ImageSpec) -> str:
-        return f"an image with grid {_grid(model, image_size)}"
-
-    def default_image(self, model: nn.Module, image_size: Any) -> Any:
-        image = DEFAULT_IMAGE if image_size is None else image_size
-        return (image, image) if isinstance(image, int) else image
-
-    def check_patch_keep(self, model: nn.Module, keep: Any, size: Any) -> int:
-        return check_keep(keep)  # more than an image gives: refused at the forward that sees it
-
-    def configure_processor(self, processor: Any, model: nn.Module) -> None:
-        """The image processor's patch, merge and temporal patch sizes checked against the model's.
-
-        Raises:
-            ValueError: one differs from the model's.
-        """
-        vcfg = base_model(model).config.vision_config
-        ip = processor.image_processor
-        for name, mine in (("patch_size", vcfg.patch_size), ("merge_size", vcfg.spatial_merge_size),
-                           ("temporal_patch_size", vcfg.temporal_patch_size)):
-            theirs = getattr(ip, name, None)
-            if theirs is not None and theirs != mine:
-                raise ValueError(f"the image processor's {name} is {theirs}, the model's is {mine}")
+    vision_tower_flops = staticmethod(vision_tower_flops)
+    min_pixels, max_pixels = MIN_PIXELS, MAX_PIXELS
+    default_size = DEFAULT_IMAGE
 
     def patch(self, model: nn.Module, cfg: PatchConfig) -> PatchConfig:
         """:meth:`SiteFamily.patch`; ``fastv`` needs ``fastv_layer`` at least the number of

@@ -117,45 +117,21 @@ ImageSpec = Sequence[int] | torch.Tensor  # a grid row (t, h, w) in patches, or 
 
 # --------------------------------------------------------------------------- anatomy
 def _grid(model: nn.Module, image: ImageSpec) -> tuple[int, int, int]:
-    """``(t, h, w)`` in patches: a grid row as given, or an image size ``(height, width)``
-    resized as the image processor does by default (:data:`MIN_PIXELS`, :data:`MAX_PIXELS`)."""
-    if isinstance(image, torch.Tensor):
-        image = image.tolist()
-    ok = isinstance(image, Sequence) and len(image) in (2, 3) and all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in image)
-    if not ok:
-        raise ValueError(f"give an image_grid_thw row (t, h, w) in patches or an image size (height, width) in "
-                         f"pixels, got {image!r}")
-    if len(image) == 3:
-        return int(image[0]), int(image[1]), int(image[2])
-    vcfg = base_model(model).config.vision_config
-    patch, merge = vcfg.patch_size, vcfg.spatial_merge_size
-    # the processor's smart_resize: sides multiples of patch*merge, area within bounds (imported
-    # here: its module needs Pillow, which the model does not)
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    h, w = smart_resize(int(image[0]), int(image[1]), factor=patch * merge, min_pixels=MIN_PIXELS,
-                        max_pixels=MAX_PIXELS)
-    return 1, h // patch, w // patch
+    """``(t, h, w)`` in patches (:meth:`QwenVLFamily.grid`)."""
+    return FAMILY.grid(model, image)
 
 
 def stock_image_tokens(model: nn.Module, image: ImageSpec) -> int:
     """Visual tokens the unpatched model gives an image: ``t h w / merge^2`` for its
     ``image_grid_thw`` row ``(t, h, w)``, or for an image size ``(height, width)`` in pixels
     after the image processor's default resize."""
-    t, h, w = _grid(model, image)
-    return t * h * w // base_model(model).config.vision_config.spatial_merge_size ** 2
+    return FAMILY.stock_image_tokens(model, image)
 
 
 def stock_counts(base: nn.Module, kwargs: dict) -> list[int]:
     """Stock visual tokens per image of a forward's ``image_grid_thw`` (FastV's
     :attr:`crossget.families.visual_site.Site.counts`)."""
     return [stock_image_tokens(base, g) for g in kwargs["image_grid_thw"]]
-
-
-def _reducing(base: nn.Module) -> Site | None:
-    s = FAMILY.site(base)
-    return s if s is not None and s.reduces else None
 
 
 # --------------------------------------------------------------------------- positions
@@ -349,20 +325,18 @@ def prefill_flops(
     :func:`vision_tower_flops`, the projector-site matching rounds (``tome``/``crossget``: the
     similarity products), and every LM layer on the visual plus text tokens (``fastv``: layers
     from ``K`` on with ``keep`` visual tokens). The LM head is left out, as for LLaVA."""
-    tcfg = base_model(model).config.text_config
-    image = (DEFAULT_IMAGE, DEFAULT_IMAGE) if image is None else image
-    stock = stock_image_tokens(model, image)
-    keep = stock if keep is None else keep
-    return float(vision_tower_flops(model, image) + site_and_lm_flops(tcfg, method, stock, keep, text_len, fastv_layer))
+    return FAMILY.prefill_flops(model, method, keep, image, text_len, fastv_layer)
 
 
 # --------------------------------------------------------------------------- the patched model
 class KeptPositionsForward:
-    """The forward a patched Qwen-VL base model shares (put first among the bases of a
-    subclass of the upstream model, as :class:`Qwen2_5_VLModel`): the images are encoded and
-    reduced before the prompts are placed. The subclass sets :attr:`forward_signature`
-    (upstream's ``forward``) and overrides ``get_image_features`` (output carrying
-    :class:`KeptTokens`) and ``get_rope_index`` (taking ``image_first``)."""
+    """The overrides a patched Qwen-VL base model shares (put first among the bases of a
+    subclass of the upstream model, as :class:`Qwen2_5_VLModel`): the forward, in which the
+    images are encoded and reduced before the prompts are placed, ``get_image_features``
+    (output carrying :class:`KeptTokens`) and ``get_placeholder_mask``. The subclass sets
+    :attr:`forward_signature` (upstream's ``forward``), implements :meth:`reduce_features`
+    and overrides ``get_rope_index`` (taking ``image_first``); :meth:`encode_first` may encode
+    more before the images."""
 
     forward_signature: inspect.Signature
 
@@ -381,6 +355,7 @@ class KeptPositionsForward:
         if s.fastv is not None:
             s.on_forward(self, (), kw)  # every argument bound by name: this forward's FastV inputs
             return super().forward(**kw, **extra)
+        self.encode_first(kw, extra)
         mm = dict(kw.get("mm_encoder_outputs") or {})
         pixels = kw.get("pixel_values")
         if pixels is not None:
@@ -399,6 +374,55 @@ class KeptPositionsForward:
             grids, first = kept.layout(encoded.pooler_output)
             kw["position_ids"] = self._kept_positions(kw, grids, first)
         return super().forward(**kw, **extra)
+
+    def reducing_site(self) -> Site | None:
+        """The :class:`Site` the patch put on this model when it reduces at the projector site
+        (``tome``, ``crossget``, ``divprune``), else None."""
+        rec = record(self)
+        s = rec.glue if rec is not None else None
+        return s if isinstance(s, Site) and s.reduces else None
+
+    def encode_first(self, kw: dict, extra: dict) -> None:
+        """What a forward with reduced images encodes before them, in place in its bound
+        arguments ``kw`` (``extra``: its other keyword arguments): nothing here."""
+
+    def reduce_features(self, out: Any, site: Site, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Reduce upstream's image-encoder output ``out`` in place (``pooler_output`` a tuple of
+        ``[keep, D]``) and return each image's ``first`` ``[keep]``.
+
+        Raises:
+            ValueError: ``keep`` is more than an image gives.
+        """
+        raise NotImplementedError
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None,
+                           **kwargs: Any) -> Any:
+        """Upstream's features, then (``tome``/``crossget``) each image's ``[L_i, D]`` tokens
+        reduced to ``[keep, D]`` (:meth:`reduce_features`): ``pooler_output`` is a tuple of
+        ``[keep, D]``, and the output carries the grids and kept indices (:class:`KeptTokens`,
+        :func:`kept_tokens`).
+
+        Raises:
+            ValueError: ``keep`` is more than an image gives.
+        """
+        s = self.reducing_site()
+        return_dict = kwargs.pop("return_dict", None)
+        out = super().get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
+        if s is not None:
+            firsts = self.reduce_features(out, s, image_grid_thw)
+            out.__dict__[ATTR] = KeptTokens(tuple(out.pooler_output), image_grid_thw.detach().clone(), tuple(firsts))
+        if return_dict is False or (return_dict is None and not self.config.return_dict):
+            return out.to_tuple()
+        return out
+
+    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor,
+                             image_features: torch.Tensor | None = None,
+                             video_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upstream's masks ``([B, S, 1], [B, S, 1])``, after a check whose error says how to
+        build the prompts (``image_features``: ``[visual tokens, D]``)."""
+        if image_features is not None:
+            check_placeholders(self, input_ids, inputs_embeds, image_features, record(self).glue)
+        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
 
     def _kept_positions(self, kw: dict, grids: torch.Tensor, first: list[torch.Tensor]) -> torch.Tensor:
         """3-D positions for a forward whose images were reduced (given text row kept)."""
@@ -429,26 +453,17 @@ class Qwen2_5_VLModel(KeptPositionsForward, hf.Qwen2_5_VLModel):  # noqa: N801 (
 
     forward_signature = inspect.signature(hf.Qwen2_5_VLModel.forward)
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None,
-                           **kwargs: Any) -> Any:
-        """Upstream's features, then (``tome``/``crossget``) each image's ``[L_i, D]`` tokens
-        reduced to ``[keep, D]``: ``pooler_output`` is a tuple of ``[keep, D]``, and the
-        output carries the grids and kept indices (:class:`KeptTokens`, :func:`kept_tokens`).
+    def reduce_features(self, out: Any, site: Site, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's ``[L_i, D]`` tokens of ``out.pooler_output`` reduced to ``[keep, D]``
+        (:func:`~crossget.families.visual_site.reduce_images`), in place; returns each image's
+        ``first`` ``[keep]``.
 
         Raises:
             ValueError: ``keep`` is more than an image gives.
         """
-        s = _reducing(self)
-        return_dict = kwargs.pop("return_dict", None)
-        out = super().get_image_features(pixel_values, image_grid_thw, return_dict=True, **kwargs)
-        if s is not None:
-            tokens, firsts = reduce_images(out.pooler_output, s, image_grid_thw, "image_grid_thw", "grid")
-            tokens = [t.to(f.dtype) for t, f in zip(tokens, out.pooler_output)]
-            out.pooler_output = tuple(tokens)
-            out.__dict__[ATTR] = KeptTokens(tuple(tokens), image_grid_thw.detach().clone(), tuple(firsts))
-        if return_dict is False or (return_dict is None and not self.config.return_dict):
-            return out.to_tuple()
-        return out
+        tokens, firsts = reduce_images(out.pooler_output, site, image_grid_thw, "image_grid_thw", "grid")
+        out.pooler_output = tuple(t.to(f.dtype) for t, f in zip(tokens, out.pooler_output))
+        return firsts
 
     def get_rope_index(self, input_ids: torch.LongTensor, mm_token_type_ids: torch.IntTensor,
                        image_grid_thw: torch.LongTensor | None = None, video_grid_thw: torch.LongTensor | None = None,
@@ -460,27 +475,22 @@ class Qwen2_5_VLModel(KeptPositionsForward, hf.Qwen2_5_VLModel):  # noqa: N801 (
         (``generate`` asks before the images are encoded) the visual columns are stand-ins,
         which the forward that encodes the images replaces; text positions and the rope deltas
         do not depend on it. Returns ``(position_ids [3, B, S], rope_deltas [B, 1])``."""
-        s = _reducing(self)
+        s = self.reducing_site()
         if s is None:
             return super().get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
                                           second_per_grid_ts, attention_mask, **kwargs)
         return rope_index(self, input_ids, mm_token_type_ids, image_grid_thw, image_first, s.keep,
                           video_grid_thw, second_per_grid_ts, attention_mask)
 
-    def get_placeholder_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor,
-                             image_features: torch.Tensor | None = None,
-                             video_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upstream's masks ``([B, S, 1], [B, S, 1])``, after a check whose error says how to
-        build the prompts (``image_features``: ``[visual tokens, D]``)."""
-        if image_features is not None:
-            check_placeholders(self, input_ids, inputs_embeds, image_features, record(self).glue)
-        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features, video_features)
-
-
 # --------------------------------------------------------------------------- the family
 class QwenVLFamily(SiteFamily):
     """Qwen2.5-VL: the budget is the visual tokens per image that reach the language model
-    (``keep`` more than an image gives is refused at the forward that sees it)."""
+    (``keep`` more than an image gives is refused at the forward that sees it).
+
+    The Qwen-VL pieces a later family (Qwen3-VL, a subclass) builds on: images given by grid
+    row or size (:meth:`grid`, resized within :attr:`min_pixels` / :attr:`max_pixels`), the
+    stock count, the prefill FLOPs (:attr:`vision_tower_flops`, a module-level function, as a
+    static method), the default image and the processor's check."""
 
     name = "Qwen2.5-VL"
     classes = (hf.Qwen2_5_VLForConditionalGeneration, hf.Qwen2_5_VLModel)
@@ -490,16 +500,62 @@ class QwenVLFamily(SiteFamily):
     size_hint = "give its image_grid_thw row (t, h, w) or its size (height, width) to crossget.image_tokens"
     fastv_pre_hook = False  # the patched forward sets FastV's per-forward inputs
     stock_counts = staticmethod(stock_counts)
-    stock_image_tokens = staticmethod(stock_image_tokens)
-    prefill_flops = staticmethod(prefill_flops)
+    vision_tower_flops = staticmethod(vision_tower_flops)
+    min_pixels, max_pixels = MIN_PIXELS, MAX_PIXELS  # the image processor's resize bounds (areas, in pixels)
+    default_size = DEFAULT_IMAGE  # pixels: the square image flops= and token counts are planned for by default
+
+    def grid(self, model: nn.Module, image: ImageSpec) -> tuple[int, int, int]:
+        """``(t, h, w)`` in patches: a grid row as given, or an image size ``(height, width)``
+        resized as the image processor does by default (:attr:`min_pixels`, :attr:`max_pixels`).
+
+        Raises:
+            ValueError: neither a grid row nor an image size of positive ints.
+        """
+        if isinstance(image, torch.Tensor):
+            image = image.tolist()
+        ok = isinstance(image, Sequence) and len(image) in (2, 3) and all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in image)
+        if not ok:
+            raise ValueError(f"give an image_grid_thw row (t, h, w) in patches or an image size (height, width) in "
+                             f"pixels, got {image!r}")
+        if len(image) == 3:
+            return int(image[0]), int(image[1]), int(image[2])
+        vcfg = self.base_model(model).config.vision_config
+        patch, merge = vcfg.patch_size, vcfg.spatial_merge_size
+        # the processor's smart_resize: sides multiples of patch*merge, area within bounds (imported
+        # here: its module needs Pillow, which the model does not)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        h, w = smart_resize(int(image[0]), int(image[1]), factor=patch * merge, min_pixels=self.min_pixels,
+                            max_pixels=self.max_pixels)
+        return 1, h // patch, w // patch
+
+    def stock_image_tokens(self, model: nn.Module, image: ImageSpec) -> int:
+        """Visual tokens the unpatched model gives an image: ``t h w / merge^2`` for its grid
+        row ``(t, h, w)``, or for an image size ``(height, width)`` after the resize of :meth:`grid`."""
+        t, h, w = self.grid(model, image)
+        return t * h * w // self.base_model(model).config.vision_config.spatial_merge_size ** 2
+
+    def prefill_flops(self, model: nn.Module, method: str = "none", keep: int | None = None,
+                      image: ImageSpec | None = None, text_len: int = DEFAULT_TEXT_LEN,
+                      fastv_layer: int = fastv.DEFAULT_LAYER) -> float:
+        """Analytic FLOPs of one prefill with one image (default a :attr:`default_size`-pixel
+        square) and ``text_len`` other prompt tokens: :attr:`vision_tower_flops`, the matching
+        rounds and every LM layer (:func:`crossget.families.visual_site.site_and_lm_flops`)."""
+        tcfg = self.base_model(model).config.text_config
+        image = (self.default_size, self.default_size) if image is None else image
+        stock = self.stock_image_tokens(model, image)
+        keep = stock if keep is None else keep
+        return float(self.vision_tower_flops(model, image)
+                     + site_and_lm_flops(tcfg, method, stock, keep, text_len, fastv_layer))
 
     def image_label(self, model: nn.Module, image_size: ImageSpec) -> str:
-        return f"an image with grid {_grid(model, image_size)}"
+        return f"an image with grid {self.grid(model, image_size)}"
 
     def default_image(self, model: nn.Module, image_size: Any) -> Any:
         """``image_size`` (a grid row, ``(height, width)`` or a square's side), default a
-        :data:`DEFAULT_IMAGE`-pixel square."""
-        image = DEFAULT_IMAGE if image_size is None else image_size
+        :attr:`default_size`-pixel square."""
+        image = self.default_size if image_size is None else image_size
         return (image, image) if isinstance(image, int) else image
 
     def check_patch_keep(self, model: nn.Module, keep: Any, size: Any) -> int:
@@ -511,7 +567,7 @@ class QwenVLFamily(SiteFamily):
         Raises:
             ValueError: one differs from the model's.
         """
-        vcfg = base_model(model).config.vision_config
+        vcfg = self.base_model(model).config.vision_config
         ip = processor.image_processor
         for name, mine in (("patch_size", vcfg.patch_size), ("merge_size", vcfg.spatial_merge_size),
                            ("temporal_patch_size", vcfg.temporal_patch_size)):

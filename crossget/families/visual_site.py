@@ -105,7 +105,8 @@ def _match(method: str, metric: torch.Tensor, r: int) -> Merge:
     return complete_graph_soft_matching(metric, r)  # no importance: plain size-weighted groups
 
 
-def reduce_visual_tokens(x: torch.Tensor, keep: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+def reduce_visual_tokens(x: torch.Tensor, keep: int, method: str,
+                         rounds: list[tuple[Merge, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One image's visual tokens ``x`` ``[L, D]`` reduced to exactly ``keep`` tokens.
 
     ``divprune``: the ``keep`` tokens :func:`~crossget.methods.divprune.divprune_select`
@@ -120,6 +121,10 @@ def reduce_visual_tokens(x: torch.Tensor, keep: int, method: str) -> tuple[torch
         x: ``[L, D]`` visual tokens (any float dtype; merging accumulates in float32).
         keep: tokens to return, ``1 <= keep <= L``.
         method: ``"tome"``, ``"crossget"`` or ``"divprune"`` (:data:`SITE_METHODS`).
+        rounds: when a list, each merging round's ``(merge, order)`` is appended to it (its
+            :class:`~crossget.merge.Merge` and the order it put the tokens in), so that the
+            same groups can be replayed on other features of the same tokens (nothing is
+            appended for a selection).
 
     Returns:
         ``(tokens [keep, D], first [keep])``: the reduced tokens, and for each the smallest
@@ -148,6 +153,8 @@ def reduce_visual_tokens(x: torch.Tensor, keep: int, method: str) -> tuple[torch
         n = tokens.shape[1]
         order = first[0].argsort()  # indices are distinct: no ties
         first, tokens, size = first[:, order], tokens[:, order], size[:, order]
+        if rounds is not None:
+            rounds.append((merge, order))
     return tokens[0], first[0]
 
 
@@ -308,10 +315,13 @@ class Site:
 
 
 def reduce_images(
-    features: Sequence[torch.Tensor], site: Site, sizes: Any = None, label: str = "size", arg: str = "image_size"
+    features: Sequence[torch.Tensor], site: Site, sizes: Any = None, label: str = "size", arg: str = "image_size",
+    reduce: Callable[..., tuple] = reduce_visual_tokens,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every image's ``[L_i, D]`` features reduced to ``site.keep`` tokens with ``site.method``
-    (:func:`reduce_visual_tokens`): ``(tokens [keep, D] per image, first [keep] per image)``.
+    (``reduce``, default :func:`reduce_visual_tokens`, called as ``reduce(features, keep,
+    method)``; its first two results are taken): ``(tokens [keep, D] per image, first [keep]
+    per image)``.
 
     Raises:
         ValueError: an image gives fewer than ``keep`` tokens, named with its row of ``sizes``
@@ -326,7 +336,7 @@ def reduce_images(
                 f"keep={site.keep} is more than the {f.shape[0]} visual tokens image {i}{size} gives; "
                 f"patch with a smaller keep (crossget.image_tokens(model, {arg}) on the stock model counts them)"
             )
-        tok, first = reduce_visual_tokens(f, site.keep, site.method)
+        tok, first = reduce(f, site.keep, site.method)[:2]
         tokens.append(tok)
         firsts.append(first)
     return tokens, firsts

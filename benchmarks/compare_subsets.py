@@ -43,18 +43,20 @@ def main(which: str) -> None:
     names = [n.split(" flops=")[0] for n in first if level_of(n) == levels[0]]
     common = [v for v in names if v != "tome" and not v.endswith("+calibrated")
               and all(f"{v} flops={levels[0]}" in rs for rs in runs.values())]
-    calibrated = [v for v in names if v.endswith("+calibrated")
-                  and all(f"{v} flops={levels[0]}" in rs for rs in runs.values())]
+    last = list(runs.values())[-1]
+    calibrated = list(dict.fromkeys(n.split(" flops=")[0] for n in last if n.split(" flops=")[0].endswith("+calibrated")))
     out = [f"Subsets {' and '.join(runs)}; each cell A / B.\n"]
     for key, (label, scale, unit) in metrics.items():
         if not all(key in r for r in first.values()):
             continue
         def diff(rs, a, b, lv):
-            return (rs[f"{a} flops={lv}"][key] - rs[f"{b} flops={lv}"][key]) * scale
-        body = [(v, [" / ".join(f"{diff(rs, v, 'tome', lv):+.1f}" for rs in runs.values()) for lv in levels])
+            if f"{a} flops={lv}" not in rs:
+                return "–"  # not run on this subset
+            return f"{(rs[f'{a} flops={lv}'][key] - rs[f'{b} flops={lv}'][key]) * scale:+.1f}"
+        body = [(v, [" / ".join(diff(rs, v, "tome", lv) for rs in runs.values()) for lv in levels])
                 for v in common + calibrated]
         out.append(table(f"{label} minus ToMe's constant schedule ({unit})", levels, body))
-        body = [(v, [" / ".join(f"{diff(rs, v, v.removesuffix('+calibrated'), lv):+.1f}" for rs in runs.values())
+        body = [(v, [" / ".join(diff(rs, v, v.removesuffix("+calibrated"), lv) for rs in runs.values())
                      for lv in levels]) for v in calibrated]
         if body:
             out.append(table(f"{label}: calibrated minus constant schedule, same variant ({unit})", levels, body))

@@ -26,9 +26,10 @@ IMPORTANCE = ("cross", "attention", "none")
 GUIDANCE = ("reference", "scaled", "standardised", "rank", "ensemble")
 # the scale a rule takes when none is given (the settings measured in docs/results-guidance.md)
 GUIDANCE_SCALES = {"reference": 1.0, "ensemble": 1.0, "scaled": 0.1, "standardised": 0.25, "rank": 0.25}
-# the rule of method="crossget" when none is given, for the encoder families (chosen from the
-# measurements of docs/results-guidance.md); LLaVA keeps the authors' rule (families/llava.py)
-DEFAULT_GUIDANCE = "reference"
+# the rule of method="crossget" when none is given, for the encoder families: the smallest worst
+# case behind ToMe on real features, ahead of it where ToMe drops (docs/results-guidance.md);
+# LLaVA keeps the authors' rule (families/llava.py)
+DEFAULT_GUIDANCE = "rank"
 SCHEDULES = ("constant", "calibrated")
 
 RValue = int | tuple[int, ...] | Mapping[str, int | tuple[int, ...]] | None

@@ -228,3 +228,38 @@ def test_attention_bias():
     assert mask[0, 0, 0, 1] == low and mask[0, 0, 1, 1] == pytest.approx(math.log(3))
     assert (mask[0, 0, :, 2] == low).all()
     assert attention_bias(None) is None
+
+
+@pytest.mark.parametrize("guidance", ["reference", None])
+def test_patched_model_with_the_reference_rule_picks_the_naive_specs_groups(monkeypatch, guidance):
+    """``crossget.patch(..., guidance="reference")`` runs the authors' rule in every merging layer
+    (the naive transcription's groups); the default (``None``) runs ``DEFAULT_GUIDANCE``."""
+    from conftest import make_clip
+
+    import crossget
+    from crossget.config import DEFAULT_GUIDANCE, GUIDANCE_SCALES
+    from crossget.methods import crossget as crossget_method
+
+    calls = []
+    real = crossget_method.complete_graph_soft_matching
+
+    def spy(metric, r, importance=None, protected=None, groups=None, **rule):
+        merge = real(metric, r, importance, protected, groups, **rule)
+        calls.append((metric.detach().clone(), r, importance.detach().clone(), protected.clone(), rule, merge))
+        return merge
+
+    monkeypatch.setattr(crossget_method, "complete_graph_soft_matching", spy)
+    model = make_clip()
+    kw = {} if guidance is None else {"guidance": guidance}
+    crossget.patch(model, r=3, **kw)
+    with torch.no_grad():
+        model.get_image_features(pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)))
+    rule = guidance or DEFAULT_GUIDANCE
+    assert len(calls) == len(model.vision_model.encoder.layers)
+    for metric, r, importance, protected, used, merge in calls:
+        assert used == {"guidance": rule, "scale": GUIDANCE_SCALES[rule]}
+        for row in range(metric.shape[0]):
+            prot = set(protected[row].nonzero().flatten().tolist()) if protected.dim() == 2 else \
+                set(protected.nonzero().flatten().tolist())
+            want = naive_complete_graph(metric[row], r, importance[row], prot, rule, GUIDANCE_SCALES[rule])
+            assert groups_of(merge, row) == want

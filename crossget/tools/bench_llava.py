@@ -40,6 +40,7 @@ from crossget.api import config as patch_config
 from crossget.config import METHODS as ALL_METHODS
 from crossget.config import PatchConfig
 from crossget.families.llava import FASTV_LAYER, image_tokens
+from crossget.families.visual_site import LM_METHODS
 from crossget.io import apply
 from crossget.tools.memory import PeakMemory
 from crossget.tools.zoo import llava15_config
@@ -160,8 +161,9 @@ def _fastv_rank_gflops(text_config: Any, tokens: int) -> float:
 
 
 def _lm_parts(config: Any, lm_visual: Sequence[tuple[int, int]], prompt_tokens: int, new_tokens: int) -> dict:
-    """LM GFLOPs for ``(layers, visual tokens)`` segments; several segments are FastV's
-    prune, whose ranking is counted with the prefill."""
+    """LM GFLOPs for ``(layers, visual tokens)`` segments; several segments are a prune inside
+    the LM (FastV, DART), whose selection is counted with the prefill as FastV's ranking (one
+    query row against every key; DART's pivot similarities are of the same order)."""
     out = lm_flops(config, [(n, v + prompt_tokens) for n, v in lm_visual], new_tokens)
     if len(lm_visual) > 1:
         out["prefill"] += _fastv_rank_gflops(config.text_config, lm_visual[0][1] + prompt_tokens)
@@ -258,7 +260,8 @@ def run_llava_benchmark(
         _apply(model, cfg)
         pc = patch_config(model) if cfg["method"] != "none" else PatchConfig(method="none")
         visual = image_tokens(model)
-        lm_keep = pc.keep if cfg["method"] == "fastv" else visual
+        prunes_in_lm = cfg["method"] in LM_METHODS  # FastV, DART: the prompt holds every visual token
+        lm_keep = pc.keep if prunes_in_lm else visual
         with torch.inference_mode():
             pixels = _prompt(model, prompt_tokens)["pixel_values"]
             vision = count_flops(model.model.vision_tower, pixels, output_hidden_states=True) / 1e9
@@ -268,12 +271,12 @@ def run_llava_benchmark(
             "vision_gflops": vision, "times": [],
         }
         n_scaled = model.config.text_config.num_hidden_layers
-        k = min(FASTV_LAYER, n_scaled) if cfg["method"] == "fastv" else n_scaled
+        k = min(FASTV_LAYER, n_scaled) if prunes_in_lm else n_scaled
         scaled = [(k, visual)] + ([(n_scaled - k, lm_keep)] if k < n_scaled else [])
         parts = _lm_parts(model.config, scaled, prompt_tokens, new_tokens)
         row["scaled_gflops"] = vision + _projector_flops(model.config, visual) + parts["prefill"] + parts["decode"]
         for size in sizes:
-            k = FASTV_LAYER if cfg["method"] == "fastv" else n_lm[size]
+            k = FASTV_LAYER if prunes_in_lm else n_lm[size]
             segments = [(k, visual)] + ([(n_lm[size] - k, lm_keep)] if k < n_lm[size] else [])
             row[size] = real_model_flops(size, vision, visual, segments, prompt_tokens, new_tokens)
         rows.append(row)

@@ -158,7 +158,8 @@ class PatchConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PatchConfig:
-        """Inverse of :meth:`to_dict`; also reads the dicts older crossget versions saved.
+        """Inverse of :meth:`to_dict`; also reads the dicts older crossget versions saved, and
+        hand-written ones (the fields they name; the rest default).
 
         Raises:
             ValueError: a key that is not a field.
@@ -167,9 +168,11 @@ class PatchConfig:
         data = dict(data)
         if data.get("importance") is None:
             data.pop("importance", None)  # older files store None for methods without one
-        # files written before guidance= existed ran (and trained their cross tokens with) the
-        # authors' rule, whatever today's default is
-        data.setdefault("guidance", "reference")
+        # a saved config (to_dict writes every field, flops_estimate among them) from before
+        # guidance= existed ran, and trained its cross tokens with, the authors' rule, whatever
+        # today's default is; a dict written by hand that names no rule takes the default
+        if "flops_estimate" in data:
+            data.setdefault("guidance", "reference")
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown patch config keys {unknown}; known: {sorted(known)}")

@@ -285,3 +285,8 @@ def test_guidance_defaults_come_from_the_rule_and_the_family():
 def test_configs_saved_before_guidance_existed_read_as_the_reference_rule():
     old = {k: v for k, v in PatchConfig(r=2).to_dict().items() if k not in ("guidance", "guidance_scale", "schedule")}
     assert PatchConfig.from_dict(old).guidance == "reference"
+    # a dict written by hand is not an old file: it takes the family's default rule
+    assert PatchConfig.from_dict({"method": "crossget", "r": 2}).guidance is None
+    model = clip_model()
+    crossget.apply(model, {"method": "crossget", "r": 2})
+    assert crossget.config(model).guidance == DEFAULT_GUIDANCE

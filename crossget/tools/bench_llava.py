@@ -23,7 +23,6 @@ Writes ``results.json``, ``results.md`` and ``tradeoff.png`` to ``out_dir``.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -42,6 +41,7 @@ from crossget.config import PatchConfig
 from crossget.families.llava import FASTV_LAYER, image_tokens
 from crossget.families.visual_site import LM_METHODS
 from crossget.io import apply
+from crossget.tools.common import write_benchmark
 from crossget.tools.memory import PeakMemory
 from crossget.tools.zoo import llava15_config
 
@@ -400,9 +400,5 @@ def plot_results(results: dict, path: str | os.PathLike) -> None:
 
 
 def write_results(results: dict, out_dir: str | os.PathLike) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(results_markdown(results))
-    plot_results(results, os.path.join(out_dir, "tradeoff.png"))
+    """``results.json``, ``results.md`` and ``tradeoff.png`` in ``out_dir``."""
+    write_benchmark(results, out_dir, results_markdown, plot_results)

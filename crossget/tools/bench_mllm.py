@@ -32,7 +32,6 @@ analytic prefill FLOPs ratio, one line per method) to ``out_dir``.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -51,6 +50,7 @@ from crossget.families import llava_next, llava_onevision, qwen_vl
 from crossget.families.visual_site import site_and_lm_flops
 from crossget.methods import fastv
 from crossget.tools.bench_llava import budget_configs, count_flops, generate_answer, lm_flops, timed_answer
+from crossget.tools.common import write_benchmark
 from crossget.tools.zoo import MLLM_CONFIGS
 
 __all__ = [
@@ -463,9 +463,5 @@ def plot_results(results: dict, path: str | os.PathLike) -> None:
 
 
 def write_results(results: dict, out_dir: str | os.PathLike) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(results_markdown(results))
-    plot_results(results, os.path.join(out_dir, "tradeoff.png"))
+    """``results.json``, ``results.md`` and ``tradeoff.png`` in ``out_dir``."""
+    write_benchmark(results, out_dir, results_markdown, plot_results)

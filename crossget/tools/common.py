@@ -1,11 +1,13 @@
 """Helpers every tool shares: reading and writing JSON with errors that name the file,
-device synchronisation and a clock for model time, the model's device and dtype."""
+device synchronisation and a clock for model time, the model's device and dtype, a
+benchmark's output files."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +76,15 @@ class ModelClock:
     def rate(self, count: int) -> float:
         """``count`` per second of model time (0 if nothing was timed)."""
         return count / self.seconds if self.seconds > 0 else 0.0
+
+
+def write_benchmark(results: dict, out_dir: str | os.PathLike, markdown: Callable[[dict], str],
+                    plot: Callable[[dict, str], None]) -> None:
+    """A benchmark's three outputs in ``out_dir``: ``results.json``, ``results.md``
+    (``markdown(results)``) and ``tradeoff.png`` (``plot(results, path)``)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(results))
+    plot(results, os.path.join(out_dir, "tradeoff.png"))

@@ -96,8 +96,7 @@ class FastV:
     method in errors; :meth:`keep_indices` is the selection rule (a subclass's own).
     """
 
-    name = "FastV"
-
+    name = "FastV"  # in errors (a class attribute, not a field)
 
     lm: nn.Module
     layer: int

@@ -67,7 +67,7 @@ from crossget.families.base import (
     no_inputs,
     uninstall,
 )
-from crossget.families.visual_site import LM_METHODS, dart_flops
+from crossget.families.visual_site import LM_METHODS, dart_flops, placeholder_mask
 from crossget.methods import dart, fastv, visionzip
 from crossget.methods.divprune import divprune_select
 from crossget.record import mark, record, unmark
@@ -406,17 +406,6 @@ def _install_lm_cross_tokens(base: hf.LlavaModel, theta: nn.Parameter | None) ->
 _LLAVA_FORWARD = inspect.signature(hf.LlavaModel.forward)
 
 
-def _image_mask(base: hf.LlavaModel, kwargs: dict) -> torch.Tensor | None:
-    ids = kwargs.get("input_ids")
-    if ids is not None:
-        return ids == base.config.image_token_id
-    embeds = kwargs.get("inputs_embeds")
-    if embeds is None:
-        return None
-    token = base.get_input_embeddings()(torch.tensor(base.config.image_token_id, device=embeds.device))
-    return (embeds == token).all(-1)
-
-
 @dataclass(eq=False)
 class Glue:
     """What :meth:`LlavaFamily.patch` installed on a LlavaModel besides the vision tower;
@@ -440,7 +429,7 @@ class Glue:
                 raise ValueError(f"the model was patched for {name}={ref!r}; re-patch it to use {kwargs[name]!r}")
         pixels, encoded = kwargs.get("pixel_values"), (kwargs.get("mm_encoder_outputs") or {}).get("image")
         n_images = pixels.shape[0] if pixels is not None else (len(encoded.pooler_output) if encoded is not None else 0)
-        mask = _image_mask(base, kwargs) if n_images else None
+        mask = placeholder_mask(base, kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if n_images else None
         if mask is not None:
             found, need = int(mask.sum()), n_images * self.image_tokens
             if found != need:
@@ -450,25 +439,8 @@ class Glue:
                     f"build prompts with crossget.adapt_processor(processor, model), or repeat the image token "
                     f"crossget.image_tokens(model) times per image"
                 )
-        fv = self.fastv
-        if fv is None:
-            return
-        fv.image_mask = mask
-        if mask is None:
-            return
-        length = mask.shape[1]
-        # The ranking query is the last real prompt token. generate() without a cache feeds the
-        # same encoded images with a longer sequence at every step: keep the prompt length of
-        # their first forward so that every step ranks (and prunes) exactly as the prefill did.
-        prompt = length
-        if encoded is not None:
-            prompt = encoded.__dict__.setdefault("_crossget", length)
-        valid = kwargs.get("attention_mask")
-        pos = torch.arange(length, device=mask.device).expand(mask.shape[0], length)
-        ok = pos < prompt
-        if isinstance(valid, torch.Tensor) and valid.dim() == 2:
-            ok = ok & valid.bool()
-        fv.query_pos = torch.where(ok, pos, -1).amax(-1)
+        if self.fastv is not None:
+            self.fastv.set_prompt(mask, kwargs.get("attention_mask"), encoded)
 
     def __call__(self, base: hf.LlavaModel, args: tuple, kwargs: dict) -> None:
         self.on_forward(base, args, kwargs)

@@ -36,6 +36,7 @@ Shapes: ``L`` visual tokens of one image, ``D`` channels.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -230,13 +231,9 @@ class FixedImageTokens:
         return self.token * self.count
 
 
-_SIGNATURES: dict[type, inspect.Signature] = {}
-
-
+@functools.cache
 def _forward_signature(cls: type) -> inspect.Signature:
-    if cls not in _SIGNATURES:
-        _SIGNATURES[cls] = inspect.signature(cls.forward)
-    return _SIGNATURES[cls]
+    return inspect.signature(cls.forward)
 
 
 @dataclass(eq=False)
@@ -277,7 +274,7 @@ class Site:
             ValueError: the images give different counts, or fewer than ``keep``.
         """
         fv = self.fastv
-        fv.image_mask = None
+        fv.set_prompt(None)
         if args:
             kwargs = {**_forward_signature(type(base)).bind_partial(base, *args).arguments, **kwargs}
         pixels = kwargs.get("pixel_values")
@@ -296,19 +293,8 @@ class Site:
         if self.keep > counts[0]:
             raise ValueError(f"keep={self.keep} is more than the {counts[0]} visual tokens each image gives")
         fv.per_image = counts[0]
-        mask = placeholder_mask(base, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
-        fv.image_mask = mask
-        length = mask.shape[1]
-        # generate() without a cache feeds the same encoded images with a longer sequence at
-        # every step: keep the prompt length of their first forward, so that every step ranks
-        # (and prunes) exactly as the prefill did (as for LLaVA-1.5)
-        prompt = encoded.__dict__.setdefault("_crossget", length) if encoded is not None else length
-        pos = torch.arange(length, device=mask.device).expand(mask.shape[0], length)
-        ok = pos < prompt
-        valid = kwargs.get("attention_mask")
-        if isinstance(valid, torch.Tensor) and valid.dim() == 2:
-            ok = ok & valid.bool()
-        fv.query_pos = torch.where(ok, pos, -1).amax(-1)
+        fv.set_prompt(placeholder_mask(base, kwargs.get("input_ids"), kwargs.get("inputs_embeds")),
+                      kwargs.get("attention_mask"), encoded)
 
     def __call__(self, base: nn.Module, args: tuple, kwargs: dict) -> None:
         self.on_forward(base, args, kwargs)

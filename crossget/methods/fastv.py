@@ -91,9 +91,10 @@ def _gather_mask(mask: torch.Tensor | None, rows: torch.Tensor | None, cols: tor
 class FastV:
     """FastV in one language model: settings, per-forward bookkeeping and the hooks.
 
-    The caller (the LLaVA family) sets ``image_mask`` ``[B, L]`` and ``query_pos`` ``[B]``
-    (the ranking query: last real prompt token) before each forward. :attr:`name` names the
-    method in errors; :meth:`keep_indices` is the selection rule (a subclass's own).
+    The caller (the family's forward pre-hook) calls :meth:`set_prompt` before each forward
+    (``image_mask`` ``[B, L]``, ``query_pos`` ``[B]``: the ranking query, the last real prompt
+    token). :attr:`name` names the method in errors; :meth:`keep_indices` is the selection
+    rule (a subclass's own).
     """
 
     name = "FastV"  # in errors (a class attribute, not a field)
@@ -118,6 +119,24 @@ class FastV:
     def __getstate__(self) -> dict:
         # the KV cache link is per generation (and a weak reference cannot be pickled)
         return {**vars(self), "cache": None}
+
+    def set_prompt(self, image_mask: torch.Tensor | None, attention_mask: Any = None, encoded: Any = None) -> None:
+        """This forward's image positions ``image_mask`` ``[B, L]`` (None: no images) and its
+        ranking query, the last real prompt token of each row (``attention_mask`` ``[B, L]``
+        marks the real ones). ``encoded``: the forward's encoder output when the images come
+        encoded (generate() without a cache feeds the same ones with a longer sequence at every
+        step: the prompt length of their first forward is kept on them, so that every step
+        ranks and prunes exactly as the prefill did)."""
+        self.image_mask = image_mask
+        if image_mask is None:
+            return
+        length = image_mask.shape[1]
+        prompt = encoded.__dict__.setdefault("_crossget", length) if encoded is not None else length
+        pos = torch.arange(length, device=image_mask.device).expand(image_mask.shape[0], length)
+        ok = pos < prompt
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            ok = ok & attention_mask.bool()
+        self.query_pos = torch.where(ok, pos, -1).amax(-1)
 
     @property
     def attn(self) -> nn.Module:

@@ -1,4 +1,4 @@
-"""`crossget bench` for LLaVA-NeXT, LLaVA-OneVision and Qwen2.5-VL (crossget/tools/bench_mllm.py),
+"""`crossget bench` for LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL and Qwen3-VL (crossget/tools/bench_mllm.py),
 on tiny configs of crossget.tools.zoo (no absolute times are checked)."""
 
 import json
@@ -11,7 +11,7 @@ from crossget.families.visual_site import site_and_lm_flops
 from crossget.tools import bench_mllm
 from crossget.tools.cli import main
 
-TINY = ("llava-next-tiny", "llava-onevision-tiny", "qwen2.5-vl-tiny")
+TINY = ("llava-next-tiny", "llava-onevision-tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny")
 KEEPS = (4, 8, 12)
 FLOPS_TOL = 1e-9  # relative: analytic and counted LM FLOPs are the same matmul products
 
@@ -72,7 +72,7 @@ def test_timing_loop_runs_a_round_and_writes_the_three_files(tmp_path):
     assert "fastv keep=8" in md and "1st token ms" in md
 
 
-@pytest.mark.parametrize("name", ["llava-onevision-tiny", "qwen2.5-vl-tiny"])
+@pytest.mark.parametrize("name", ["llava-onevision-tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny"])
 def test_timing_runs_the_other_families(name, tmp_path):
     res = bench_mllm.run_mllm_benchmark(name, keeps=(4,), time_keeps=(4,), text_len=5, new_tokens=2, rounds=1,
                                         threads=1, out_dir=tmp_path, progress=False)
@@ -84,8 +84,25 @@ def test_cli_flops_only_for_a_real_size_model(tmp_path, capsys):
     assert main(["bench", "--model", "qwen2.5-vl-7b", "--keep", "64", "--no-latency", "--out", str(out)]) == 0
     saved = json.loads((out / "results.json").read_text())
     assert "timing" not in saved and saved["meta"]["stock_visual_tokens"] == 1024
-    assert [r["name"] for r in saved["flops"]] == ["baseline", "tome keep=64", "crossget keep=64", "fastv keep=64"]
+    assert [r["name"] for r in saved["flops"]] == ["baseline"] + [f"{m} keep=64" for m in bench_mllm.METHODS]
+    assert bench_mllm.METHODS == ("tome", "crossget", "divprune", "fastv", "dart")
     assert (out / "tradeoff.png").exists()
+
+
+def test_lm_pruning_rows_keep_the_stock_prompt_and_count_the_lm_after_k():
+    """FastV and DART: the stock count enters the LM, ``keep`` after layer K; Qwen3-VL's K is its
+    deep-stack levels (3), and the counted LM agrees with the analytic one there too."""
+    spec = bench_mllm.SPECS["qwen3-vl-8b"]
+    assert spec.fastv_layer == 3
+    rows = bench_mllm.flops_rows(bench_mllm.meta_model("qwen3-vl-8b"), spec, spec.flops_image, keeps=(64,), text_len=8)
+    by = {r["method"]: r for r in rows}
+    for m in ("fastv", "dart"):
+        assert by[m]["visual_tokens"] == 1024 and by[m]["lm_visual_tokens"] == 64
+        assert by[m]["lm_rel_diff"] == pytest.approx(0, abs=FLOPS_TOL)
+    for m in ("tome", "crossget", "divprune"):
+        assert by[m]["visual_tokens"] == by[m]["lm_visual_tokens"] == 64
+    assert by["dart"]["matching_gflops"] > 0 == by["fastv"]["matching_gflops"]  # DART's pivot similarities
+    assert by["fastv"]["ratio"] > by["tome"]["ratio"]  # K layers on the full prompt
 
 
 @pytest.mark.parametrize("args, match", [

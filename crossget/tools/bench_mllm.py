@@ -1,23 +1,25 @@
 """Benchmark of the multimodal LLMs after LLaVA-1.5: every method at equal visual-token budgets.
 
-``crossget bench --model llava-next-7b | llava-onevision-7b | qwen2.5-vl-7b`` (docs/mllm.md for
+``crossget bench --model llava-next-7b | llava-onevision-7b | qwen2.5-vl-7b | qwen3-vl-8b`` (docs/mllm.md for
 the families; :mod:`crossget.tools.bench_llava` is LLaVA-1.5's benchmark, whose public helpers
 this one reuses). Two parts, one run:
 
 - **Prefill FLOPs of the real 7B architecture** (built on the meta device from
   :data:`crossget.tools.zoo.MLLM_CONFIGS`: no weights) for one image of :attr:`Spec.flops_image`
   and ``text_len`` other prompt tokens, stock and every method at every ``keep`` (visual tokens
-  per image reaching the LM; FastV: after LM layer K), by the family's analytic
+  per image reaching the LM; FastV / DART: after LM layer K), by the family's analytic
   ``prefill_flops`` (vision tower on every tile / the whole grid, projector, the projector-site
-  matching rounds, every LM layer; no LM head). Cross-check: the language model's layers are
+  matching rounds or DivPrune's distance matrix, DART's pivot similarities, every LM layer; no
+  LM head). Cross-check: the language model's layers are
   counted by ``FlopCounterMode`` on the meta device (:func:`crossget.tools.bench_llava.lm_flops`,
-  eager attention, FastV's layers after K on the pruned sequence), on a Llama decoder of the
+  eager attention, FastV's / DART's layers after K on the pruned sequence), on a Llama decoder of the
   LM's exact matmul shapes (widths, heads, KV heads, head_dim: Qwen2's q/k/v biases and M-RoPE
   are elementwise / bias adds, which ``FlopCounterMode`` does not count either way), the LM
   head on the last token taken out; the relative difference to the analytic LM part is reported.
 - **Measured** on a scaled-down model that fits a CPU: the real vision side (tower with
   ``vision_layers`` of its layers, all by default, real width) and projector / merger, an LM of
-  real width with ``lm_layers`` layers (3: FastV keeps its K=2 and prunes the third), random
+  real width with ``lm_layers`` layers (default K + 1: FastV and DART prune before the last;
+  K = :attr:`Spec.fastv_layer`, 2, or 3 for Qwen3-VL's three deep-stack levels), random
   weights, fp32, batch 1: time to first token and decode tokens/s of
   ``generate(max_new_tokens=new_tokens)`` for one image of :attr:`Spec.time_image`, stock vs
   every method at every ``time_keeps``. One untimed answer of the stock model warms up; then
@@ -46,7 +48,7 @@ import transformers as tf
 from torch import nn
 
 import crossget
-from crossget.families import llava_next, llava_onevision, qwen_vl
+from crossget.families import llava_next, llava_onevision, qwen3_vl, qwen_vl
 from crossget.families.visual_site import site_and_lm_flops
 from crossget.methods import fastv
 from crossget.tools.bench_llava import budget_configs, count_flops, generate_answer, lm_flops, timed_answer
@@ -58,7 +60,9 @@ __all__ = [
     "prompt_inputs", "run_mllm_benchmark", "scaled_model", "write_results",
 ]
 
-METHODS = ("tome", "crossget", "fastv")  # every method the three families take, against the stock model
+# every method the four families take, against the stock model: site merging / selection, then LM pruning
+METHODS = ("tome", "crossget", "divprune", "fastv", "dart")
+LM_PRUNING = ("fastv", "dart")  # pruned inside the LM before layer K: the prompt keeps the stock count
 DEFAULT_KEEPS = (64, 128, 192, 288)
 DEFAULT_TIME_KEEPS = (64, 128)
 TEXT_LEN = 64  # prompt tokens besides the visual ones (as for LLaVA-1.5)
@@ -77,6 +81,7 @@ class Spec:
     time_image: tuple[int, int]
     kind: str  # "anyres" (LLaVA-NeXT / OneVision inputs) or "qwen"
     note: str = ""
+    fastv_layer: int = fastv.DEFAULT_LAYER  # FastV's / DART's K (Qwen3-VL: at least its deep-stack levels)
 
 
 SPECS: dict[str, Spec] = {
@@ -89,14 +94,19 @@ SPECS: dict[str, Spec] = {
     "qwen2.5-vl-7b": Spec(
         "Qwen2.5-VL-7B", tf.Qwen2_5_VLForConditionalGeneration, qwen_vl, (896, 896), (448, 448), "qwen",
         "896x896: a 64x64 patch grid, 1024 merged tokens"),
+    "qwen3-vl-8b": Spec(
+        "Qwen3-VL-8B", tf.Qwen3VLForConditionalGeneration, qwen3_vl, (1024, 1024), (512, 512), "qwen",
+        "1024x1024: a 64x64 patch grid of 16 px, 1024 merged tokens; K=3 (three deep-stack levels)", fastv_layer=3),
     "llava-next-tiny": Spec("tiny LLaVA-NeXT", tf.LlavaNextForConditionalGeneration, llava_next, (112, 112),
                             (56, 112), "anyres"),
     "llava-onevision-tiny": Spec("tiny LLaVA-OneVision", tf.LlavaOnevisionForConditionalGeneration, llava_onevision,
                                  (112, 112), (56, 112), "anyres"),
     "qwen2.5-vl-tiny": Spec("tiny Qwen2.5-VL", tf.Qwen2_5_VLForConditionalGeneration, qwen_vl, (64, 64), (56, 64),
                             "qwen"),
+    "qwen3-vl-tiny": Spec("tiny Qwen3-VL", tf.Qwen3VLForConditionalGeneration, qwen3_vl, (256, 256), (256, 320),
+                          "qwen", fastv_layer=2),
 }
-MODELS = ("llava-next-7b", "llava-onevision-7b", "qwen2.5-vl-7b")  # what `crossget bench --model` takes
+MODELS = ("llava-next-7b", "llava-onevision-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")  # what `crossget bench --model` takes
 
 
 def _spec(name: str) -> Spec:
@@ -111,19 +121,24 @@ def meta_model(name: str) -> nn.Module:
         return _spec(name).model_class(MLLM_CONFIGS[name]())
 
 
-def scaled_model(name: str, lm_layers: int = 3, vision_layers: int | None = None, seed: int = 0) -> nn.Module:
+def scaled_model(name: str, lm_layers: int | None = None, vision_layers: int | None = None, seed: int = 0) -> nn.Module:
     """``name`` with its real-width vision side and LM (real vocabulary), the LM cut to
-    ``lm_layers`` layers and the tower to ``vision_layers`` (None: all; Qwen2.5-VL keeps the
-    full-attention blocks below that depth); random weights, eval mode."""
+    ``lm_layers`` layers (None: K + 1, :attr:`Spec.fastv_layer`) and the tower to ``vision_layers``
+    (None: all; Qwen2.5-VL keeps the full-attention blocks below that depth, Qwen3-VL the
+    deep-stack levels below it); random weights, eval mode."""
+    lm_layers = lm_layers or _spec(name).fastv_layer + 1
     cfg = MLLM_CONFIGS[name]()
     cfg.text_config.num_hidden_layers = lm_layers
     if getattr(cfg.text_config, "layer_types", None) is not None:
         cfg.text_config.layer_types = cfg.text_config.layer_types[:lm_layers]
     v = cfg.vision_config
     if vision_layers is not None:
-        if hasattr(v, "depth"):  # Qwen2.5-VL
+        if hasattr(v, "depth"):  # Qwen2.5-VL, Qwen3-VL
             v.depth = vision_layers
-            v.fullatt_block_indexes = [i for i in v.fullatt_block_indexes if i < vision_layers]
+            if hasattr(v, "fullatt_block_indexes"):
+                v.fullatt_block_indexes = [i for i in v.fullatt_block_indexes if i < vision_layers]
+            if hasattr(v, "deepstack_visual_indexes"):
+                v.deepstack_visual_indexes = [i for i in v.deepstack_visual_indexes if i < vision_layers]
         else:
             v.num_hidden_layers = vision_layers
     torch.manual_seed(seed)
@@ -189,8 +204,9 @@ def counted_lm_flops(text_config: Any, segments: Sequence[tuple[int, int]]) -> f
 def counted_vision_flops(model: nn.Module, spec: Spec, image: tuple[int, int]) -> float | None:
     """FLOPs of the vision side (``get_image_features``: tower on every tile, projector, packing)
     for one image, counted by ``FlopCounterMode`` on the meta device (eager attention); None for
-    Qwen2.5-VL, whose tower computes its window and rotary indices from CPU tensors that cannot
-    meet meta ones (its analytic tower is checked against a measured count in tests/test_qwen_vl.py)."""
+    Qwen2.5-VL and Qwen3-VL, whose towers compute their window, rotary and position-interpolation
+    indices from CPU tensors that cannot meet meta ones (their analytic towers are checked against
+    a measured count in tests/test_qwen_vl.py and tests/test_qwen3_vl.py)."""
     if spec.kind != "anyres":
         return None
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -210,17 +226,19 @@ def counted_vision_flops(model: nn.Module, spec: Spec, image: tuple[int, int]) -
 
 
 def _lm_segments(method: str, n_lm: int, stock: int, keep: int, text_len: int, k: int) -> list[tuple[int, int]]:
-    if method == "fastv":
+    if method in LM_PRUNING:
         return [(k, stock + text_len), (n_lm - k, keep + text_len)]
     return [(n_lm, (keep if method != "none" else stock) + text_len)]
 
 
 def flops_rows(model: nn.Module, spec: Spec, image: tuple[int, int], methods: Sequence[str] = METHODS,
                keeps: Sequence[int] = DEFAULT_KEEPS, text_len: int = TEXT_LEN, counted: bool = True,
-               fastv_layer: int = fastv.DEFAULT_LAYER) -> list[dict]:
+               fastv_layer: int | None = None) -> list[dict]:
     """Stock, then every method at every keep (no more than the image's stock count): analytic
-    prefill FLOPs and their parts, the LM part counted (``counted``), and the ratio to stock."""
+    prefill FLOPs and their parts, the LM part counted (``counted``), and the ratio to stock.
+    ``fastv_layer``: FastV's / DART's K (None: :attr:`Spec.fastv_layer`)."""
     fam = spec.family
+    fastv_layer = spec.fastv_layer if fastv_layer is None else fastv_layer
     tcfg = fam.base_model(model).config.text_config
     n_lm = tcfg.num_hidden_layers
     stock = fam.stock_image_tokens(model, image)
@@ -229,12 +247,12 @@ def flops_rows(model: nn.Module, spec: Spec, image: tuple[int, int], methods: Se
     for cfg in budget_configs(methods, [k for k in keeps if k < stock], ()):
         m, keep = cfg["method"], cfg.get("keep", stock)
         total = fam.prefill_flops(model, m, keep, image, text_len, fastv_layer)
-        lm_method = "fastv" if m == "fastv" else "none"
-        lm = site_and_lm_flops(tcfg, lm_method, stock if m == "fastv" else keep, keep, text_len, fastv_layer)
+        prunes = m in LM_PRUNING
+        lm = site_and_lm_flops(tcfg, "fastv" if prunes else "none", stock if prunes else keep, keep, text_len, fastv_layer)
         after_vision = site_and_lm_flops(tcfg, m, stock, keep, text_len, fastv_layer)
         row = {
             "name": cfg["name"], "method": m, "keep": cfg.get("keep"),
-            "visual_tokens": keep if m in ("tome", "crossget") else stock,
+            "visual_tokens": stock if prunes else keep,
             "lm_visual_tokens": keep, "vision_gflops": (total - after_vision) / 1e9,
             "matching_gflops": (after_vision - lm) / 1e9, "lm_gflops": lm / 1e9, "prefill_gflops": total / 1e9,
             "ratio": total / base,
@@ -248,9 +266,11 @@ def flops_rows(model: nn.Module, spec: Spec, image: tuple[int, int], methods: Se
 
 
 # --------------------------------------------------------------------------- the run
-def _patch(model: nn.Module, cfg: dict) -> None:
+def _patch(model: nn.Module, cfg: dict, fastv_layer: int) -> None:
     crossget.unpatch(model)
-    if cfg["method"] != "none":
+    if cfg["method"] in LM_PRUNING:
+        crossget.patch(model, keep=cfg["keep"], method=cfg["method"], fastv_layer=fastv_layer)
+    elif cfg["method"] != "none":
         crossget.patch(model, keep=cfg["keep"], method=cfg["method"])
 
 
@@ -263,7 +283,7 @@ def run_mllm_benchmark(
     new_tokens: int = 8,
     rounds: int = 3,
     threads: int = 2,
-    lm_layers: int = 3,
+    lm_layers: int | None = None,
     vision_layers: int | None = None,
     timing: bool = True,
     out_dir: str | os.PathLike | None = None,
@@ -297,7 +317,7 @@ def run_mllm_benchmark(
         "meta": {
             "model": name, "title": spec.title, "flops_image": list(flops_image), "flops_image_note": spec.note,
             "stock_visual_tokens": spec.family.stock_image_tokens(real, flops_image), "text_len": text_len,
-            "fastv_layer": fastv.DEFAULT_LAYER, "keeps": list(keeps), "methods": list(methods),
+            "fastv_layer": spec.fastv_layer, "keeps": list(keeps), "methods": list(methods),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "transformers": tf.__version__, "vision_counted_gflops": None if vision is None else vision / 1e9,
@@ -314,14 +334,15 @@ def run_mllm_benchmark(
 
 
 def _timing(name: str, spec: Spec, methods: Sequence[str], keeps: Sequence[int], image: tuple[int, int], text_len: int,
-            new_tokens: int, rounds: int, threads: int, lm_layers: int, vision_layers: int | None,
+            new_tokens: int, rounds: int, threads: int, lm_layers: int | None, vision_layers: int | None,
             say: Callable[[str], None]) -> dict:
+    lm_layers = lm_layers or spec.fastv_layer + 1
     model = scaled_model(name, lm_layers, vision_layers)
     fam = spec.family
     cfg0 = fam.base_model(model).config
     stock = fam.stock_image_tokens(model, image)
     configs = budget_configs(methods, [k for k in keeps if k < stock], ())
-    k = min(fastv.DEFAULT_LAYER, lm_layers - 1)
+    k = min(spec.fastv_layer, lm_layers - 1)
     base_flops = fam.prefill_flops(model, "none", None, image, text_len, k)
     rows = []
     for cfg in configs:
@@ -334,7 +355,7 @@ def _timing(name: str, spec: Spec, methods: Sequence[str], keeps: Sequence[int],
     for rnd in range(rounds + 1):  # round 0: one untimed warm-up answer of the stock model
         order = configs[rnd % len(configs):] + configs[: rnd % len(configs)] if rnd else configs[:1]
         for cfg in order:
-            _patch(model, cfg)
+            _patch(model, cfg, k)
             row = next(r for r in rows if r["name"] == cfg["name"])
             inputs = prompt_inputs(model, spec, image, text_len)
             if rnd == 0:
@@ -384,23 +405,27 @@ def results_markdown(results: dict) -> str:
         f"{meta['text_len']} other prompt tokens. Analytic: the family's `prefill_flops` (vision = tower on every "
         "tile / the whole grid + projector or merger; matching = the projector-site rounds; LM = every decoder "
         "layer, no head). LM counted: `FlopCounterMode` on the meta device (Llama decoder of the LM's matmul "
-        f"shapes, eager attention; FastV: layers from K={meta['fastv_layer']} on the pruned sequence). "
-        "keep = visual tokens per image in the LM (FastV: after layer K).",
+        f"shapes, eager attention; FastV / DART: layers from K={meta['fastv_layer']} on the pruned sequence). "
+        "keep = visual tokens per image in the LM (FastV / DART: after layer K; DART's `keep` counts its "
+        "image pivots). Matching: ToMe's / CrossGET's rounds at the projector site, DivPrune's distance "
+        "matrix, DART's pivot similarities.",
         "",
         (f"Vision side counted by `FlopCounterMode` on the meta device (`get_image_features`, eager attention): "
          f"{meta['vision_counted_gflops']:.0f} GFLOPs, {meta['vision_rel_diff']:+.1e} relative to the analytic "
          "vision column (the same for every config: the tower and projector run unreduced)."
          if meta.get("vision_counted_gflops") is not None else
-         "Vision side: not counted on the meta device (Qwen2.5-VL's tower mixes CPU index tensors with its "
-         "inputs); its analytic model is checked against a measured count in tests/test_qwen_vl.py. The vision "
-         "column is the same for every config: the tower and merger run unreduced."),
+         "Vision side: not counted on the meta device (Qwen's towers mix CPU index tensors with their "
+         "inputs); the analytic model is checked against a measured count in tests/test_qwen_vl.py / "
+         "tests/test_qwen3_vl.py. The vision column is the same for every config: the tower and merger run "
+         "unreduced."),
         "",
         "| config | visual tokens in the LM | vision GFLOPs | matching | LM analytic | LM counted | diff | "
         "prefill GFLOPs | ratio to stock |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        tokens = str(r["lm_visual_tokens"]) if r["method"] != "fastv" else f"{r['visual_tokens']} → {r['lm_visual_tokens']}"
+        tokens = (f"{r['visual_tokens']} → {r['lm_visual_tokens']}" if r["method"] in LM_PRUNING
+                  else str(r["lm_visual_tokens"]))
         counted = f"{r['lm_counted_gflops']:.0f} | {r['lm_rel_diff']:+.1e}" if "lm_counted_gflops" in r else "– | –"
         lines.append(f"| {r['name']} | {tokens} | {r['vision_gflops']:.0f} | {r['matching_gflops']:.2f} | "
                      f"{r['lm_gflops']:.0f} | {counted} | {r['prefill_gflops']:.0f} | {r['ratio']:.3f} |")
@@ -416,7 +441,7 @@ def results_markdown(results: dict) -> str:
             f"{t['threads']} threads, generate(max_new_tokens={t['new_tokens']}), {t['rounds']} interleaved timed "
             f"rounds in rotating order after one untimed stock answer (medians; speedups are ratios of medians "
             f"of this run; 1-minute load average after each round: {loads}). FLOPs ratio: the scaled model's "
-            f"analytic prefill FLOPs to stock (FastV K={t['fastv_layer']}).",
+            f"analytic prefill FLOPs to stock (FastV / DART K={t['fastv_layer']}).",
             "",
             "| config | prefill GFLOPs (scaled) | FLOPs ratio | 1st token ms | speedup | decode tok/s | speedup |",
             "|---|---:|---:|---:|---:|---:|---:|",

@@ -1,7 +1,7 @@
 """The model zoo: named architectures with random weights (nothing is downloaded), for
 benchmarks, smoke runs and FLOPs counts: real-size CLIP ViT-B/16, BLIP ViT-B/16, BLIP-2
 ViT-g, SigLIP-B/16, DINOv2-S/14, LLaVA-1.5-7B/13B, LLaVA-NeXT-7B, LLaVA-OneVision-7B,
-Qwen2.5-VL-7B (:data:`MLLM_CONFIGS`), and tiny versions of the encoders and of the three
+Qwen2.5-VL-7B, Qwen3-VL-8B (:data:`MLLM_CONFIGS`), and tiny versions of the encoders and of the four
 multimodal LLMs for tests."""
 
 from __future__ import annotations
@@ -200,6 +200,25 @@ def qwen25_vl_7b_config() -> tf.Qwen2_5_VLConfig:
                                vision_start_token_id=151652, vision_end_token_id=151653)
 
 
+def qwen3_vl_8b_config() -> tf.Qwen3VLConfig:
+    """``Qwen3VLConfig`` of Qwen3-VL-8B(-Instruct): the ViT (depth 27, width 1152, MLP 4304, 16 heads,
+    patch 16, merge 2, 2304 learned positions interpolated, deep-stack levels from blocks 8, 16, 24,
+    out width 4096) and Qwen3-8B (4096 / 12288 / 36 layers / 32 heads / 8 KV heads of 128, q/k norms,
+    vocabulary 151936, rope theta 5e6, interleaved M-RoPE sections [24, 20, 20]); token ids as
+    Qwen2.5-VL's. The hub cannot be reached here: these are the released model's published sizes
+    (its config.json), not read from the file at build time."""
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, in_channels=3, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh")
+    text = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+                rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+                rope_parameters=dict(rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20],
+                                     mrope_interleaved=True))
+    return tf.Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=151655, video_token_id=151656,
+                            vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
+
+
 def llava_next_tiny() -> tf.LlavaNextConfig:
     """A tiny LLaVA-NeXT (56 px tiles of 4 x 4 patches of 14 px, pinpoints of 1-2 tiles), for tests."""
     vision = tf.CLIPVisionConfig(**vit(32, 64, 2, 2, 56, 14))
@@ -232,14 +251,30 @@ def qwen25_vl_tiny() -> tf.Qwen2_5_VLConfig:
                                vision_start_token_id=122, vision_end_token_id=123)
 
 
+def qwen3_vl_tiny() -> tf.Qwen3VLConfig:
+    """A tiny Qwen3-VL (patch 16 as released, since its processor resizes to at least 256 x 256 pixels;
+    merge 2, deep-stack levels from blocks 0 and 1), for tests."""
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, vocab_size=128, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3],
+                                     mrope_interleaved=True))
+    return tf.Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=120, video_token_id=121,
+                            vision_start_token_id=122, vision_end_token_id=123)
+
+
 # name -> config factory of the multimodal LLMs crossget.tools.bench_mllm benchmarks
 MLLM_CONFIGS: dict[str, Callable[[], Any]] = {
     "llava-next-7b": llava_next_7b_config,
     "llava-onevision-7b": llava_onevision_7b_config,
     "qwen2.5-vl-7b": qwen25_vl_7b_config,
+    "qwen3-vl-8b": qwen3_vl_8b_config,
     "llava-next-tiny": llava_next_tiny,  # for tests
     "llava-onevision-tiny": llava_onevision_tiny,
     "qwen2.5-vl-tiny": qwen25_vl_tiny,
+    "qwen3-vl-tiny": qwen3_vl_tiny,
 }
 
 

@@ -20,7 +20,7 @@ from crossget.tools.cli.options import (
 )
 
 ENCODER_METHODS = ("tome", "crossget")
-LLAVA_PEERS = ("fastv", "visionzip")  # visual-token reduction peers, LLaVA only
+LLAVA_PEERS = ("fastv", "visionzip", "divprune", "dart")  # visual-token reduction peers, multimodal LLMs only
 
 
 def run_arguments(p: argparse.ArgumentParser, *, batch: int, rounds: int, out: str | None) -> None:
@@ -39,7 +39,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="named architecture with random weights (clip-vit-b16, blip-vit-b16, blip2-vit-g, "
                         "siglip-b16, dinov2-s14, "
                         "clip-tiny, blip-tiny, blip2-tiny) or a local model directory (from_pretrained); "
-                        "llava-1.5, llava-next-7b, llava-onevision-7b, qwen2.5-vl-7b: the multimodal LLM benchmarks "
+                        "llava-1.5, llava-next-7b, llava-onevision-7b, qwen2.5-vl-7b, qwen3-vl-8b: the multimodal LLM benchmarks "
                         "(real-size FLOPs, scaled-down timing); default clip-vit-b16")
     p.add_argument("--tower", choices=("vision", "text", "both", "caption"), default="vision",
                    help="what runs: image features, text features, the whole model, or a captioning "
@@ -50,23 +50,25 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="towers to reduce, e.g. vision,text (default: the benchmarked tower; vision for both)")
     p.add_argument("--methods", type=comma_list(choice(ENCODER_METHODS + LLAVA_PEERS), "methods"), default=None,
                    help="comma-separated: tome, crossget (default both; the stock model always runs); "
-                        "for --model llava-1.5 also fastv, visionzip (default all four)")
+                        "for the multimodal LLMs also fastv, divprune, dart, and for llava-1.5 visionzip "
+                        "(default every method the model takes)")
     p.add_argument("--r", type=comma_list(non_negative_int, "non-negative integers"), default=[],
                    help="tokens removed per layer; one config per value, e.g. 8,12,16")
     p.add_argument("--flops", type=comma_list(ratio, "ratios in (0, 1]"), default=[],
                    help="target FLOPs ratios solved into schedules, e.g. 0.58,0.69")
     p.add_argument("--attn", choices=("sdpa", "eager"), default=None, help="attention implementation")
     p.add_argument("--keep", type=comma_list(int_at_least(1), "positive integers"), default=[],
-                   help="--model llava-1.5 / llava-next-7b / llava-onevision-7b / qwen2.5-vl-7b: visual tokens "
+                   help="--model llava-1.5 / llava-next-7b / llava-onevision-7b / qwen2.5-vl-7b / qwen3-vl-8b: visual tokens "
                         "per image for the LM, one config per value (default 64,128,192,288; llava-1.5 with --r 13)")
     p.add_argument("--time-keep", type=comma_list(int_at_least(1), "positive integers"), default=[],
-                   help="--model llava-next-7b / llava-onevision-7b / qwen2.5-vl-7b: the keeps timed on the "
+                   help="--model llava-next-7b / llava-onevision-7b / qwen2.5-vl-7b / qwen3-vl-8b: the keeps timed on the "
                         "scaled-down model (default 64,128)")
     p.add_argument("--vision-layers", type=int_at_least(1), default=None,
-                   help="--model llava-next-7b / llava-onevision-7b / qwen2.5-vl-7b: layers of the timed "
+                   help="--model llava-next-7b / llava-onevision-7b / qwen2.5-vl-7b / qwen3-vl-8b: layers of the timed "
                         "vision tower, at real width (default: all)")
-    p.add_argument("--lm-layers", type=int_at_least(1), default=3,
-                   help="--model llava-1.5: layers of the timed scaled-down Llama (default 3; FastV prunes after 2)")
+    p.add_argument("--lm-layers", type=int_at_least(1), default=None,
+                   help="the multimodal LLMs: layers of the timed scaled-down LM (default K + 1: FastV / DART "
+                        "prune before the last; K = 2, 3 for qwen3-vl-8b)")
     p.add_argument("--prompt-tokens", type=int_at_least(1), default=64,
                    help="--model llava-1.5: prompt text tokens besides the image (default 64)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
@@ -84,7 +86,8 @@ def bench(args: argparse.Namespace) -> int:
     if args.model.startswith("llava"):
         return bench_llava(args)
     if set(args.methods or ()) & set(LLAVA_PEERS) or args.keep:
-        raise ValueError("--methods fastv/visionzip and --keep are for --model llava-1.5")
+        raise ValueError("--methods fastv/visionzip/divprune/dart and --keep are for the multimodal LLMs "
+                         "(--model llava-1.5, " + ", ".join(bench_mllm.MODELS) + ")")
     if not args.r and not args.flops:
         raise ValueError("give --r and/or --flops (e.g. --r 8,12,16 or --flops 0.58)")
     reduce = args.reduce
@@ -112,7 +115,7 @@ def bench_llava(args: argparse.Namespace) -> int:
     out = args.out or os.path.join("benchmarks", "llava")
     run_llava_benchmark(
         methods=args.methods or METHODS, keeps=keeps, rs=rs, prompt_tokens=args.prompt_tokens,
-        new_tokens=args.max_new_tokens, rounds=args.rounds, threads=args.threads, lm_layers=args.lm_layers, out_dir=out,
+        new_tokens=args.max_new_tokens, rounds=args.rounds, threads=args.threads, lm_layers=args.lm_layers or 3, out_dir=out,
     )
     md = os.path.join(out, "results.md")
     print_file(md)

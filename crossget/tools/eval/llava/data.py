@@ -8,6 +8,7 @@
   ground truth from the record or from ScienceQA's ``problems.json``.
 - MMBench: the TSV (``index, question, hint, A..D, answer, category, image`` as base64).
 - POPE: LLaVA's question JSONL plus the ``coco_pope_<category>.json`` label files.
+- MME: the official release folder (one folder per subtask; ``question\tanswer`` text files).
 
 Every loader returns :class:`Sample` records; errors name the offending file (and line).
 """
@@ -35,8 +36,12 @@ __all__ = [
     "QuestionSet",
     "Sample",
     "VQAAnnotations",
+    "MME_COGNITION",
+    "MME_PERCEPTION",
+    "MME_YES_NO",
     "load_image",
     "load_mmbench",
+    "load_mme",
     "load_pope",
     "load_science_qa",
     "load_vqa_annotations",
@@ -478,3 +483,69 @@ def load_pope(path: str | Path, labels: str | Path | None = None, suffix: str | 
         cats = sorted({str(s.category) for s in unlabelled})
         raise ValueError(f"{len(unlabelled)} questions of {path} (categories {cats}) have no label file in {labels}")
     return QuestionSet(samples, qs.path, "pope")
+
+
+# --------------------------------------------------------------------------- MME
+# MME's subtasks as its official eval_tool/calculation.py groups them
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
+                  "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+MME_YES_NO = " Please answer yes or no."  # MME's own instruction, which LLaVA's MME prompt replaces
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+
+def _mme_pairs(folder: Path) -> list[tuple[Path, str]]:
+    """``(question file, image path relative to the subtask folder)`` of one MME subtask, in
+    either layout: ``images/`` + ``questions_answers_YN/*.txt``, or images next to same-named txts."""
+    if (folder / "questions_answers_YN").is_dir():
+        texts, images, prefix = folder / "questions_answers_YN", folder / "images", "images/"
+    else:
+        texts, images, prefix = folder, folder, ""
+    pairs = []
+    for txt in sorted(texts.glob("*.txt")):
+        found = [images / (txt.stem + ext) for ext in _IMAGE_SUFFIXES if (images / (txt.stem + ext)).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{txt}: no image {txt.stem}.jpg/.png in {images}")
+        pairs.append((txt, prefix + found[0].name))
+    return pairs
+
+
+def load_mme(root: str | Path, suffix: str | None = SHORT_ANSWER) -> QuestionSet:
+    """The MME benchmark from its release folder (``MME_Benchmark_release_version``).
+
+    Every subfolder named as one of the 14 subtasks (:data:`MME_PERCEPTION`, :data:`MME_COGNITION`)
+    is read: each line of an image's text file is ``question<TAB>yes|no`` (two per image). The
+    question is sent as LLaVA's MME evaluation sends it: MME's own " Please answer yes or no."
+    dropped, ``suffix`` (LLaVA-1.5's short-answer instruction) on a new line; ``prompt`` keeps
+    MME's question as is (what MME's result files hold). ``question_id`` is
+    ``"<subtask>/<image file>"`` as in LLaVA's ``llava_mme.jsonl``; image paths are relative to ``root``.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder, or an image file is missing.
+        ValueError: no subtask folder, a line that is not ``question<TAB>yes|no``, or an image
+            without exactly two questions (as the official script asserts).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"MME folder not found: {root}")
+    subtasks = [name for name in MME_PERCEPTION + MME_COGNITION if (root / name).is_dir()]
+    if not subtasks:
+        raise ValueError(f"{root}: no MME subtask folders (expected some of {', '.join(MME_PERCEPTION + MME_COGNITION)})")
+    samples = []
+    for name in subtasks:
+        for txt, image in _mme_pairs(root / name):
+            lines = [ln for ln in txt.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            if len(lines) != 2:
+                raise ValueError(f"{txt}: {len(lines)} questions; MME has two per image")
+            for n, line in enumerate(lines, 1):
+                parts = line.split("\t")
+                if len(parts) != 2 or parts[1].strip().lower() not in ("yes", "no"):
+                    raise ValueError(f"{txt}:{n}: expected 'question<TAB>yes|no', got {line!r}")
+                question = parts[0].strip()
+                sent = question.replace(MME_YES_NO, "").strip()
+                samples.append(Sample(
+                    question_id=f"{name}/{Path(image).name}", question=_with_suffix(sent, suffix), prompt=question,
+                    image=f"{name}/{image}", answer=parts[1].strip().lower(), category=name,
+                    meta={"source": f"{txt}:{n}", "image_name": Path(image).name},
+                ))
+    return QuestionSet(samples, root, "mme")

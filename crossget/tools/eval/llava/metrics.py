@@ -5,7 +5,8 @@
   + GQA's ``eval.py`` compute it.
 - Multiple choice: the option letter parsed as LLaVA's ``eval_science_qa.py`` does, plus
   MMBench's exact option-text match.
-- Yes/no: POPE as LLaVA's ``eval_pope.py`` (accuracy, precision, recall, F1, yes-ratio).
+- Yes/no: POPE as LLaVA's ``eval_pope.py`` (accuracy, precision, recall, F1, yes-ratio); MME as
+  its official ``eval_tool/calculation.py`` (acc + acc+ per subtask, perception and cognition).
 
 The official VQA normalisation tables live in :mod:`crossget.tools.eval.vqa` only; TextVQA adds
 its evaluator's few extra steps on top (:func:`textvqa_normalize`).
@@ -22,6 +23,8 @@ from crossget.tools.eval.vqa import normalize_answer, process_digit_article, pro
 __all__ = [
     "LETTERS",
     "gqa_normalize",
+    "mme_scores",
+    "mme_yes_no",
     "normalize_answer",
     "parse_choice",
     "pope_metrics",
@@ -152,3 +155,53 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
 def mean_by(values: Mapping[str, Sequence[float]]) -> dict[str, float]:
     """``{key: mean}`` of non-empty groups (per-category breakdowns)."""
     return {k: sum(v) / len(v) for k, v in values.items() if v}
+
+
+# --------------------------------------------------------------------------- MME
+def mme_yes_no(text: str) -> str:
+    """An answer as MME's official ``calculation.py`` reads it: lower-cased; ``"yes"`` / ``"no"``
+    as they are; else ``"yes"`` if its first four characters hold "yes", ``"no"`` if they hold
+    "no", otherwise ``"other"`` (always wrong)."""
+    text = text.lower()
+    if text in ("yes", "no"):
+        return text
+    head = text[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+def mme_scores(
+    answers: Sequence[tuple[str, str, str, str]], perception: Sequence[str], cognition: Sequence[str]
+) -> dict[str, object]:
+    """MME's scores from ``(subtask, image, ground truth, answer text)`` per question, as its
+    official ``calculation.py``: per subtask ``acc`` (percent of questions right, "other" is
+    wrong), ``acc_plus`` (percent of images with every question right) and ``score`` =
+    acc + acc+ (out of 200); ``perception`` and ``cognition``: the sums of their subtasks'
+    scores (out of 2000 and 800 with every subtask), with the subtasks ``missing`` from them.
+
+    Raises:
+        ValueError: no answers, or a ground truth other than yes / no.
+    """
+    if not answers:
+        raise ValueError("no MME answers to score")
+    by_task: dict[str, dict[str, list[bool]]] = {}
+    other: dict[str, int] = {}
+    for task, image, truth, text in answers:
+        if truth not in ("yes", "no"):
+            raise ValueError(f"MME ground truth must be yes or no, got {truth!r} ({task}/{image})")
+        pred = mme_yes_no(text)
+        by_task.setdefault(task, {}).setdefault(image, []).append(pred == truth)
+        other[task] = other.get(task, 0) + (pred == "other")
+    subtasks = {}
+    for task, images in by_task.items():
+        right = [r for rs in images.values() for r in rs]
+        acc = 100 * sum(right) / len(right)
+        acc_plus = 100 * sum(all(rs) for rs in images.values()) / len(images)
+        subtasks[task] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus, "questions": len(right),
+                          "images": len(images), "other": other[task]}
+    out: dict[str, object] = {}
+    for group, names in (("perception", perception), ("cognition", cognition)):
+        present = [t for t in names if t in subtasks]
+        out[group] = sum(subtasks[t]["score"] for t in present) if present else None
+        out[f"{group}_missing"] = [t for t in names if t not in subtasks]
+    out["subtasks"] = subtasks
+    return out

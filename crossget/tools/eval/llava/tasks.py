@@ -1,11 +1,13 @@
-"""The three LLaVA evaluation tasks end to end: read the files, answer, score, report cost.
+"""The LLaVA evaluation tasks end to end, for every multimodal-LLM family: read the files,
+answer, score, report cost and the protocol (docs/protocol.md).
 
     from crossget.tools.eval.llava import evaluate_llava
     result = evaluate_llava("vqa", model, processor, "llava_gqa_testdev_balanced.jsonl", "gqa/images",
                             "testdev_balanced_questions.json", answers_path="answers/gqa.jsonl")
-    result["score"]["accuracy"], result["gflops"], result["samples_per_s"]
+    result["score"]["accuracy"], result["gflops"], result["samples_per_s"], result["protocol"]
 
-Scores are percentages, as LLaVA-1.5's paper reports them.
+Tasks: ``vqa`` (VQAv2 / GQA / TextVQA), ``mc`` (ScienceQA-IMG, MMBench), ``pope``, ``mme``.
+Scores are percentages, as LLaVA-1.5's paper reports them (MME: its points).
 """
 
 from __future__ import annotations
@@ -20,17 +22,17 @@ import torch
 from torch import nn
 
 from crossget.api import config, is_patched
-from crossget.config import PatchConfig
 from crossget.families.llava import FAMILY as LLAVA
-from crossget.families.llava import adapt_processor
-from crossget.io import apply
 from crossget.tools.common import write_json
 from crossget.tools.eval.llava.data import (
+    MME_COGNITION,
+    MME_PERCEPTION,
     SHORT_ANSWER,
     QuestionSet,
     Sample,
     VQAAnnotations,
     load_mmbench,
+    load_mme,
     load_pope,
     load_science_qa,
     load_vqa_annotations,
@@ -41,19 +43,21 @@ from crossget.tools.eval.llava.metrics import (
     LETTERS,
     gqa_normalize,
     mean_by,
+    mme_scores,
     parse_choice,
     pope_metrics,
     pope_yes_no,
     textvqa_accuracy,
     vqa_accuracy,
 )
+from crossget.tools.eval.llava.models import DTYPES, load_mllm, patch_mllm
+from crossget.tools.eval.llava.protocol import protocol_block
 
-__all__ = ["METHODS", "TASKS", "evaluate_llava", "load_llava", "load_task", "patch_llava", "run_llava_eval",
-           "score_mc", "score_pope", "score_vqa"]
+__all__ = ["DTYPES", "METHODS", "TASKS", "evaluate_llava", "load_llava", "load_task", "patch_llava", "run_llava_eval",
+           "score_mc", "score_mme", "score_pope", "score_vqa", "write_mme_results"]
 
-TASKS = ("vqa", "mc", "pope")
-METHODS = LLAVA.methods
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TASKS = ("vqa", "mc", "pope", "mme")
+METHODS = LLAVA.methods  # LLaVA-1.5's; each family's: crossget.tools.eval.llava.models.family_methods
 VQA_METRICS = ("vqa", "textvqa", "exact")
 
 
@@ -63,50 +67,30 @@ def _check_lengths(samples: Sequence[Sample], texts: Sequence[str]) -> None:
 
 
 def load_llava(path: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[nn.Module, Any]:
-    """``(LlavaForConditionalGeneration, LlavaProcessor)`` from a local folder, in eval mode.
+    """``(model, processor)`` from a local folder, in eval mode: :func:`~crossget.tools.eval.llava.models.load_mllm`
+    (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL).
 
     Raises:
         FileNotFoundError: no model folder (``config.json``) at ``path``.
         TypeError: the folder holds another kind of model.
         ValueError: unknown ``dtype``.
     """
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {path} (expected config.json, weights and the processor files)")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    kind = AutoConfig.from_pretrained(path).model_type
-    if kind != "llava":
-        raise TypeError(f"{path} holds a {kind!r} model; these evaluations need LLaVA (model_type 'llava')")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
-    return model, AutoProcessor.from_pretrained(path)
+    return load_mllm(path, device, dtype)
 
 
 def patch_llava(
     model: nn.Module, processor: Any, method: str = "none", keep: int | None = None, r: int | None = None,
     flops: float | None = None,
 ) -> Any:
-    """Patch ``model`` for one method and budget (``crossget.patch``) and return the processor
-    adapted to the visual-token count that now reaches the language model
-    (``crossget.adapt_processor``); ``"none"`` leaves both stock.
+    """Patch ``model`` for one method and budget and return the processor adapted to the
+    visual-token count that now reaches the language model
+    (:func:`~crossget.tools.eval.llava.models.patch_mllm`); ``"none"`` gives the stock model.
 
     Raises:
-        ValueError: unknown method, a budget for ``"none"``, or no budget / several for a method.
+        ValueError: a method the model's family does not run, a budget for ``"none"``, or no
+            budget / several for a method.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    budget = {k: v for k, v in (("keep", keep), ("r", r), ("flops", flops)) if v is not None}
-    if method == "none":
-        if budget:
-            raise ValueError(f"method 'none' is the stock model and takes no budget, got {budget}")
-        apply(model, None)
-        return processor
-    if len(budget) != 1:
-        raise ValueError(f"give exactly one of keep, r or flops for method {method!r}, got {budget or 'none'}")
-    apply(model, PatchConfig(method=method, **budget))
-    return adapt_processor(processor, model) or processor
+    return patch_mllm(model, processor, method, keep=keep, r=r, flops=flops)
 
 
 def score_vqa(
@@ -193,6 +177,30 @@ def score_pope(samples: Sequence[Sample], texts: Sequence[str]) -> dict[str, Any
     return out
 
 
+def score_mme(samples: Sequence[Sample], texts: Sequence[str]) -> dict[str, Any]:
+    """MME's official scores (:func:`~crossget.tools.eval.llava.metrics.mme_scores`): per subtask
+    acc, acc+ and their sum; perception (10 subtasks) and cognition (4) reported apart."""
+    _check_lengths(samples, texts)
+    rows = [(s.category, s.meta.get("image_name", s.image), s.answer, text) for s, text in zip(samples, texts)]
+    return mme_scores(rows, MME_PERCEPTION, MME_COGNITION)
+
+
+def write_mme_results(folder: str | Path, samples: Sequence[Sample], texts: Sequence[str]) -> Path:
+    """MME's result files, which its official ``eval_tool/calculation.py --results_dir`` reads:
+    ``<subtask>.txt`` with ``image<TAB>question<TAB>ground truth<TAB>answer`` per line, an image's
+    two questions together. Line breaks inside an answer become spaces."""
+    _check_lengths(samples, texts)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines: dict[str, list[str]] = defaultdict(list)
+    for s, text in zip(samples, texts):
+        answer = " ".join(text.replace("\t", " ").splitlines())
+        lines[s.category].append("\t".join((s.meta.get("image_name", s.image), s.prompt, s.answer, answer)))
+    for task, rows in lines.items():
+        (folder / f"{task}.txt").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    return folder
+
+
 def _limit(qset: QuestionSet, limit: int | None) -> list[Sample]:
     """The first ``limit`` questions (all rounds of each, for circular MMBench)."""
     if limit is None:
@@ -232,7 +240,8 @@ def load_task(
     """The questions of ``task`` and, for ``vqa``, the parsed annotations (``None`` without them).
 
     ``mc`` reads an MMBench TSV (``.tsv``) or ScienceQA JSON/JSONL (``annotations``: ScienceQA's
-    ``problems.json``); ``pope`` takes the label files as ``annotations``.
+    ``problems.json``); ``pope`` takes the label files as ``annotations``; ``mme`` reads MME's
+    release folder (``questions``; its answers are in it).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -241,6 +250,10 @@ def load_task(
         return load_vqa_questions(questions, suffix), ann
     if task == "pope":
         return load_pope(questions, annotations, suffix), None
+    if task == "mme":
+        if annotations is not None:
+            raise ValueError(f"MME keeps its answers in its folder; no annotations file is read ({annotations})")
+        return load_mme(questions, suffix), None
     if Path(questions).suffix.lower() == ".tsv":
         if annotations is not None:
             raise ValueError(f"MMBench keeps its answers in the TSV; no annotations file is read ({annotations})")
@@ -268,37 +281,55 @@ def evaluate_llava(
     answers_path: str | Path | None = None,
     model_id: str = "llava",
     progress: bool = True,
+    flops_batches: int = 1,
+    mme_results: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Answer and score one LLaVA evaluation file; returns the result row.
+    """Answer and score one evaluation file; returns the result row.
 
     Args:
-        task: ``"vqa"`` (VQAv2/GQA/TextVQA), ``"mc"`` (ScienceQA-IMG, MMBench) or ``"pope"``.
-        model, processor: HF LLaVA and its processor, patched (and adapted) or not.
-        questions: LLaVA's question file for the task (see :mod:`crossget.tools.eval.llava.data`).
-        images: the images folder (MMBench embeds its images).
+        task: ``"vqa"`` (VQAv2/GQA/TextVQA), ``"mc"`` (ScienceQA-IMG, MMBench), ``"pope"`` or ``"mme"``.
+        model, processor: a multimodal LLM of any family :func:`~crossget.tools.eval.llava.models.load_mllm`
+            loads and its processor, patched (and adapted) or not.
+        questions: the question file for the task (see :mod:`crossget.tools.eval.llava.data`);
+            MME: its release folder.
+        images: the images folder (MMBench embeds its images; MME: default ``questions``).
         annotations: ground truth: VQA annotation file, ScienceQA ``problems.json`` (optional) or
             POPE label files; without it a VQA run writes answers and scores nothing.
         metric: VQA only, ``"vqa"``, ``"textvqa"`` or ``"exact"`` (default: the annotation format's).
         answers_path: where LLaVA's answers JSONL goes (default: not written).
+        flops_batches: batches counted by ``FlopCounterMode`` (:func:`generate_answers`).
+        mme_results: MME only: also write MME's result files here (:func:`write_mme_results`).
 
-    The row holds ``score`` (task metrics, percent), GFLOPs per question (``gflops`` for the
-    whole generation, ``gflops_prefill`` for the prompt's forward), ``visual_tokens`` reaching
-    the language model, ``samples_per_s`` and ``new_tokens_per_s``.
+    The row holds ``score`` (task metrics, percent; MME: points), GFLOPs per question
+    (``gflops`` for the whole generation, ``gflops_prefill`` for the prompt's forward),
+    ``visual_tokens`` per image reaching the language model (FastV / DART: from layer K on),
+    ``samples_per_s``, ``new_tokens_per_s``, the ``method`` and ``patch`` config the model runs,
+    and ``protocol`` (:func:`~crossget.tools.eval.llava.protocol.protocol_block`).
     """
     if metric is not None and task != "vqa":
         raise ValueError(f"metric applies to the vqa task only (got metric={metric!r} for {task!r})")
+    if mme_results is not None and task != "mme":
+        raise ValueError(f"mme_results applies to the mme task only (got it for {task!r})")
     qset, ann = load_task(task, questions, annotations, circular, suffix)
+    if task == "mme" and images is None:
+        images = questions
     samples = _limit(qset, limit)
     _check_images(samples, images, qset.path)
-    gen = generate_answers(model, processor, samples, images, batch_size, max_new_tokens, pad_square, progress)
+    gen = generate_answers(model, processor, samples, images, batch_size, max_new_tokens, pad_square, progress,
+                           flops_batches=flops_batches)
     if answers_path is not None:
         write_answers(answers_path, samples, gen.texts, model_id)
     if task == "vqa":
         score = score_vqa(samples, gen.texts, ann, metric) if ann is not None else None
     elif task == "mc":
         score = score_mc(samples, gen.texts)
-    else:
+    elif task == "pope":
         score = score_pope(samples, gen.texts)
+    else:
+        score = score_mme(samples, gen.texts)
+        if mme_results is not None:
+            write_mme_results(mme_results, samples, gen.texts)
+    patched = is_patched(model) and config(model).method != "none"
     return {
         "task": task,
         "dataset": qset.kind,
@@ -309,6 +340,13 @@ def evaluate_llava(
         "score": score,
         **gen.summary(),
         "answers": None if answers_path is None else str(answers_path),
+        "method": config(model).method if patched else "none",
+        "patch": config(model).to_dict() if patched else None,
+        "protocol": protocol_block(
+            task, model, processor, dataset=qset.kind, suffix=suffix, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, pad_square=pad_square,
+            metric=(metric or ann.metric) if ann is not None else None, circular=circular,
+        ),
     }
 
 
@@ -328,20 +366,20 @@ def run_llava_eval(
     answers_path: str | Path | None = None,
     json_path: str | Path | None = None,
     meta: dict[str, Any] | None = None,
+    fastv_layer: int | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Load a local LLaVA, patch it for ``method`` at one budget (:func:`patch_llava`), answer and
+    """Load a local multimodal LLM (:func:`~crossget.tools.eval.llava.models.load_mllm`), patch it
+    for ``method`` at one budget (:func:`~crossget.tools.eval.llava.models.patch_mllm`), answer and
     score one evaluation file (:func:`evaluate_llava`, which takes ``options``), and with
-    ``json_path`` write ``{"meta": meta, "results": row}``; returns the row (with ``method`` and
-    the resolved ``patch`` config)."""
-    model, processor = load_llava(model_dir, device, dtype)
-    processor = patch_llava(model, processor, method, keep=keep, r=r, flops=flops)
+    ``json_path`` write ``{"meta": meta, "results": row}``; returns the row (with ``method``, the
+    resolved ``patch`` config and the ``protocol``)."""
+    model, processor = load_mllm(model_dir, device, dtype)
+    processor = patch_mllm(model, processor, method, keep=keep, r=r, flops=flops, fastv_layer=fastv_layer)
     result = evaluate_llava(
         task, model, processor, questions, images, annotations, answers_path=answers_path,
         model_id=os.path.basename(os.path.normpath(str(model_dir))), **options,
     )
-    result["method"] = method
-    result["patch"] = config(model).to_dict() if is_patched(model) else None
     if json_path is not None:
         write_json(json_path, {"meta": {**(meta or {}), "torch": torch.__version__}, "results": result})
     return result

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from crossget import __version__
 from crossget.tools.cli import bench, blip, calibrate, clip, data, features, llava, weights
+from crossget.tools.cli import compare as compare_cli
 from crossget.tools.cli.llava import LLAVA_TRAINABLE
 
 
@@ -55,6 +56,8 @@ COMMANDS: tuple[Command, ...] = (
         Command("get", "fetch, convert and verify dinov2-s or minilm-l6", weights.weights_get_arguments,
                 weights.weights_get),
     )),
+    Command("compare", "every method at every budget vs the stock LLaVA on every task (resumable; table, JSON, plot)",
+            compare_cli.compare_arguments, compare_cli.run_compare),
     Command("eval", "evaluate merging configs on a task", subcommands=(
         Command("retrieval", "image-text retrieval of one config vs unreduced", clip.eval_retrieval_arguments,
                 clip.eval_retrieval),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from crossget import __version__
 from crossget.tools.cli import bench, blip, calibrate, clip, data, features, llava, weights
 from crossget.tools.cli import compare as compare_cli
+from crossget.tools.cli import lmms as lmms_cli
 from crossget.tools.cli.llava import LLAVA_TRAINABLE
 
 
@@ -58,6 +59,8 @@ COMMANDS: tuple[Command, ...] = (
     )),
     Command("compare", "every method at every budget vs the stock LLaVA on every task (resumable; table, JSON, plot)",
             compare_cli.compare_arguments, compare_cli.run_compare),
+    Command("lmms-eval", "lmms-eval's command with --model crossget (any family, any method; needs crossget[lmms])",
+            lmms_cli.lmms_eval_arguments, lmms_cli.lmms_eval),
     Command("eval", "evaluate merging configs on a task", subcommands=(
         Command("retrieval", "image-text retrieval of one config vs unreduced", clip.eval_retrieval_arguments,
                 clip.eval_retrieval),

@@ -84,7 +84,8 @@ def load_mllm(path: str | Path, device: str = "cpu", dtype: str = "float32") -> 
 
     The class is the family's for the folder's ``config.json`` ``model_type`` (:func:`model_classes`).
     A processor with a video processor that cannot be built here (no torchvision) is loaded
-    without it (images only).
+    without it (images only). The processor comes adapted to the stock model
+    (``crossget.adapt_processor``: its patch size and per-image counts are the model's).
 
     Raises:
         FileNotFoundError: no model folder (``config.json``) at ``path``.
@@ -106,7 +107,8 @@ def load_mllm(path: str | Path, device: str = "cpu", dtype: str = "float32") -> 
         supported = ", ".join(f"{t} ({c.__name__})" for t, c in classes.items())
         raise TypeError(f"{path} holds a {kind!r} model; these evaluations support model_type {supported}")
     model = classes[kind].from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
-    return model, _load_processor(path, family_of(model))
+    processor = _load_processor(path, family_of(model))
+    return model, adapt_processor(processor, model) or processor
 
 
 def patch_mllm(

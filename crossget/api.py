@@ -42,6 +42,7 @@ def patch(
     guidance_scale: float | None = None,
     fastv_layer: int | None = None,
     contextual: int | None = None,
+    site: str | None = None,
     schedule: str = "constant",
     calibration: Any = None,
 ) -> nn.Module:
@@ -82,6 +83,10 @@ def patch(
             (default: the rule's, :data:`crossget.config.GUIDANCE_SCALES`).
         fastv_layer: FastV's K, the LM layer after which visual tokens are pruned (LLaVA).
         contextual: VisionZip's contextual tokens out of ``keep`` (LLaVA).
+        site: where LLaVA-NeXT / LLaVA-OneVision reduce: ``"tower"`` (in the vision tower's
+            layers up to the feature layer, ``keep`` tokens per tile) or ``"projector"`` (the
+            packed tokens of each image, ``keep`` per image); default: the family's for the
+            method (docs/mllm.md).
         schedule: how ``flops`` becomes per-layer ``r``: ``"constant"`` (the solver's
             near-uniform schedule) or ``"calibrated"`` (searched on ``calibration``, see
             :func:`crossget.calibrate` and docs/calibration.md).
@@ -103,7 +108,7 @@ def patch(
         importance=importance, guidance=guidance, guidance_scale=guidance_scale, text_len=text_len,
         image_size=image_size, trace_sources=trace_sources,
         fastv_layer=fastv_layer,
-        contextual=contextual, schedule=schedule,
+        contextual=contextual, site=site, schedule=schedule,
     )
     if schedule == "calibrated":
         if r is not None:

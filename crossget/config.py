@@ -31,6 +31,9 @@ GUIDANCE_SCALES = {"reference": 1.0, "ensemble": 1.0, "scaled": 0.1, "standardis
 # LLaVA keeps the authors' rule (families/llava.py)
 DEFAULT_GUIDANCE = "rank"
 SCHEDULES = ("constant", "calibrated")
+# where a multimodal LLM reduces (docs/mllm.md): in the vision tower's layers, or on the
+# projected visual tokens before the language model
+SITES = ("tower", "projector")
 
 RValue = int | tuple[int, ...] | Mapping[str, int | tuple[int, ...]] | None
 
@@ -86,6 +89,10 @@ class PatchConfig:
         trace_sources: keep the input -> output token map (:func:`crossget.sources`).
         fastv_layer: FastV's K (LLaVA); None: the method's default.
         contextual: VisionZip's contextual tokens (LLaVA); None: 10/64 of ``keep``.
+        site: where a multimodal LLM reduces, one of :data:`SITES` (LLaVA-NeXT, LLaVA-OneVision:
+            ``"tower"`` merges in the vision tower's layers, ``"projector"`` on the projected
+            tokens); None: the family's default for the method. :func:`crossget.config` reports
+            the site that runs (None where the method prunes inside the language model).
 
     Filled in by patching:
         flops_estimate: the analytic FLOPs ratio of the resolved schedule (with ``flops``).
@@ -107,6 +114,7 @@ class PatchConfig:
     trace_sources: bool = False
     fastv_layer: int | None = None
     contextual: int | None = None
+    site: str | None = None
     flops_estimate: float | None = None
 
     def __post_init__(self) -> None:
@@ -133,6 +141,8 @@ class PatchConfig:
         if self.guidance in ("reference", "ensemble") and self.guidance_scale != 1.0:
             raise ValueError(f"guidance={self.guidance!r} takes no scale; use guidance='scaled' "
                              f"(got guidance_scale={self.guidance_scale})")
+        if self.site is not None and self.site not in SITES:
+            raise ValueError(f"site must be one of {SITES} (or None: the family's default), got {self.site!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.flops is not None:

@@ -187,10 +187,11 @@ def test_mismatched_prompt_says_what_to_call():
 # --------------------------------------------------------------------------- budgets and errors
 @pytest.mark.parametrize(
     "kwargs, match",
-    BAD_BUDGETS + [
+    [b for b in BAD_BUDGETS if b[0].get("method") != "visionzip"] + [  # NeXT runs VisionZip at its tower site
         (dict(keep=89), "more than the 88"),  # the reference size, 112 x 112, gives 88
         (dict(method="fastv", keep=8, fastv_layer=3), "fastv_layer"),
-        (dict(r=4), "not an option of the LLaVA-NeXT"),
+        (dict(r=4), "r= is for site='tower'"),
+        (dict(method="visionzip", keep=8, site="projector"), "site must be 'tower'"),
     ],
 )
 def test_bad_budgets_raise(kwargs, match):

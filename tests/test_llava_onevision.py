@@ -297,7 +297,8 @@ def test_mismatched_prompt_says_what_to_call():
         (dict(keep=8, image_size=32), None),  # 36 tokens: fine
         (dict(keep=37, image_size=32), "more than the 36"),
         (dict(method="fastv", keep=8), "fastv_layer"),  # K=2 needs a third LM layer
-        (dict(r=4), "not an option of the LLaVA-OneVision"),
+        (dict(r=4), "r= is for site='tower'"),
+        (dict(method="visionzip", keep=8, site="tower"), "has no CLS token"),
     ],
 )
 def test_bad_budgets_raise(kwargs, match):

@@ -297,6 +297,8 @@ class Family:
         extra = sorted(set(cfg.explicit()) - self.options - {"flops_estimate"})
         if extra:
             hint = " (keep= counts visual tokens fed to a language model: LLaVA)" if "keep" in extra else ""
+            if "site" in extra:
+                hint += " (site= chooses where LLaVA-NeXT / LLaVA-OneVision reduce)"
             raise ValueError(
                 f"{', '.join(k + '=' for k in extra)} is not an option of the {self.name} family{hint}; "
                 f"it takes {', '.join(sorted(self.options))}"

@@ -79,10 +79,13 @@ __all__ = [
     "FASTV_LAYER",
     "FAMILY",
     "adapt_processor",
+    "feature_schedule",
+    "hidden_state_indices",
     "image_tokens",
     "merge_schedule",
     "prefill_flops",
     "schedule_for_keep",
+    "tokens_at_layer",
 ]
 
 FASTV_LAYER = fastv.DEFAULT_LAYER  # FastV's K: prune after this many LM layers (the paper's K=2)
@@ -115,17 +118,26 @@ def _strategy(model: nn.Module) -> str:
     return strategy
 
 
-def feature_layers(model: nn.Module) -> list[int]:
-    """The selected ``hidden_states`` indices, non-negative (0 = embeddings, ``i`` = output of layer ``i - 1``)."""
-    sel = _base(model).config.vision_feature_layer
-    n = len(_vision(model).encoder.layers) + 1
-    sel = [sel] if isinstance(sel, int) else list(sel)
+def hidden_state_indices(selection: int | Sequence[int], layers: int) -> list[int]:
+    """``vision_feature_layer`` (``selection``) of a tower of ``layers`` layers as non-negative
+    ``hidden_states`` indices (0 = embeddings, ``i`` = output of layer ``i - 1``).
+
+    Raises:
+        ValueError: an index outside the ``layers + 1`` hidden states.
+    """
+    n = layers + 1
+    sel = [selection] if isinstance(selection, int) else list(selection)
     out = []
     for s in sel:
         if not -n <= s < n:
             raise ValueError(f"vision_feature_layer {s} is outside the tower's {n} hidden states")
         out.append(s % n)
     return out
+
+
+def feature_layers(model: nn.Module) -> list[int]:
+    """The selected ``hidden_states`` indices, non-negative (0 = embeddings, ``i`` = output of layer ``i - 1``)."""
+    return hidden_state_indices(_base(model).config.vision_feature_layer, len(_vision(model).encoder.layers))
 
 
 def _reducible(model: nn.Module) -> int:
@@ -209,10 +221,13 @@ def schedule_for_keep(n_tokens: int, layers: int, target: int, protected: int = 
     return sched
 
 
+def tokens_at_layer(n_tokens: int, sched: Sequence[int], layer: int, protected: int = 1) -> int:
+    """Tokens in ``hidden_states[layer]`` of a tower of ``n_tokens`` inputs merging with ``sched``."""
+    return token_counts(n_tokens, sched, protected)[layer - 1][1] if layer else n_tokens
+
+
 def _keep_from_schedule(model: nn.Module, sched: Sequence[int]) -> int:
-    n = token_counts(_tokens_in(model), sched, protected=1)
-    out = n[_reducible(model) - 1][1] if _reducible(model) else _tokens_in(model)
-    return out - (_strategy(model) == "default")
+    return tokens_at_layer(_tokens_in(model), sched, _reducible(model)) - (_strategy(model) == "default")
 
 
 def _check_keep(model: nn.Module, keep: object) -> int:
@@ -237,8 +252,16 @@ def merge_schedule(model: nn.Module, keep: int) -> list[int]:
 
 
 def _resolve_r(model: nn.Module, r: RSpec) -> list[int]:
-    layers = len(_vision(model).encoder.layers)
-    reducible = _reducible(model)
+    return feature_schedule(r, len(_vision(model).encoder.layers), _reducible(model))
+
+
+def feature_schedule(r: RSpec, layers: int, reducible: int) -> list[int]:
+    """``r`` (an int for each of the first ``reducible`` layers, or one per layer) as a schedule
+    of all ``layers`` layers, zero from layer ``reducible`` on (the feature layer's input).
+
+    Raises:
+        ValueError: a bad ``r``, or nonzero ``r`` from layer ``reducible`` on.
+    """
     if isinstance(r, int) and not isinstance(r, bool):
         sched = resolve_r(r, reducible, name="r") + [0] * (layers - reducible)
     else:

@@ -53,15 +53,17 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from transformers.models.clip import modeling_clip as hf_clip
 from transformers.models.llava_next import modeling_llava_next as hf
 from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
+from crossget.families import clip
+from crossget.families.base import Tower
+from crossget.families.tower_site import TowerSiteFamily, TowerSiteModel
 from crossget.families.visual_site import (
     DEFAULT_TEXT_LEN,
     FixedImageTokens,
     ImageSize,
-    PackedSiteFamily,
-    PackedSiteModel,
     Site,
     check_pinpoints,
     unpadded_grid,
@@ -101,24 +103,35 @@ def stock_counts(base: nn.Module, kwargs: dict) -> list[int]:
 
 
 # --------------------------------------------------------------------------- the patched model
-class LlavaNextModel(PackedSiteModel, hf.LlavaNextModel):
+class LlavaNextModel(TowerSiteModel, hf.LlavaNextModel):
     """The patched ``LlavaNextModel`` (the instance's class is swapped; same name, so that
     ``save_pretrained`` writes the stock architecture): upstream's ``pack_image_features``
-    and ``get_placeholder_mask`` with the site's reduction and check
-    (:class:`~crossget.families.visual_site.PackedSiteModel`)."""
+    and ``get_placeholder_mask`` with the site's reduction (the projector site) or the flat
+    layout (the tower site, something merged) and the placeholder check
+    (:class:`~crossget.families.tower_site.TowerSiteModel`)."""
 
 
 # --------------------------------------------------------------------------- the family
-class LlavaNextFamily(PackedSiteFamily):
-    """LLaVA-NeXT: the budget is the visual tokens per image that reach the language model."""
+class LlavaNextFamily(TowerSiteFamily):
+    """LLaVA-NeXT: the budget is the visual tokens per image (projector site) or per tile (tower
+    site) that reach the language model."""
 
     name = "LLaVA-NeXT"
     classes = (hf.LlavaNextForConditionalGeneration, hf.LlavaNextModel)
+    methods = TowerSiteFamily.methods + ("visionzip",)
     patched_class = LlavaNextModel
     processor_class = LlavaNextProcessor
     tower_extra = 1  # CLIP's CLS
+    tower_methods = ("none", "tome", "crossget", "visionzip")
+    tower_importance = "attention"  # LLaVA-1.5's rule (the authors' LLaVA code) on the same CLIP
+    tower_kind = "CLIP"
     stock_counts = staticmethod(stock_counts)
     stock_image_tokens = staticmethod(stock_image_tokens)
+
+    def vision_record(self, model: nn.Module) -> Tower | None:
+        """The CLIP tower's record (LLaVA-1.5's patch, :func:`crossget.families.clip.tower`)."""
+        tower = self.base_model(model).vision_tower
+        return clip.tower("vision", tower) if isinstance(tower, hf_clip.CLIPVisionModel) else None
 
     def configure_processor(self, processor: Any, model: nn.Module) -> None:
         """The processor's patch size, grid pinpoints, feature strategy and CLS count as the model's.

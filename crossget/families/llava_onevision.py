@@ -59,19 +59,20 @@ downsampling of ``pack_image_features``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from torch import nn
 from transformers.models.llava_onevision import modeling_llava_onevision as hf
 from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+from transformers.models.siglip import modeling_siglip as hf_siglip
 
-from crossget.families.visual_site import (
-    ImageSize,
-    PackedSiteFamily,
-    PackedSiteModel,
-    check_pinpoints,
-    unpadded_grid,
-)
+from crossget.config import PatchConfig
+from crossget.families import siglip
+from crossget.families.base import Tower
+from crossget.families.tower_site import TowerSiteFamily, TowerSiteModel, unmerged
+from crossget.families.visual_site import ImageSize, check_pinpoints, unpadded_grid
+from crossget.state import TowerState
 
 __all__ = [
     "FAMILY",
@@ -127,23 +128,34 @@ def stock_counts(base: nn.Module, kwargs: dict) -> list[int]:
 
 
 # --------------------------------------------------------------------------- the patched model
-class LlavaOnevisionModel(PackedSiteModel, hf.LlavaOnevisionModel):
+class LlavaOnevisionModel(TowerSiteModel, hf.LlavaOnevisionModel):
     """The patched ``LlavaOnevisionModel`` (the instance's class is swapped; same name, so that
     ``save_pretrained`` writes the stock architecture): upstream's ``pack_image_features``
-    and ``get_placeholder_mask`` with the site's reduction and the check of the image
-    placeholders (:class:`~crossget.families.visual_site.PackedSiteModel`; video
-    placeholders: upstream's check)."""
+    and ``get_placeholder_mask`` with the site's reduction (projector site) or the flat layout
+    (tower site, something merged) and the check of the image placeholders
+    (:class:`~crossget.families.tower_site.TowerSiteModel`; video placeholders: upstream's
+    check); video frames run the tower unmerged (their pooling needs the grid)."""
+
+    # upstream's signature: generate() reads it to pick this method's inputs
+    @functools.wraps(hf.LlavaOnevisionModel.get_video_features)
+    def get_video_features(self, *args: Any, **kwargs: Any) -> Any:
+        with unmerged(self.vision_tower):
+            return super().get_video_features(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- the family
-class LlavaOnevisionFamily(PackedSiteFamily):
-    """LLaVA-OneVision: the budget is the visual tokens per image that reach the language model."""
+class LlavaOnevisionFamily(TowerSiteFamily):
+    """LLaVA-OneVision: the budget is the visual tokens per image (projector site) or per tile
+    (tower site) that reach the language model."""
 
     name = "LLaVA-OneVision"
     classes = (hf.LlavaOnevisionForConditionalGeneration, hf.LlavaOnevisionModel)
     patched_class = LlavaOnevisionModel
     processor_class = LlavaOnevisionProcessor
     tower_extra = 0  # SigLIP: no CLS
+    tower_importance = "cross"  # the SigLIP family's rule: the cross token starts as the mean patch
+    tower_kind = "SigLIP"
+    multi_image = True
     size_hint = ("give image_size=(height, width) to crossget.image_tokens "
                  "(crossget.families.llava_onevision.MULTI_IMAGE for an image of a multi-image prompt)")
     stock_counts = staticmethod(stock_counts)
@@ -153,6 +165,36 @@ class LlavaOnevisionFamily(PackedSiteFamily):
         if isinstance(image_size, str) and image_size == MULTI_IMAGE:
             return "an image of a multi-image prompt"
         return super().image_label(model, image_size)
+
+    def check(self, cfg: PatchConfig) -> None:
+        """As :meth:`Family.check`; VisionZip is refused with the reason.
+
+        Raises:
+            ValueError: ``method="visionzip"`` (VisionZip ranks patches by CLS's attention, and
+                SigLIP has no CLS), or what :meth:`Family.check` raises.
+        """
+        if cfg.method == "visionzip":
+            raise ValueError("visionzip keeps the patches CLS attends to most; LLaVA-OneVision's SigLIP tower has no "
+                             "CLS token, so crossget does not run it there (method must be one of "
+                             f"{self.methods} for LLaVA-OneVision models)")
+        super().check(cfg)
+
+    def vision_record(self, model: nn.Module) -> Tower | None:
+        """The SigLIP tower's record (the SigLIP family's, :func:`crossget.families.siglip.tower`:
+        no protected token)."""
+        tower = self.base_model(model).vision_tower
+        return siglip.tower("vision", tower) if isinstance(tower, hf_siglip.SiglipVisionModel) else None
+
+    def install_vision_glue(self, vision: Tower, state: TowerState) -> tuple[list, nn.Module | None]:
+        """The mean-patch cross token and the pooling head over merged tokens
+        (:func:`crossget.families.siglip.install_vision_glue`)."""
+        return siglip.install_vision_glue(vision.module, state)
+
+    def tower_tiles(self, model: nn.Module, image_size: Any) -> int:
+        """One tile for an image of a multi-image prompt (:data:`MULTI_IMAGE`), else its anyres tiles."""
+        if isinstance(image_size, str) and image_size == MULTI_IMAGE:
+            return 1
+        return self.tiles(model, image_size)
 
     def configure_processor(self, processor: Any, model: nn.Module) -> None:
         """The processor's patches per tile, tile size and grid pinpoints checked against the

@@ -330,6 +330,28 @@ class DetachedHead:
         return x + y
 
 
+def install_vision_glue(vision: nn.Module, state: TowerState) -> tuple[list, nn.Module | None]:
+    """What a patched SigLIP vision tower ``vision`` (installed, ``state`` its tower state) needs
+    besides its layers: the mean-token cross token (:class:`AnchorFree`) and the pooling head over
+    merged tokens. Returns ``(hook handles, the swapped head or None)``; undo with
+    :func:`uninstall_vision_glue`."""
+    # after install()'s pre-hook, which starts the tower state
+    handles = [vision.encoder.register_forward_pre_hook(AnchorFree(state), with_kwargs=True)]
+    head = getattr(vision, "head", None) if getattr(vision, "use_head", False) else None
+    if type(head) in HEADS:
+        swap_class(head, HEADS[type(head)], state=state)
+        return handles, head
+    return handles, None
+
+
+def uninstall_vision_glue(handles: list, head: nn.Module | None) -> None:
+    """Undo :func:`install_vision_glue`."""
+    for h in handles:
+        h.remove()
+    if head is not None:
+        unmark(head)
+
+
 @dataclass(eq=False)
 class Glue:
     """What :meth:`SiglipFamily.install_glue` changed on a model."""
@@ -362,12 +384,7 @@ class SiglipFamily(Family):
         vision = found.get("vision")
         state = record(vision.encoder).state if vision is not None and record(vision.encoder) is not None else None
         if state is not None:
-            # after install()'s pre-hook, which starts the tower state
-            glue.handles.append(vision.encoder.register_forward_pre_hook(AnchorFree(state), with_kwargs=True))
-            head = getattr(vision, "head", None) if getattr(vision, "use_head", False) else None
-            if type(head) in HEADS:
-                swap_class(head, HEADS[type(head)], state=state)
-                glue.head = head
+            glue.handles, glue.head = install_vision_glue(vision, state)
         text = found.get("text")
         if text is not None and record(text.encoder) is not None:
             glue.handles += restore_hidden_states(text, text.encoder)

@@ -67,6 +67,7 @@ __all__ = [
     "PackedSiteModel",
     "Site",
     "SiteFamily",
+    "anyres_tiles",
     "check_keep",
     "check_pinpoints",
     "check_placeholders",
@@ -200,6 +201,14 @@ def unpadded_grid(config: Any, image_size: ImageSize) -> tuple[int, int]:
     return rows, cols
 
 
+def anyres_tiles(image_size: ImageSize, pinpoints: Sequence[Sequence[int]], tile: int) -> int:
+    """Tiles a LLaVA-style tower runs on for an image of ``image_size`` ``(h, w)`` pixels alone in
+    its prompt: the base tile and the grid of its best pinpoint of ``pinpoints`` in ``tile``-pixel
+    tiles (upstream's ``image_size_to_num_patches``)."""
+    h, w = select_best_resolution(list(image_hw(image_size)), pinpoints)
+    return -(-h // tile) * -(-w // tile) + 1
+
+
 def check_pinpoints(processor: Any, config: Any) -> None:
     """A ``ValueError`` if ``processor``'s image processor has other ``image_grid_pinpoints``
     than the model's ``config``."""
@@ -265,6 +274,10 @@ class Site:
     def reduces(self) -> bool:
         """Reduced at the projector site (``tome`` / ``crossget`` / ``divprune``): ``keep`` tokens per image."""
         return self.method in SITE_METHODS
+
+    def counting(self) -> str:
+        """How many visual tokens an image gives, in errors."""
+        return f"keep={self.keep} per image" if self.reduces else "the stock count per image"
 
     def on_forward(self, base: nn.Module, args: tuple, kwargs: dict) -> None:
         """FastV / DART: the image positions, the visual tokens per image (one count for the
@@ -352,7 +365,7 @@ def check_placeholders(
     the ``[N, D]`` ``image_features`` (all images, concatenated) of the patched model."""
     found, need = int(placeholder_mask(base, input_ids, inputs_embeds).sum()), image_features.shape[0]
     if found != need:
-        per = f"keep={site.keep} per image" if site.reduces else "the stock count per image"
+        per = site.counting()
         raise ValueError(
             f"the prompts hold {found} image placeholder tokens, but the images give {need} visual tokens "
             f"(the model is patched with method={site.method!r}: {per}): build prompts with "
@@ -434,7 +447,7 @@ class SiteFamily(Family):
     methods = ("none", "tome", "crossget", "fastv", "divprune", "dart")
     # guidance: read only to refuse a rule (a resolved config names the authors' one)
     options = frozenset({"keep", "flops", "fastv_layer", "text_len", "image_size", "towers", "importance", "guidance",
-                         "guidance_scale"})
+                         "guidance_scale", "site"})
     importance = ("cross", "none")  # no cross tokens at the projector site: both run without
     default_guidance = "reference"  # nothing is guided here: whatever the encoders' default becomes
     patched_class: type = nn.Module
@@ -534,6 +547,22 @@ class SiteFamily(Family):
         self.base_model(model)
         return {}
 
+    def resolve_site(self, method: str, site: str | None) -> str | None:
+        """The site ``method`` runs at with ``site=`` given (None: the method's default):
+        ``"projector"``; None for the methods pruning inside the language model.
+
+        Raises:
+            ValueError: a site the family (or the method) does not have.
+        """
+        if method in LM_METHODS:
+            if site is not None:
+                raise ValueError(f"{method} prunes inside the language model: site= does not apply (got {site!r})")
+            return None
+        if site not in (None, "projector"):
+            raise ValueError(f"{self.name} reduces at the projector site only: site must be 'projector' or None, "
+                             f"got {site!r}")
+        return "projector"
+
     def check_patch_keep(self, model: nn.Module, keep: Any, size: Any) -> int:
         """``keep`` checked when patching: an int no more than the planned image ``size`` gives."""
         return check_keep(keep, self.stock_image_tokens(model, size), f"{self.image_label(model, size)} (the reference size)")
@@ -567,6 +596,7 @@ class SiteFamily(Family):
         """
         base = self.base_model(model)
         method = cfg.method
+        site = self.resolve_site(method, cfg.site)
         if cfg.towers not in (None, ()):
             raise ValueError(f"{self.name} reduces at the projector site, no tower: towers must be None "
                              f"(or ()), got {cfg.towers!r}")
@@ -607,7 +637,7 @@ class SiteFamily(Family):
             importance="none" if method == "crossget" else cfg.importance,
             guidance=cfg.guidance, guidance_scale=cfg.guidance_scale,
             text_len=cfg.text_len if cfg.flops is None else text_len, image_size=cfg.image_size,
-            fastv_layer=fastv_layer if method in LM_METHODS else None,
+            fastv_layer=fastv_layer if method in LM_METHODS else None, site=site,
         )
 
     def unpatch(self, model: nn.Module) -> None:
@@ -659,9 +689,7 @@ class PackedSiteFamily(SiteFamily):
         """Tiles the tower runs on for an image of ``image_size`` alone in its prompt: the base
         tile and the grid of its best pinpoint (upstream's ``image_size_to_num_patches``)."""
         cfg = self.base_model(model).config
-        tile = cfg.vision_config.image_size
-        h, w = select_best_resolution(list(image_hw(image_size)), cfg.image_grid_pinpoints)
-        return -(-h // tile) * -(-w // tile) + 1
+        return anyres_tiles(image_size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
 
     def prefill_flops(self, model: nn.Module, method: str = "none", keep: int | None = None,
                       image_size: ImageSize | None = None, text_len: int = DEFAULT_TEXT_LEN,

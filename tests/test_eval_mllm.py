@@ -38,13 +38,13 @@ FAMILIES = {  # name: (test module, builder, template, HF class, keep)
 }
 
 
-def full_vocab(processor, size):
-    """The family's tiny processor with every id below ``size`` a word (``w<id>``), so that any
-    generated token decodes to text; the special tokens keep their ids."""
+def full_vocab(processor, size, word=lambda i: f"w{i}"):
+    """The family's tiny processor with every id below ``size`` a word (``word(id)``), so that
+    any generated token decodes to text; the special tokens keep their ids."""
     vocab = processor.tokenizer.get_vocab()
     special = [t for t in vocab if t.startswith("<") and t not in ("<pad>", "<s>", "</s>", "<unk>")]
     taken = set(vocab.values())
-    vocab |= {f"w{i}": i for i in range(size) if i not in taken}
+    vocab |= {word(i): i for i in range(size) if i not in taken}
     processor.tokenizer = word_tokenizer(vocab, special)
     return processor
 

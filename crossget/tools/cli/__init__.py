@@ -80,6 +80,8 @@ COMMANDS: tuple[Command, ...] = (
                 llava.eval_mc),
         Command("llava-pope", "LLaVA on POPE: accuracy, precision, recall, F1, yes-ratio", llava.eval_pope_arguments,
                 llava.eval_pope),
+        Command("llava-mme", "LLaVA on MME: perception and cognition scores (acc + acc+ per subtask)",
+                llava.eval_mme_arguments, llava.eval_mme),
     )),
 )
 

@@ -1,5 +1,6 @@
 """Commands on LLaVA models: ``init-llava`` (a tiny one to train on CPU), ``train-llava`` and
-the ``eval`` tasks ``llava-vqa``, ``llava-mc``, ``llava-pope`` (LLaVA-1.5's own files)."""
+the ``eval`` tasks ``llava-vqa``, ``llava-mc``, ``llava-pope``, ``llava-mme`` (LLaVA's own files;
+every multimodal-LLM family, one protocol: docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -109,17 +110,25 @@ def train_llava(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_arguments(p: argparse.ArgumentParser, questions_help: str, annotations_help: str) -> None:
-    p.add_argument("--model", required=True, help="local LLaVA folder (LlavaForConditionalGeneration + LlavaProcessor)")
+def eval_arguments(p: argparse.ArgumentParser, questions_help: str, annotations_help: str | None) -> None:
+    p.add_argument("--model", required=True,
+                   help="local model folder with its processor: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or "
+                        "Qwen3-VL (config.json's model_type picks the class)")
     p.add_argument("--questions", required=True, help=questions_help)
     p.add_argument("--images", default=None, help="image folder the questions' file names are relative to")
-    p.add_argument("--annotations", default=None, help=annotations_help)
-    p.add_argument("--method", choices=METHODS, default="none", help="token reduction (default none: stock)")
+    if annotations_help is not None:
+        p.add_argument("--annotations", default=None, help=annotations_help)
+    p.add_argument("--method", choices=METHODS, default="none",
+                   help="token reduction (default none: stock; each family runs its own subset)")
     budget_arguments(p, keep=True)
+    p.add_argument("--fastv-layer", type=int_at_least(1), default=None,
+                   help="FastV / DART: prune before this LM layer K (default 2)")
     p.add_argument("--batch", type=int_at_least(1), default=8, help="questions per batch (left-padded; default 8)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=128)
     p.add_argument("--limit", type=int_at_least(1), default=None, help="first N questions")
     p.add_argument("--pad-square", action="store_true", help="pad images to squares first, as LLaVA-1.5 does")
+    p.add_argument("--flops-batches", type=int_at_least(1), default=1,
+                   help="batches whose FLOPs are counted (and not timed; default 1)")
     device_argument(p)
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     p.add_argument("--threads", type=int_at_least(1), default=2)
@@ -133,12 +142,17 @@ def _evaluate(args: argparse.Namespace, task: str, **options) -> int:
     torch.set_num_threads(args.threads)
     answers = args.answers or (os.path.splitext(args.json)[0] + ".answers.jsonl" if args.json else None)
     result = run_llava_eval(
-        task, args.model, args.questions, args.images, args.annotations, method=args.method, keep=args.keep,
-        r=args.r, flops=args.flops, device=args.device, dtype=args.dtype, answers_path=answers, json_path=args.json,
-        meta=vars_meta(args) | {"command": command_line()}, batch_size=args.batch,
-        max_new_tokens=args.max_new_tokens, limit=args.limit, pad_square=args.pad_square or None, **options,
+        task, args.model, args.questions, args.images, getattr(args, "annotations", None), method=args.method,
+        keep=args.keep, r=args.r, flops=args.flops, fastv_layer=args.fastv_layer, device=args.device, dtype=args.dtype,
+        answers_path=answers, json_path=args.json, meta=vars_meta(args) | {"command": command_line()},
+        batch_size=args.batch, max_new_tokens=args.max_new_tokens, limit=args.limit,
+        pad_square=args.pad_square or None, flops_batches=args.flops_batches, **options,
     )
-    print(json.dumps({k: result[k] for k in ("score", "visual_tokens", "gflops", "gflops_prefill", "samples_per_s")}))
+    score = result["score"]
+    if task == "mme":  # the headline numbers; the subtasks are in the JSON
+        score = {k: score[k] for k in ("perception", "cognition")}
+    print(json.dumps({"score": score} | {k: result[k] for k in ("visual_tokens", "gflops", "gflops_prefill",
+                                                                "samples_per_s")}))
     if args.json:
         print(f"wrote {args.json}" + (f" and {answers}" if answers else ""))
     return 0
@@ -180,3 +194,18 @@ def eval_pope(args: argparse.Namespace) -> int:
     """LLaVA on POPE: accuracy, precision, recall, F1, yes-ratio per category, GFLOPs, speed."""
     return _evaluate(args, "pope", suffix=args.suffix)
 
+
+
+def eval_mme_arguments(p: argparse.ArgumentParser) -> None:
+    eval_arguments(p, "MME's release folder (MME_Benchmark_release_version: one folder per subtask)", None)
+    p.add_argument("--no-suffix", dest="suffix", action="store_const", const=None, default=SHORT_ANSWER,
+                   help="send MME's questions as they are (default: LLaVA's MME prompt, MME's 'Please answer yes "
+                        "or no.' replaced by the short-answer instruction)")
+    p.add_argument("--mme-results", default=None, metavar="DIR",
+                   help="also write MME's result files here (what its eval_tool/calculation.py --results_dir reads)")
+
+
+def eval_mme(args: argparse.Namespace) -> int:
+    """MME (14 yes/no subtasks): acc + acc+ per subtask, perception and cognition scores as MME's
+    official calculation.py computes them, GFLOPs, speed."""
+    return _evaluate(args, "mme", suffix=args.suffix, mme_results=args.mme_results)

@@ -20,6 +20,7 @@ other families' ``do_pad`` means something else, so their images are padded here
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,6 +119,8 @@ def image_settings(processor: Any, pad_square: bool | None) -> dict[str, Any]:
         value = getattr(ip, key, None)
         if value is None:
             continue
+        if dataclasses.is_dataclass(value):  # transformers' SizeDict
+            value = dataclasses.asdict(value)
         if hasattr(value, "items"):
             value = {k: v for k, v in value.items() if v is not None}
         elif hasattr(value, "__iter__") and not isinstance(value, str):

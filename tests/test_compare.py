@@ -213,7 +213,7 @@ def test_budgets_methods_and_tasks_are_checked(setup):
     for bad, match in [("0", ">= 1"), ("a", "not an integer"), ("", "no budgets"), ([2.5], "whole number")]:
         with pytest.raises(ValueError, match=match):
             parse_keeps(bad)
-    with pytest.raises(ValueError, match="unknown method.*fastvv.*LLaVA-1.5 has tome"):
+    with pytest.raises(ValueError, match="unknown method.*fastvv.*LLaVA has tome"):
         parse_methods("tome,fastvv")
     spec = task(setup)
     with pytest.raises(ValueError, match="budget 200 is above the 144 visual tokens"):
@@ -224,6 +224,12 @@ def test_budgets_methods_and_tasks_are_checked(setup):
         compare(setup / "model", [], ["tome"], [36], setup / "never", **FAST)
     assert not (setup / "never").exists()
     assert isinstance(spec, TaskSpec)
+
+
+def test_unsupported_model_folder_is_named(setup, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(TypeError, match="'bert' model; compare supports model_type llava"):
+        compare(tmp_path, [task(setup)], ["tome"], [36], tmp_path / "out", **FAST)
 
 
 def test_cli_errors(setup, capsys):

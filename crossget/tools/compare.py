@@ -38,12 +38,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from crossget import adapt_processor
 from crossget.api import config, is_patched
-from crossget.families.base import CROSS_PARAM
+from crossget.families.base import CROSS_PARAM, Family
 from crossget.families.llava import FAMILY as LLAVA
 from crossget.tools.common import read_json, write_benchmark
-from crossget.tools.eval.llava import TASKS, evaluate_llava, load_llava, patch_llava
+from crossget.tools.eval.llava import MLLM_FAMILIES, TASKS, evaluate_llava, load_llava, patch_llava
 
 __all__ = [
     "LLAVA_LAYOUT",
@@ -53,6 +52,7 @@ __all__ = [
     "compare",
     "compare_markdown",
     "describe_tasks",
+    "family_of_folder",
     "llava_layout_tasks",
     "model_id",
     "parse_keeps",
@@ -112,6 +112,8 @@ LLAVA_LAYOUT: dict[str, tuple[str, str, str | None, str | None, dict[str, Any]]]
     "vqav2": ("vqa", "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", "vqav2/test2015", None, {}),
     "vizwiz": ("vqa", "vizwiz/llava_test.jsonl", "vizwiz/test", None, {}),
 }
+if "mme" in TASKS:  # MME's release folder holds its questions, answers and images
+    LLAVA_LAYOUT["mme"] = ("mme", "MME/MME_Benchmark_release_version", "MME/MME_Benchmark_release_version", None, {})
 
 
 def _check_name(name: str, where: str) -> str:
@@ -129,7 +131,7 @@ def _check_kind(kind: str, where: str) -> str:
 def _check_files(spec: TaskSpec, where: str) -> TaskSpec:
     """Every path the spec names exists (all missing ones named)."""
     missing = [f"{what} {p}" for what, p, ok in (
-        ("questions", spec.questions, spec.questions.is_file()),
+        ("questions", spec.questions, spec.questions.exists()),  # MME: a folder
         ("images folder", spec.images, spec.images is None or spec.images.is_dir()),
         ("annotations", spec.annotations, spec.annotations is None or spec.annotations.exists()),
     ) if not ok]
@@ -186,21 +188,37 @@ def parse_task(text: str) -> TaskSpec:
     return _check_files(spec, f"task {name}")
 
 
-def parse_methods(text: str | Sequence[str]) -> list[str]:
-    """``"all"`` (every LLaVA-1.5 method) or a comma list, stock (``none``) left out: it always runs.
+def parse_methods(text: str | Sequence[str], family: Family = LLAVA) -> list[str]:
+    """``"all"`` (every method of ``family``, default LLaVA-1.5's) or a comma list, stock
+    (``none``) left out: it always runs.
 
     Raises:
-        ValueError: unknown methods (named, with the known ones), or none left.
+        ValueError: unknown methods (named, with the known ones).
     """
-    known = [m for m in LLAVA.methods if m != "none"]
+    known = [m for m in family.methods if m != "none"]
     items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
     items = [s for s in items if s]
     if items == ["all"]:
         return known
-    unknown = [m for m in items if m not in LLAVA.methods]
+    unknown = [m for m in items if m not in family.methods]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; LLaVA-1.5 has {', '.join(known)} (or 'all')")
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; {family.name} has {', '.join(known)} (or 'all')")
     return list(dict.fromkeys(m for m in items if m != "none"))
+
+
+def family_of_folder(model_dir: str | os.PathLike) -> Family:
+    """The crossget family of the model in a local folder, from its ``config.json`` alone.
+
+    Raises:
+        FileNotFoundError: no ``config.json``.
+        TypeError: a model type the evaluations do not support (those supported listed).
+    """
+    cfg = read_json(Path(model_dir) / "config.json", "model config")
+    by_type = {fam.classes[0].config_class.model_type: fam for fam in MLLM_FAMILIES}
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if kind not in by_type:
+        raise TypeError(f"{model_dir} holds a {kind!r} model; compare supports model_type {', '.join(by_type)}")
+    return by_type[kind]
 
 
 def parse_keeps(text: str | Sequence[int]) -> list[int]:
@@ -224,8 +242,11 @@ def parse_keeps(text: str | Sequence[int]) -> list[int]:
     return sorted(set(keeps))
 
 
-def _stock_tokens(model_dir: Path) -> int:
-    """Visual tokens per image of the stock LLaVA at ``model_dir``, from its config alone."""
+def _stock_tokens(model_dir: Path, family: Family) -> int | None:
+    """Visual tokens per image of a stock LLaVA-1.5 at ``model_dir``, from its config alone
+    (None for the families whose count depends on the image size: patching checks their budgets)."""
+    if family is not LLAVA:
+        return None
     cfg = read_json(model_dir / "config.json", "model config")
     vision = cfg.get("vision_config") or {}
     try:
@@ -306,11 +327,13 @@ def _write_atomic(path: Path, payload: Any) -> None:
 def primary_score(kind: str, score: Mapping[str, Any] | None) -> tuple[str | None, float | None]:
     """``(metric name, value in percent)`` a table shows for one result's ``score``; ``(None, None)``
     when nothing was scored (answers only). POPE: the F1 averaged over categories, as LLaVA-1.5
-    reports it; MME: its total score (not a percentage)."""
+    reports it; MME: the perception score (out of 2000, not a percentage)."""
     if not score:
         return None, None
     if kind == "pope":
         return "F1", score.get("f1_mean")
+    if kind == "mme":
+        return "perception", score.get("perception")
     for key in ("accuracy", "total", "score"):
         if isinstance(score.get(key), (int, float)):
             return score.get("metric", key) if key == "accuracy" else key, float(score[key])
@@ -318,8 +341,10 @@ def primary_score(kind: str, score: Mapping[str, Any] | None) -> tuple[str | Non
 
 
 def _binomial_se(value: float | None, n: int | None, metric: str | None) -> float | None:
-    """Standard error in points of an accuracy over ``n`` right/wrong answers (None for other metrics)."""
-    if value is None or not n or metric not in ("exact", "accuracy", "vqa", "F1") or not 0 <= value <= 100:
+    """Standard error in points of an accuracy over ``n`` questions, ``sqrt(p (1 - p) / n)``: exact
+    for right / wrong answers, an upper bound for VQA's soft per-question scores in [0, 1] (their
+    variance is at most ``p (1 - p)``); None for other metrics (F1, MME's scores)."""
+    if value is None or not n or metric not in ("exact", "accuracy", "vqa", "textvqa") or not 0 <= value <= 100:
         return None
     p = value / 100
     return 100 * math.sqrt(p * (1 - p) / n)
@@ -377,10 +402,11 @@ def compare(
         raise ValueError(f"task names must differ; repeated: {', '.join(repeated)}")
     if on_change not in ("rerun", "refuse"):
         raise ValueError(f"on_change must be 'rerun' or 'refuse', got {on_change!r}")
-    methods = parse_methods(methods)
+    family = family_of_folder(model_dir)
+    methods = parse_methods(methods, family)
     keeps = parse_keeps(keeps)
-    stock = _stock_tokens(model_dir)
-    if keeps[-1] > stock:
+    stock = _stock_tokens(model_dir, family)
+    if stock is not None and keeps[-1] > stock:
         raise ValueError(f"budget {keeps[-1]} is above the {stock} visual tokens per image of {model_dir}")
     log = log or tqdm.write
     evaluation = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "limit": limit,
@@ -431,10 +457,7 @@ def compare(
 def _evaluate(run: Run, model: Any, stock_processor: Any, out: Path, evaluation: Mapping[str, Any],
               answers: bool, progress: bool) -> dict[str, Any]:
     """The harness's result row for one run (model patched for it), answers renamed into place."""
-    processor = patch_llava(model, stock_processor, run.method, keep=run.keep)
-    if run.method == "none":
-        # the harness leaves an adapted processor's reduced placeholder count as it was
-        processor = adapt_processor(processor, model)
+    processor = patch_llava(model, stock_processor, run.method, keep=run.keep)  # "none": the stock count again
     spec, path = run.task, run_path(out, run)
     final = path.with_suffix(".answers.jsonl") if answers else None
     tmp = None if final is None else final.with_name(f".{final.name}.{os.getpid()}.tmp")
@@ -520,18 +543,19 @@ def compare_markdown(results: Mapping[str, Any]) -> str:
             cells += [score, _num(c["share"], ".1f"), f"{c['gflops_prefill']:.3g}", f"{c['prefill_ratio']:.3f}",
                       f"{c['samples_per_s']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    stock = meta["stock_visual_tokens"] or "as the image size gives"
     sizes = ", ".join(f"{t} {next(iter(r['tasks'][t]['n'] for r in rows))} questions" for t in tasks)
     notes = [
         "",
-        f"keep: visual tokens per image for the language model (stock: {meta['stock_visual_tokens']}); FastV and "
+        f"keep: visual tokens per image for the language model (stock: {stock}); FastV and "
         "DART keep every placeholder in the prompt and prune inside the LM, so their prefill still holds them "
         "up to layer K. GFLOPs per question, counted with torch.utils.flop_counter on the first batch (the "
         "prompt's forward, vision tower included); ratio: to the stock model's on the same task. q/s: questions "
         "per second over the timed batches.",
-        f"± is the binomial standard error of an accuracy over the questions asked ({sizes}); a difference "
-        "between two rows below about twice that is within noise.",
-        "CrossGET (training-free): method crossget without trained cross tokens (the cross-token parameters "
-        "start at zero, so nothing was trained for it), like every other row here.",
+        f"± is the binomial standard error of an accuracy over the questions asked ({sizes}; for VQA's soft "
+        "accuracy an upper bound); a difference between two rows below about twice that is within noise.",
+        "CrossGET (training-free): method crossget with its cross-token parameters at their zero start "
+        "(nothing trained for it); every method in this table is training-free.",
     ]
     if meta.get("command"):
         notes.append(f"Command: `{meta['command']}`; {meta.get('date', '')}, torch {meta.get('torch', '')}.")

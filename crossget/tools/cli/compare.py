@@ -9,6 +9,7 @@ import torch
 
 from crossget.tools.cli.options import command_line, device_argument, int_at_least, vars_meta
 from crossget.tools.compare import LLAVA_LAYOUT, compare, describe_tasks, llava_layout_tasks, parse_task
+from crossget.tools.eval.llava import TASKS
 
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=None,
                    help=f"comma list of tasks in --data, laid out as LLaVA's scripts read them: {', '.join(LLAVA_LAYOUT)}")
     p.add_argument("--task", action="append", default=[], metavar="NAME=KIND:QUESTIONS:IMAGES[:ANNOTATIONS]",
-                   help="any other set (repeatable); KIND vqa, mc or pope; IMAGES may be empty (MMBench's TSV)")
+                   help=f"any other set (repeatable); KIND one of {', '.join(TASKS)}; IMAGES may be empty (MMBench's TSV)")
     p.add_argument("--out", required=True, help="run files (OUT/runs/), results.json, results.md, tradeoff.png")
     p.add_argument("--batch", type=int_at_least(1), default=8, help="questions per batch (default 8)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=128)

@@ -181,18 +181,21 @@ def test_multi_image_prompt(method):
     assert torch.equal(ids, run_generate(model, x, use_cache=False))
 
 
-@pytest.mark.parametrize("method", ["tome", "crossget"])
-def test_batch_mixing_a_single_and_a_multi_image_prompt(method):
+@pytest.mark.parametrize("method, budget", [("tome", dict(keep=KEEP)), ("crossget", dict(keep=KEEP)),
+                                            ("crossget", dict(keep=6, site="tower"))])  # tower: 7 tiles x 6, 1 x 6
+def test_batch_mixing_a_single_and_a_multi_image_prompt(method, budget):
     model = make_ov()
-    crossget.patch(model, method=method, keep=KEEP)
+    crossget.patch(model, method=method, **budget)
     one, two = inputs(model, (MID,), lengths=(6,)), multi_inputs(model, (WIDE, TALL), length=3)
-    ids, mask = make_prompts([KEEP, 2 * KEEP], (6, 3))
+    counts = [crossget.image_tokens(model, MID), 2 * crossget.image_tokens(model, ov.MULTI_IMAGE)]
+    assert counts == ([42, 12] if "site" in budget else [KEEP, 2 * KEEP])
+    ids, mask = make_prompts(counts, (6, 3))
     tiles = one["pixel_values"].shape[1]
     px = torch.zeros(3, tiles, 3, TILE, TILE)
     px[0], px[1:, :1] = one["pixel_values"][0], two["pixel_values"]
     x = dict(input_ids=ids, attention_mask=mask, pixel_values=px, image_sizes=torch.tensor([MID, WIDE, TALL]),
              batch_num_images=torch.tensor([1, 2]))
-    assert lm_visual_tokens(model, x, IMG)[0] == [KEEP, 2 * KEEP]
+    assert lm_visual_tokens(model, x, IMG)[0] == counts
     both = run_generate(model, x)
     alone = [dict(x, input_ids=ids[:1], attention_mask=mask[:1], pixel_values=px[:1], image_sizes=x["image_sizes"][:1],
                   batch_num_images=torch.tensor([1])),

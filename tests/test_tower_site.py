@@ -14,7 +14,14 @@ import math
 
 import pytest
 import torch
-from mllm_common import check_cache_agreement, check_unpatch_restores, generated, lm_visual_tokens
+from mllm_common import (
+    check_cache_agreement,
+    check_copies,
+    check_unpatch_restores,
+    generated,
+    lm_visual_tokens,
+    torch_saved,
+)
 from test_llava import make_llava
 from test_llava_next import NEXT, make_next
 from test_llava_next import pixels as next_pixels
@@ -236,6 +243,13 @@ def test_unpatch_restores_the_stock_model(fam):
     if fam == "next":
         budgets["visionzip"] = dict(keep=12)
     check_unpatch_restores(m, budgets, sizes[:2])
+
+
+@pytest.mark.parametrize("fam", ["next", "ov"])
+@pytest.mark.parametrize("clone", [copy.deepcopy, torch_saved], ids=["deepcopy", "pickle"])
+def test_a_copy_runs_as_the_original(fam, clone):
+    m, sizes, keep = FAMILIES[fam]
+    check_copies(m, clone, dict(method="crossget", keep=keep, site="tower"), sizes[:2])
 
 
 def test_repatching_moves_between_the_sites():

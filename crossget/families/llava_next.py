@@ -8,44 +8,58 @@ aspect ratio and appends ``image_newline`` to every row. Image ``i`` then gives 
 features (base tiles' patches, the unpadded grid, one newline per grid row), written over
 ``L_i`` ``<image>`` placeholders; ``L_i`` depends on the image size.
 
-Budget: ``keep`` visual tokens per image (or ``flops``, a ratio of the analytic prefill
-FLOPs of :func:`prefill_flops` for one image of ``image_size``, default the largest grid
-pinpoint). Methods:
+Two sites (``site=``, :class:`~crossget.config.PatchConfig`; :func:`crossget.config` reports
+the one that runs):
 
-- ``tome`` / ``crossget`` (and ``none``): at the projector site
-  (:func:`crossget.families.visual_site.reduce_visual_tokens`): after packing, each
-  image's ``L_i`` features are merged down to exactly ``keep``, whatever the image's size
-  (ToMe's bipartite or CrossGET's complete-graph matching, without cross tokens: training-free).
-- ``fastv`` (:mod:`crossget.methods.fastv`): the prompt keeps the stock ``L_i``
-  placeholders; after LM layer ``K`` only ``keep`` visual tokens per image stay. FastV
-  ranks a fixed count of tokens per image, so every image in a batch must give the same
-  ``L_i`` (same size, or sizes with the same tile grid and unpadding); a batch that mixes
-  counts raises a ``ValueError``.
+- **Projector site** (``site="projector"``, the default of ``tome`` / ``crossget`` /
+  ``divprune``; budget ``keep`` visual tokens per image, or ``flops``, a ratio of the analytic
+  prefill FLOPs of :func:`prefill_flops` for one image of ``image_size``, default the largest
+  grid pinpoint): after packing, each image's ``L_i`` features are merged down to exactly
+  ``keep``, whatever the image's size (:func:`crossget.families.visual_site.reduce_visual_tokens`:
+  ToMe's bipartite or CrossGET's complete-graph matching, without cross tokens: training-free;
+  DivPrune selects). The tower and the projector run unreduced; only the LM sees fewer tokens.
+- **Tower site** (``site="tower"``, the only site of ``visionzip``;
+  :mod:`crossget.families.tower_site`): ``tome`` / ``crossget`` merge inside the CLIP layers up
+  to the feature layer with LLaVA-1.5's patch (CLS protected and first; CrossGET's importance
+  the authors' LLaVA rule, the attention a token receives plus the cross token's, reported as
+  ``importance="attention"``; the LM carries no cross token here, so there is no
+  ``cross_token_loss``). Every tile (base image and grid tiles, one batch through the tower)
+  is merged alike: ``keep`` tokens per tile reach the projector (budgets: ``keep`` per tile,
+  ``r`` per tower layer, or ``flops`` solved into them). ``visionzip`` selects per tile at the
+  layer whose output is the feature layer, as VisionZip's own LLaVA-NeXT code does (dominant
+  patches by CLS attention plus contextual tokens, :mod:`crossget.methods.visionzip`), ``keep``
+  per tile. Merged tokens are no grid, so the tiles are laid out "flat" (the original LLaVA
+  code's ``mm_patch_merge_type="flat"``: concatenated, base tile first, in tile order, no
+  ``image_newline``, which marks grid rows); an image gives ``tiles x keep`` tokens
+  (``tiles``: the base tile plus its pinpoint's grid), deterministic for its size. When
+  nothing merges (``r=0``, ``keep=`` a tile's tokens) upstream's packing and counts run.
+- ``fastv`` / ``dart`` (:mod:`crossget.methods.fastv`): inside the LM (``site`` None): the
+  prompt keeps the stock ``L_i`` placeholders; after LM layer ``K`` only ``keep`` visual
+  tokens per image stay. FastV ranks a fixed count of tokens per image, so every image in a
+  batch must give the same ``L_i`` (same size, or sizes with the same tile grid and
+  unpadding); a batch that mixes counts raises a ``ValueError``.
 
-Site: the projector site, not the tower. The grid's tokens are only laid out (unpadded,
-one newline per row) by ``pack_image_features``; merging inside the tower would change
-what that function reshapes, so it would have to be rewritten. After packing, a plain
-sequence of tokens per image is left, which any family with a vision-to-LM hand-off has,
-so the site is shared (:mod:`crossget.families.visual_site`, with the family logic of
-:class:`~crossget.families.visual_site.PackedSiteFamily`: budgets, ``flops=``, placeholders,
-FastV's wiring). The cost: the tower and the projector run unreduced; only the language
-model sees fewer tokens.
+Why the projector site stays the default of ``tome`` / ``crossget``: it keeps upstream's
+layout (unpadded grid, one newline per row) that the model was trained on and gives every
+image exactly ``keep`` tokens; the tower site saves the tower's and the projector's work too,
+at the price of the flat layout.
 
 Prompts need :func:`image_tokens` ``(model, (h, w))`` placeholders per image (``keep``
-when reduced at the projector site; the stock count otherwise), which
-:func:`adapt_processor` makes a ``LlavaNextProcessor`` write; a mismatch raises a
-``ValueError`` that says so. The patch swaps the ``LlavaNextModel`` instance's class to a
-subclass (:class:`LlavaNextModel`, same name, so ``save_pretrained`` writes the stock
+when reduced at the projector site; ``tiles x keep`` at the tower site; the stock count
+otherwise), which :func:`adapt_processor` makes a ``LlavaNextProcessor`` write; a mismatch
+raises a ``ValueError`` that says so. The patch swaps the ``LlavaNextModel`` instance's class
+to a subclass (:class:`LlavaNextModel`, same name, so ``save_pretrained`` writes the stock
 architecture) overriding ``pack_image_features`` and ``get_placeholder_mask``; upstream's
-``LlavaNextModel`` has no ``_can_record_outputs``, so output capture is unaffected.
-Unpatching restores the class.
+``LlavaNextModel`` has no ``_can_record_outputs``, so output capture is unaffected; the tower
+site also patches the CLIP tower's layers (or VisionZip's layer). Unpatching restores every class.
 
 The module's functions (:func:`base_model`, :func:`site`, :func:`reference_size`,
 :func:`image_tokens`, :func:`adapt_processor`, :func:`prefill_flops`) are those of
-:data:`FAMILY` (:class:`~crossget.families.visual_site.PackedSiteFamily`): for LLaVA-NeXT
+:data:`FAMILY` (:class:`~crossget.families.tower_site.TowerSiteFamily`): for LLaVA-NeXT
 the processor's patch size, feature strategy and CLS count
 (``num_additional_image_tokens = 1``: CLIP) are set as the model has them, and the FLOPs
-count the CLIP tower on every tile (its CLS included).
+count the CLIP tower on every tile (its CLS included; at the tower site with the schedule,
+the matching products and CrossGET's cross token).
 """
 
 from __future__ import annotations

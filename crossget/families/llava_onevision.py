@@ -12,31 +12,50 @@ and appends ``image_newline`` to every row. In a multi-image prompt
 Image ``i`` then gives ``L_i`` features (:func:`stock_image_tokens`), written over ``L_i``
 ``<image>`` placeholders.
 
-Budget: ``keep`` visual tokens per image (or ``flops``, a ratio of the analytic prefill
-FLOPs of :func:`prefill_flops` for one image of ``image_size``, default the largest grid
-pinpoint). Methods, as for LLaVA-NeXT (:mod:`crossget.families.llava_next`, with the same
-shared logic, :class:`~crossget.families.visual_site.PackedSiteFamily`):
+Two sites (``site=``; :func:`crossget.config` reports the one that runs), as for LLaVA-NeXT
+(:mod:`crossget.families.llava_next`, with the same shared logic,
+:class:`~crossget.families.tower_site.TowerSiteFamily`):
 
-- ``tome`` / ``crossget`` (and ``none``): at the projector site, after packing, each
-  image's ``L_i`` features are merged down to exactly ``keep``
-  (:func:`crossget.families.visual_site.reduce_visual_tokens`), whatever the image's size
-  and whether it is alone in its prompt or not.
-- ``fastv``: the prompt keeps the stock ``L_i`` placeholders; after LM layer ``K`` only
-  ``keep`` visual tokens per image stay. One count per batch: every image of a batch must
-  give the same ``L_i``; a batch that mixes counts raises a ``ValueError``.
-
-No CLS: SigLIP's tokens are all patches, so nothing is anchored or protected at this site,
-and there is no cross token either (the projector site has none, and SigLIP has no CLS
-that could anchor one): CrossGET's complete-graph matching runs unguided, its groups
-plain size-weighted averages (``importance="none"`` in the resolved config), as ToMe's do.
-Only the authors' guidance rule (``"reference"``) is accepted, which guides nothing here.
+- **Projector site** (``site="projector"``, the default of ``tome`` / ``crossget`` /
+  ``divprune``; budget ``keep`` visual tokens per image, or ``flops``, a ratio of the analytic
+  prefill FLOPs of :func:`prefill_flops` for one image of ``image_size``, default the largest
+  grid pinpoint): after packing, each image's ``L_i`` features are merged down to exactly
+  ``keep`` (:func:`crossget.families.visual_site.reduce_visual_tokens`), whatever the image's
+  size and whether it is alone in its prompt or not. No CLS: SigLIP's tokens are all patches,
+  so nothing is anchored or protected, and there is no cross token: CrossGET's complete-graph
+  matching runs unguided, its groups plain size-weighted averages (``importance="none"`` in
+  the resolved config), as ToMe's do. Only the authors' guidance rule (``"reference"``) is
+  accepted, which guides nothing here.
+- **Tower site** (``site="tower"``, :mod:`crossget.families.tower_site`): ``tome`` /
+  ``crossget`` merge inside the SigLIP layers up to the feature layer with the SigLIP family's
+  patch (:mod:`crossget.families.siglip`: no protected token, the cross token starts as the
+  mean patch, CrossGET's importance ``cos(q_cross, k_i)``, ``importance="cross"``), every
+  tile alike: ``keep`` tokens per tile reach the projector (budgets: ``keep`` per tile, ``r``
+  per tower layer, or ``flops`` solved into them). The tiles are laid out "flat" (concatenated,
+  base tile first, in tile order, no ``image_newline``). An image alone in its prompt gives
+  ``tiles x keep`` tokens, its tiles the base tile plus its pinpoint's whole grid: the
+  anyres-max downsampling is a bilinear resize of the unpadded grid, which merged tokens no
+  longer form, so it does not run, and ``keep`` per tile is the budget that bounds the count
+  (a large ``keep`` on a large grid can give more tokens than the downsampled stock count).
+  An image of a multi-image prompt is one tile: ``keep`` tokens. Video frames run the tower
+  unmerged (their pooling needs the grid). When nothing merges (``r=0``), upstream's packing
+  and counts run.
+- ``fastv`` / ``dart``: inside the LM (``site`` None); the prompt keeps the stock ``L_i``
+  placeholders; after LM layer ``K`` only ``keep`` visual tokens per image stay. One count per
+  batch: every image of a batch must give the same ``L_i``; a batch that mixes counts raises
+  a ``ValueError``.
+- ``visionzip`` is refused (``ValueError``): its dominant tokens are the patches CLS attends
+  to most, and SigLIP has no CLS. The mean attention a patch receives would be a substitute,
+  but VisionZip's released code (``dvlab-research/VisionZip``) ships only the CLIP (CLS) rule,
+  and a substitute would be crossget's method, not the authors'.
 
 Videos (``pixel_values_videos``) are never reduced: their frames go through upstream's
-``get_video_features`` (pooled, one newline), which the patch does not touch, and their
+``get_video_features`` (pooled, one newline) with the tower unmerged, and their
 ``<video>`` placeholders keep the stock count; FastV ranks image tokens only.
 
 Prompts need :func:`image_tokens` ``(model, (h, w))`` placeholders per image (``keep`` when
-reduced at the projector site, for every image; the stock count otherwise: give
+reduced at the projector site, for every image; ``tiles x keep`` at the tower site, ``keep``
+for an image of a multi-image prompt; the stock count otherwise: give
 :data:`MULTI_IMAGE` as the size for an image of a multi-image prompt), which
 :func:`adapt_processor` makes a ``LlavaOnevisionProcessor`` write; a mismatch raises a
 ``ValueError`` that says so. The patch swaps the ``LlavaOnevisionModel`` instance's class
@@ -49,7 +68,7 @@ forward of ``LlavaOnevisionModel`` always packs with the config's ``vision_aspec
 
 The module's functions (:func:`base_model`, :func:`site`, :func:`reference_size`,
 :func:`image_tokens`, :func:`adapt_processor`, :func:`prefill_flops`) are those of
-:data:`FAMILY` (:class:`~crossget.families.visual_site.PackedSiteFamily`): for OneVision
+:data:`FAMILY` (:class:`~crossget.families.tower_site.TowerSiteFamily`): for OneVision
 the processor's patches per tile, tile size and grid pinpoints are checked against the
 model's and its feature strategy and ``vision_aspect_ratio`` set as the model's (video
 placeholders are never changed); the FLOPs count the SigLIP tower on every tile of an image

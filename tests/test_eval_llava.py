@@ -380,6 +380,9 @@ def test_vqa_end_to_end_through_cli(setup, llava, tmp_path):
                  "--threads", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())["results"]
     assert result["score"] == {"metric": "vqa", "accuracy": 50.0, "n": 2}
+    proto = result["protocol"]  # the protocol block: docs/protocol.md
+    assert proto["task"] == "vqa" and proto["family"] == "LLaVA" and proto["prompt"]["template"] == "chat_template"
+    assert proto["scoring"].startswith("VQAv2") and proto["budget"]["method"] == "none" and result["patch"] is None
     assert result["visual_tokens"] == 16 and result["gflops"] > 0 and result["samples_per_s"] > 0
     answers = [json.loads(x) for x in Path(result["answers"]).read_text().splitlines()]
     assert [a["question_id"] for a in answers] == [100, 101] and [a["text"] for a in answers] == said
@@ -413,6 +416,7 @@ def test_mmbench_scores_by_hand(always_b, tmp_path):
     # circular: row 10 rotates its answer away from B, so no question is right in every round
     assert result["score"]["accuracy"] == pytest.approx(100 / 3) and result["score"]["circular_accuracy"] == 0.0
     assert result["score"]["per_category"] == {"shape": 100.0, "color": 0.0, "animal": 0.0}
+    assert result["protocol"]["scoring"].endswith("(circular)") and result["protocol"]["dataset"] == "mmbench"
     assert result["n"] == 4 + 3 + 2
     answers = [json.loads(x) for x in Path(result["answers"]).read_text().splitlines()]
     assert {a["text"] for a in answers} == {"B"}
@@ -429,6 +433,7 @@ def test_science_qa_and_pope_scores_by_hand(setup, always_b, tmp_path):
     ])
     res = evaluate_llava("mc", model, processor, sqa, setup / "images", max_new_tokens=1, progress=False)
     assert (res["score"]["accuracy"], res["n"], res["skipped"]) == (50.0, 2, 1)
+    assert res["protocol"]["scoring"].startswith("ScienceQA") and res["protocol"]["prompt"]["suffix"] == MC_PROMPT
     q, labels = _pope_files(tmp_path)
     res = evaluate_llava("pope", model, processor, q, setup / "images", labels, max_new_tokens=1, progress=False)
     # "B" reads as yes: random has labels yes, no, yes ... computed per category and pooled
@@ -440,6 +445,7 @@ def test_science_qa_and_pope_scores_by_hand(setup, always_b, tmp_path):
         assert got["accuracy"] == pytest.approx(100 * p) and got["recall"] == 100.0
         assert got["f1"] == pytest.approx(100 * 2 * p / (p + 1)) and got["yes_ratio"] == 100.0
     assert res["score"]["f1_mean"] == pytest.approx((res["score"]["random"]["f1"] + res["score"]["adversarial"]["f1"]) / 2)
+    assert res["protocol"]["task"] == "pope" and res["protocol"]["scoring"].startswith("POPE")
     assert score_mc(load_science_qa(sqa).samples, ["B", "B"])["accuracy"] == 50.0
     assert score_pope(s, ["no"] * 6)["all"]["accuracy"] == 50.0
 

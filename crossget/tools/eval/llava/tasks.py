@@ -25,6 +25,7 @@ from crossget.api import config, is_patched
 from crossget.families.llava import FAMILY as LLAVA
 from crossget.tools.common import write_json
 from crossget.tools.eval.llava.data import (
+    MC_PROMPT,
     MME_COGNITION,
     MME_PERCEPTION,
     SHORT_ANSWER,
@@ -343,7 +344,8 @@ def evaluate_llava(
         "method": config(model).method if patched else "none",
         "patch": config(model).to_dict() if patched else None,
         "protocol": protocol_block(
-            task, model, processor, dataset=qset.kind, suffix=suffix, max_new_tokens=max_new_tokens,
+            task, model, processor, dataset=qset.kind, suffix=MC_PROMPT if task == "mc" else suffix,
+            max_new_tokens=max_new_tokens,
             batch_size=batch_size, pad_square=pad_square,
             metric=(metric or ann.metric) if ann is not None else None, circular=circular,
         ),

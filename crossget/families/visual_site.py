@@ -1,9 +1,10 @@
 """The reduction site between the vision side and the language model: one image's packed
 visual tokens (what the projector wrote, in the LM's width) reduced to a fixed count.
 
-Families whose visual tokens cannot be merged inside the vision tower without rewriting
-upstream code (LLaVA-NeXT: anyres tiles unpadded and packed with a newline token per
-row; later LLaVA-OneVision and Qwen-VL) reduce here instead, image by image:
+Families whose visual tokens cannot be merged inside the vision tower while keeping upstream's
+layout (LLaVA-NeXT: anyres tiles unpadded and packed with a newline token per row; LLaVA-OneVision
+and Qwen-VL) reduce here, image by image (LLaVA-NeXT and OneVision can also merge in the tower,
+laying the tiles out flat: :mod:`crossget.families.tower_site`):
 
 - ``"tome"``: ToMe's bipartite soft matching (:func:`crossget.methods.tome.bipartite_soft_matching`),
   repeated, since one round removes at most half of the tokens;

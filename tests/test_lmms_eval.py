@@ -215,6 +215,22 @@ def test_generate_until(family, args, per_image):
     assert cut == [cut_at(a, [word]) for a in alone] and cut[0] != alone[0]
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen"])
+def test_loads_a_model_folder(family, tmp_path):
+    """pretrained=DIR loads the family's model and processor (Qwen: images only, no torchvision
+    here) and answers as the same objects patched in place."""
+    model, processor = (make_llava(), llava_processor()) if family == "llava" else (make_qwen(), qwen_processor())
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    budget = dict(method="tome", keep=KEEP if family == "llava" else 7)
+    loaded = CrossgetLMM(pretrained=str(tmp_path), device="cpu", batch_size=2, **budget)
+    loaded.task_dict = {"t": {"test": DOCS}}
+    assert type(loaded.model) is type(model) and crossget.config(loaded.model).keep == budget["keep"]
+    assert loaded.generate_until(requests(GEN)) == lmm(model, processor, **budget).generate_until(requests(GEN))
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        CrossgetLMM(pretrained=str(tmp_path / "missing"))
+
+
 def test_stock_model_runs_unpatched():
     model, processor = make_llava(), llava_processor()
     m = lmm(model, processor)

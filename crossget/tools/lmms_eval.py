@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +38,7 @@ except ImportError:
 MODEL_NAME = "crossget"  # --model crossget
 CLASS_PATH = "crossget.tools.lmms_eval.CrossgetLMM"
 INSTALL_HINT = "pip install 'crossget[lmms]'"
-DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: bfloat16 on CUDA, float32 on CPU
 # tasks whose requests are loglikelihood or multi-round: lmms-eval's output_type says which
 MULTI_ROUND_MESSAGE = (
     "crossget's lmms-eval model does not run generate_until_multi_round (output_type "
@@ -256,19 +258,30 @@ def as_images(visuals: Any) -> list[Any]:
 
 # --------------------------------------------------------------------------- the model
 def load_model(args: ModelArgs) -> tuple[nn.Module, Any]:
-    """``(model, processor)`` from ``args.pretrained``, in eval mode on ``args.device``.
+    """``(model, processor)`` from ``args.pretrained``, in eval mode on ``args.device``: a local
+    folder through the harnesses' loader (``crossget.tools.eval.llava.load_mllm``: the family's
+    class, an images-only processor where its video processor needs the missing torchvision);
+    a hub name is downloaded first (``huggingface_hub.snapshot_download``).
 
     Raises:
-        ValueError: no ``pretrained`` folder given.
+        ValueError: no ``pretrained`` given.
+        FileNotFoundError, TypeError: not a model folder, or not a supported family.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from crossget.tools.eval.llava import load_mllm
 
     if not args.pretrained:
         raise ValueError("model_args: pretrained=DIR (a Hugging Face model folder or name) is required")
-    extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-    model = AutoModelForImageTextToText.from_pretrained(args.pretrained, dtype=DTYPES[args.dtype], **extra)
-    processor = AutoProcessor.from_pretrained(args.pretrained)
-    return model.to(default_device(args.device)).eval(), processor
+    path = Path(args.pretrained)
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", args.pretrained):  # owner/name
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(args.pretrained))
+    device = default_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    model, processor = load_mllm(path, str(device), dtype)
+    if args.attn_implementation:
+        model.set_attn_implementation(args.attn_implementation)
+    return model, processor
 
 
 def default_device(device: str | None) -> torch.device:

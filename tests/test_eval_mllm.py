@@ -154,7 +154,7 @@ def test_reduced_run_end_to_end(loaded, root, tmp_path):
     assert stock["protocol"]["budget"]["method"] == "none"
 
 
-def test_fastv_counts_the_tokens_kept_after_layer_k(root):
+def test_fastv_and_the_tower_site_count_what_reaches_the_lm(root):
     model, processor = load_mllm(root / "next")
     processor = patch_mllm(model, processor, "fastv", keep=5)
     samples = load_vqa_questions(root / "q.jsonl").samples
@@ -162,6 +162,11 @@ def test_fastv_counts_the_tokens_kept_after_layer_k(root):
     # the prompt keeps the stock placeholders; the LM carries keep per image from layer K=2 on
     assert gen.visual_tokens_prompt == pytest.approx(sum(stock_counts(model, processor, root)) / 3)
     assert gen.visual_tokens == 5 and gen.pruned_after_layer == 2
+    # the tower site: keep per tile, so a count per image that depends on its tiles
+    processor = patch_mllm(model, processor, "visionzip", keep=4, site="tower")
+    gen = generate_answers(model, processor, samples, root / "images", batch_size=3, max_new_tokens=2, progress=False)
+    counts = [crossget.image_tokens(model, (h, w)) for w, h in SIZES]
+    assert gen.visual_tokens == gen.visual_tokens_prompt == pytest.approx(sum(counts) / 3) and len(set(counts)) > 1
     with pytest.raises(ValueError, match=r"method must be one of \(.*'dart'.*\) for LLaVA-NeXT"):
         patch_mllm(model, processor, "bogus", keep=5)
     with pytest.raises(ValueError, match="takes no budget"):

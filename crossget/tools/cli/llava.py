@@ -123,6 +123,9 @@ def eval_arguments(p: argparse.ArgumentParser, questions_help: str, annotations_
     budget_arguments(p, keep=True)
     p.add_argument("--fastv-layer", type=int_at_least(1), default=None,
                    help="FastV / DART: prune before this LM layer K (default 2)")
+    p.add_argument("--site", choices=("tower", "projector"), default=None,
+                   help="LLaVA-NeXT / OneVision: merge in the vision tower (keep per tile) or at the projector "
+                        "(keep per image; default the family's)")
     p.add_argument("--batch", type=int_at_least(1), default=8, help="questions per batch (left-padded; default 8)")
     p.add_argument("--max-new-tokens", type=int_at_least(1), default=128)
     p.add_argument("--limit", type=int_at_least(1), default=None, help="first N questions")
@@ -143,7 +146,8 @@ def _evaluate(args: argparse.Namespace, task: str, **options) -> int:
     answers = args.answers or (os.path.splitext(args.json)[0] + ".answers.jsonl" if args.json else None)
     result = run_llava_eval(
         task, args.model, args.questions, args.images, getattr(args, "annotations", None), method=args.method,
-        keep=args.keep, r=args.r, flops=args.flops, fastv_layer=args.fastv_layer, device=args.device, dtype=args.dtype,
+        keep=args.keep, r=args.r, flops=args.flops, fastv_layer=args.fastv_layer, site=args.site, device=args.device,
+        dtype=args.dtype,
         answers_path=answers, json_path=args.json, meta=vars_meta(args) | {"command": command_line()},
         batch_size=args.batch, max_new_tokens=args.max_new_tokens, limit=args.limit,
         pad_square=args.pad_square or None, flops_batches=args.flops_batches, **options,

@@ -113,13 +113,14 @@ def load_mllm(path: str | Path, device: str = "cpu", dtype: str = "float32") -> 
 
 def patch_mllm(
     model: nn.Module, processor: Any, method: str = "none", keep: int | None = None, r: int | None = None,
-    flops: float | None = None, fastv_layer: int | None = None,
+    flops: float | None = None, fastv_layer: int | None = None, site: str | None = None,
 ) -> Any:
     """Put ``model`` in the state of one method and budget (``crossget.apply``: from the stock
     model up) and return ``processor`` adapted to the visual-token count that now reaches the
     language model (``crossget.adapt_processor``; ``"none"``: the stock count again).
 
-    ``fastv_layer``: FastV's / DART's ``K`` (default: the method's, 2).
+    ``fastv_layer``: FastV's / DART's ``K`` (default: the method's, 2). ``site``: where a family
+    with several sites reduces (LLaVA-NeXT / OneVision: ``"tower"`` or ``"projector"``; default the family's).
 
     Raises:
         ValueError: a method the model's family does not run (names those it runs), a budget
@@ -130,13 +131,13 @@ def patch_mllm(
         raise ValueError(f"method must be one of {methods} for {family_of(model).name}, got {method!r}")
     budget = {k: v for k, v in (("keep", keep), ("r", r), ("flops", flops)) if v is not None}
     if method == "none":
-        if budget or fastv_layer is not None:
-            given = budget or {"fastv_layer": fastv_layer}
+        if budget or fastv_layer is not None or site is not None:
+            given = budget or {"fastv_layer": fastv_layer, "site": site}
             raise ValueError(f"method 'none' is the stock model and takes no budget, got {given}")
         apply(model, None)
     else:
         if len(budget) != 1:
             raise ValueError(f"give exactly one of keep, r or flops for method {method!r}, got {budget or 'none'}")
-        extra = {} if fastv_layer is None else {"fastv_layer": fastv_layer}
+        extra = {k: v for k, v in (("fastv_layer", fastv_layer), ("site", site)) if v is not None}
         apply(model, PatchConfig(method=method, **budget, **extra))
     return adapt_processor(processor, model) or processor

@@ -56,7 +56,7 @@ def _budget(model: nn.Module) -> dict[str, Any]:
         "method": cfg.method, "keep": cfg.keep, "r": saved.get("r"), "flops": cfg.flops,
         "flops_estimate": cfg.flops_estimate,
         "fastv_layer": (cfg.fastv_layer if cfg.fastv_layer is not None else fastv.DEFAULT_LAYER) if in_lm else None,
-        "site": "language model, before layer K" if in_lm else (cfg.site or "vision tower"),
+        "site": "language model, before layer K" if in_lm else cfg.site,
     }
 
 

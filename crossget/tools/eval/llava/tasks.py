@@ -369,6 +369,7 @@ def run_llava_eval(
     json_path: str | Path | None = None,
     meta: dict[str, Any] | None = None,
     fastv_layer: int | None = None,
+    site: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Load a local multimodal LLM (:func:`~crossget.tools.eval.llava.models.load_mllm`), patch it
@@ -377,7 +378,7 @@ def run_llava_eval(
     ``json_path`` write ``{"meta": meta, "results": row}``; returns the row (with ``method``, the
     resolved ``patch`` config and the ``protocol``)."""
     model, processor = load_mllm(model_dir, device, dtype)
-    processor = patch_mllm(model, processor, method, keep=keep, r=r, flops=flops, fastv_layer=fastv_layer)
+    processor = patch_mllm(model, processor, method, keep=keep, r=r, flops=flops, fastv_layer=fastv_layer, site=site)
     result = evaluate_llava(
         task, model, processor, questions, images, annotations, answers_path=answers_path,
         model_id=os.path.basename(os.path.normpath(str(model_dir))), **options,

@@ -39,11 +39,11 @@ MODEL_NAME = "crossget"  # --model crossget
 CLASS_PATH = "crossget.tools.lmms_eval.CrossgetLMM"
 INSTALL_HINT = "pip install 'crossget[lmms]'"
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: bfloat16 on CUDA, float32 on CPU
-# tasks whose requests are loglikelihood or multi-round: lmms-eval's output_type says which
+# lmms-eval 0.7.3's tasks with output_type generate_until_multi_round: mmsearch, ovobench
 MULTI_ROUND_MESSAGE = (
-    "crossget's lmms-eval model does not run generate_until_multi_round (output_type "
-    "generate_until_multi_round tasks, e.g. the multi-round MMSearch / interactive ones); "
-    "use generate_until tasks"
+    "crossget's lmms-eval model does not run generate_until_multi_round (tasks with output_type "
+    "generate_until_multi_round: mmsearch, ovobench); generate_until and loglikelihood / "
+    "multiple_choice tasks run"
 )
 IMAGE_PLACEHOLDER = "<image>"  # what lmms-eval's contexts may hold where an image goes
 

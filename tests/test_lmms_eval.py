@@ -231,6 +231,20 @@ def test_loads_a_model_folder(family, tmp_path):
         CrossgetLMM(pretrained=str(tmp_path / "missing"))
 
 
+def test_fastv_batches_by_image_size():
+    """FastV ranks one count per batch: a batch of images of different sizes runs as one
+    sub-batch per size, answering as one by one."""
+    model, processor = make_qwen(), qwen_processor()
+    docs = [DOCS[0], DOCS[1], {**DOCS[2], "image": DOCS[0]["image"]}, DOCS[3]]
+    m = lmm(model, processor, method="fastv", keep=7, fastv_layer=1, batch_size=1)
+    m.task_dict = {"t": {"test": docs}}
+    alone = m.generate_until(requests(GEN, docs))
+    m.batch_size = 4
+    seen = FirstInputs(model)
+    assert m.generate_until(requests(GEN, docs)) == alone
+    assert sorted(ids.shape[0] for ids in seen.ids) == [1, 1, 2]  # the two same-size images together
+
+
 def test_stock_model_runs_unpatched():
     model, processor = make_llava(), llava_processor()
     m = lmm(model, processor)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 import crossget
 from crossget.config import METHODS
+from crossget.families.visual_site import LM_METHODS
 
 try:  # the base class only where lmms-eval is installed: the rest runs without it
     from lmms_eval.api.model import lmms as LMMS_BASE
@@ -388,10 +389,24 @@ class CrossgetLMM(LMMS_BASE):
         return answers
 
     def generate_batch(self, reqs: Sequence[GenerationRequest]) -> list[str]:
-        """Answers of requests that share generation kwargs, generated as one padded batch."""
+        """Answers of requests that share generation kwargs, generated as one padded batch
+        (FastV / DART: one batch per image-size signature, as they rank one count per batch)."""
+        images = [self.visuals(r) for r in reqs]
+        if self.args.method not in LM_METHODS:
+            return self.generate_rows(reqs, images)
+        by_size: dict[tuple, list[int]] = {}
+        for i, row in enumerate(images):
+            by_size.setdefault(tuple(im.size for im in row), []).append(i)
+        answers: list[str] = [""] * len(reqs)
+        for rows in by_size.values():
+            for i, text in zip(rows, self.generate_rows([reqs[i] for i in rows], [images[i] for i in rows])):
+                answers[i] = text
+        return answers
+
+    def generate_rows(self, reqs: Sequence[GenerationRequest], images: Sequence[Sequence[Any]]) -> list[str]:
+        """``reqs`` (with their ``images``) as one left-padded ``generate`` call, answers cut at ``until``."""
         gen_kwargs = reqs[0].generation_kwargs
         until = stop_strings(gen_kwargs)
-        images = [self.visuals(r) for r in reqs]
         x = self.inputs([self.prompt(r.context, len(im)) for r, im in zip(reqs, images)], images)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.inference_mode():

@@ -152,6 +152,12 @@ def test_llava_mme_end_to_end(tmp_path):
     proto = result["protocol"]
     assert proto["task"] == "mme" and proto["scoring"].startswith("MME") and proto["prompt"]["suffix"] == SHORT_ANSWER
     assert proto["budget"]["method"] == "none" and result["dataset"] == "mme"
+    # --limit keeps whole images (3 questions: the first two images)
+    short = tmp_path / "short.json"
+    assert main(["eval", "llava-mme", "--model", str(tmp_path / "model"), "--questions", str(root), "--limit", "3",
+                 "--max-new-tokens", "1", "--threads", "1", "--json", str(short)]) == 0
+    kept = json.loads(short.read_text())["results"]
+    assert kept["n"] == 4 and kept["score"]["subtasks"]["existence"]["questions"] == 4
     # the scorer on the samples and texts agrees with the run
     samples = load_mme(root).samples
     assert score_mme(samples, [a["text"] for a in answers]) == score

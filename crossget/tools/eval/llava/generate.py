@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from crossget.api import config, is_patched
 from crossget.families.visual_site import LM_METHODS
 from crossget.flops import count_flops
+from crossget.methods import fastv
 from crossget.tools.common import ModelClock
 from crossget.tools.eval.llava.data import Sample, load_image
 from crossget.tools.eval.llava.metrics import LETTERS
@@ -124,7 +125,7 @@ def lm_visual_tokens(model: nn.Module, placeholders: torch.Tensor) -> tuple[torc
     if is_patched(model):
         cfg = config(model)
         if cfg.method in LM_METHODS and cfg.keep is not None:
-            layer = cfg.fastv_layer if cfg.fastv_layer is not None else 2
+            layer = cfg.fastv_layer if cfg.fastv_layer is not None else fastv.DEFAULT_LAYER
             return placeholders.clamp(max=cfg.keep), layer
     return placeholders, None
 

@@ -203,11 +203,14 @@ def write_mme_results(folder: str | Path, samples: Sequence[Sample], texts: Sequ
 
 
 def _limit(qset: QuestionSet, limit: int | None) -> list[Sample]:
-    """The first ``limit`` questions (all rounds of each, for circular MMBench)."""
+    """The first ``limit`` questions (all rounds of each, for circular MMBench; MME: rounded up to
+    whole images, whose two questions are consecutive)."""
     if limit is None:
         return qset.samples
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if qset.kind == "mme":
+        return qset.samples[: limit + limit % 2]
     if all(s.round_id is None for s in qset.samples):
         return qset.samples[:limit]
     keep = [s.question_id for s in qset.samples if s.round_id == 0][:limit]

@@ -140,6 +140,17 @@ def test_parse_model_args_errors(text, match):
         parse_model_args(text)
 
 
+def test_create_from_arg_string(monkeypatch):
+    """lmms-eval's constructor: model_args win over what --batch_size / --device pass."""
+    made = {}
+    monkeypatch.setattr(CrossgetLMM, "__init__", lambda self, **kw: made.update(kw))
+    CrossgetLMM.create_from_arg_string("pretrained=/m,method=tome,keep=8,batch_size=4",
+                                       {"batch_size": "1", "device": "cpu", "max_batch_size": None})
+    assert made == {"pretrained": "/m", "method": "tome", "keep": "8", "batch_size": "4", "device": "cpu"}
+    with pytest.raises(ValueError, match="unknown kep"):
+        CrossgetLMM.create_from_arg_string("pretrained=/m,kep=8")
+
+
 def test_missing_pretrained():
     with pytest.raises(ValueError, match="pretrained=DIR"):
         CrossgetLMM(method="tome", keep=4)

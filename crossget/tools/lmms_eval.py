@@ -297,7 +297,8 @@ class CrossgetLMM(LMMS_BASE):
     objects already loaded (patched here as the args say). Single process, one device.
     """
 
-    is_simple = True
+    is_simple = True  # lmms-eval sends (context, kwargs, doc_to_visual, doc_id, task, split) requests
+    chat_template = None  # the prompts are templated here, with the processor's own template
 
     def __init__(self, pretrained: str | None = None, *, model: nn.Module | None = None, processor: Any = None,
                  **model_args: Any) -> None:
@@ -320,10 +321,11 @@ class CrossgetLMM(LMMS_BASE):
         self._rank, self._world_size = 0, 1
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: Mapping[str, Any] | None = None) -> CrossgetLMM:
+    def create_from_arg_string(cls, arg_string: str | Mapping[str, Any],
+                               additional_config: Mapping[str, Any] | None = None) -> CrossgetLMM:
         """lmms-eval's constructor: ``--model_args`` win over ``--batch_size`` / ``--device``
         (which lmms-eval always passes), so ``batch_size=`` in the model args works."""
-        given = parse_arg_string(arg_string)
+        given = parse_arg_string(arg_string) if isinstance(arg_string, str) else dict(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in given}
         return cls(**given, **extra)
 

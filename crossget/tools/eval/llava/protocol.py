@@ -72,10 +72,11 @@ def protocol_block(
     pad_square: bool | None,
     metric: str | None = None,
     circular: bool = False,
+    flops_batches: int = 1,
 ) -> dict[str, Any]:
     """The settings that define a result: protocol version, task and scoring rule, the model
-    family, prompt template and instruction suffix, decoding, image preprocessing, and the
-    method and budget the model runs (see docs/protocol.md)."""
+    family, prompt template and instruction suffix, decoding, image preprocessing, the method
+    and budget the model runs, and how cost is counted (see docs/protocol.md)."""
     return {
         "version": PROTOCOL_VERSION,
         "doc": "docs/protocol.md",
@@ -89,4 +90,6 @@ def protocol_block(
         "image": image_settings(processor, pad_square),
         "scoring": _scoring(task, dataset, metric) + (" (circular)" if circular else ""),
         "budget": _budget(model),
+        "cost": {"flops": f"FlopCounterMode over the first {flops_batches} batch(es), per question",
+                 "time": "ModelClock around generate, the other batches"},
     }

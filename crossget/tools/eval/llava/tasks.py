@@ -350,7 +350,7 @@ def evaluate_llava(
             task, model, processor, dataset=qset.kind, suffix=MC_PROMPT if task == "mc" else suffix,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size, pad_square=pad_square,
-            metric=(metric or ann.metric) if ann is not None else None, circular=circular,
+            metric=(metric or ann.metric) if ann is not None else None, circular=circular, flops_batches=flops_batches,
         ),
     }
 

@@ -213,7 +213,7 @@ def generate_answers(
             seen, layer = lm_visual_tokens(model, n_image)
             placeholders.append(n_image)
             in_lm.append(seen)
-            prompt_tokens.append((inputs["attention_mask"].sum(1).cpu() - n_image).float())
+            prompt_tokens.append((inputs["attention_mask"].sum(1).cpu() - n_image).double())
             if b < counted:
                 cost = _batch_cost(model, inputs, generate)
                 new = cost.pop("new")
@@ -234,10 +234,10 @@ def generate_answers(
     return GenerationResult(
         texts=texts, prompts=prompts,
         gflops=flops["gflops"] / 1e9 / flops_questions, gflops_prefill=flops["gflops_prefill"] / 1e9 / flops_questions,
-        visual_tokens=_as_number(torch.cat(in_lm).float().mean().item()),
+        visual_tokens=_as_number(torch.cat(in_lm).double().mean().item()),
         prompt_tokens=float(torch.cat(prompt_tokens).mean()), new_tokens=all_tokens / len(samples), seconds=seconds,
         samples_per_s=timed_samples / seconds, new_tokens_per_s=timed_tokens / seconds, batch_size=batch_size,
-        visual_tokens_prompt=_as_number(torch.cat(placeholders).float().mean().item()), pruned_after_layer=layer,
+        visual_tokens_prompt=_as_number(torch.cat(placeholders).double().mean().item()), pruned_after_layer=layer,
         flops_questions=flops_questions, seconds_per_batch_median=statistics.median(batch_seconds),
     )
 

@@ -38,6 +38,7 @@ from crossget.tools.eval.llava import (
     textvqa_accuracy,
     vqa_accuracy,
 )
+from crossget.tools.eval.llava.prompts import prepare_images
 
 # "B" has id 0: a model whose final norm is zeroed gives all-zero logits and greedy picks id 0 ("B")
 SPECIALS = ["B", "<pad>", "<unk>", "<s>", "</s>", "<image>"]
@@ -327,6 +328,9 @@ def test_prompt_is_llava15_template(llava):
     _, processor = llava
     want = "USER: <image>\nwhat is it? ASSISTANT:"
     assert build_prompt(processor, "what is it?") == want
+    # LLaVA-1.5's square padding is its image processor's do_pad
+    assert prepare_images(processor, [_image(0)], True)[1] == {"do_pad": True}
+    assert prepare_images(processor, [_image(0)], False)[1] == {"do_pad": False}
     template, processor.chat_template = processor.chat_template, None
     try:
         assert build_prompt(processor, "what is it?") == want  # no chat template: the literal string

@@ -271,7 +271,9 @@ def test_loglikelihood():
     greedy = m.generate_until(requests({"max_new_tokens": 2}))
     asks = [Request(d["question"], " " + greedy[i], lambda doc: [doc["image"]], i, "t", "test") for i, d in enumerate(DOCS)]
     other = [Request(DOCS[0]["question"], " w40 w41", lambda doc: [doc["image"]], 0, "t", "test")]
-    scores = m.loglikelihood(asks + other)
+    scores = m.score_continuations(asks + other)
+    wrapped = m.loglikelihood(asks + other)  # lmms-eval 0.7.3 reads the pairs from GenerationResult.text
+    assert [getattr(w, "text", w) for w in wrapped] == scores
     assert [s[1] for s in scores] == [True] * 4 + [False]
     # the score by hand: log-softmax of the full prompt's logits at the continuation's tokens
     prompt = m.prompt(DOCS[0]["question"], 1)
@@ -325,7 +327,8 @@ def write_task(root: Path, docs) -> Path:
     for i, d in enumerate(docs):
         path = root / "images" / f"{i}.png"
         d["image"].save(path)
-        rows.append({"image": str(path), "question": d["question"], "answer": d["answer"]})
+        rows.append({"image": str(path), "question": d["question"], "answer": d["answer"], "choices": d["choices"],
+                     "label": d["label"]})
     (root / "docs.json").write_text(json.dumps(rows))
     (root / "crossget_tiny.yaml").write_text(textwrap.dedent(f"""\
         task: crossget_tiny
@@ -350,6 +353,25 @@ def write_task(root: Path, docs) -> Path:
         metadata:
           - version: 0.0
         """))
+    (root / "crossget_tiny_mc.yaml").write_text(textwrap.dedent(f"""\
+        task: crossget_tiny_mc
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {root / "docs.json"}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_visual: !function utils.doc_to_visual
+        doc_to_text: !function utils.doc_to_text
+        doc_to_choice: choices
+        doc_to_target: label
+        metric_list:
+          - metric: acc
+            aggregation: mean
+            higher_is_better: true
+        metadata:
+          - version: 0.0
+        """))
     (root / "utils.py").write_text(textwrap.dedent("""\
         from PIL import Image
 
@@ -367,8 +389,9 @@ def write_task(root: Path, docs) -> Path:
 
 @pytest.fixture
 def lmms_task(tmp_path, monkeypatch):
-    """A saved tiny LLaVA and a 4-question task whose answers are the crossget-patched model's
-    own for the first two questions and wrong for the others: the score must be 0.5."""
+    """A saved tiny LLaVA and two 4-question tasks whose answers are the crossget-patched model's
+    own for the first two questions and wrong for the others: each score must be 0.5. Generated
+    answers; and the likeliest of two choices (multiple choice: loglikelihood requests)."""
     pytest.importorskip("lmms_eval")
     for var, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
                        "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -377,7 +400,12 @@ def lmms_task(tmp_path, monkeypatch):
     direct = CrossgetLMM(pretrained=str(model_dir), method="crossget", keep=KEEP, device="cpu")
     direct.task_dict = {"t": {"test": DOCS}}
     answers = direct.generate_until(requests({"max_new_tokens": 5, "temperature": 0, "until": ["w99"]}))
-    docs = [{**d, "answer": a.strip() if i < 2 else "w98 w97 w96"} for i, (d, a) in enumerate(zip(DOCS, answers))]
+    choices = [["w40", "w41 w42"], ["w43", "w44"], ["w45 w46", "w47"], ["w48", "w49"]]
+    scores = direct.score_continuations([Request(d["question"], " " + c, lambda doc: [doc["image"]], i, "t", "test")
+                                   for i, (d, pair) in enumerate(zip(DOCS, choices)) for c in pair])
+    best = [int(scores[2 * i + 1][0] > scores[2 * i][0]) for i in range(4)]
+    docs = [{**d, "answer": a.strip() if i < 2 else "w98 w97 w96", "choices": pair, "label": b if i < 2 else 1 - b}
+            for i, (d, a, pair, b) in enumerate(zip(DOCS, answers, choices, best))]
     return model_dir, write_task(tmp_path / "task", docs)
 
 
@@ -388,18 +416,20 @@ def test_lmms_eval_evaluator(lmms_task):
     model_dir, task_dir = lmms_task
     results = simple_evaluate(
         model="crossget", model_args=f"pretrained={model_dir},method=crossget,keep={KEEP},batch_size=3",
-        tasks=["crossget_tiny"], task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        tasks=["crossget_tiny", "crossget_tiny_mc"], task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
         device="cpu", batch_size=1, log_samples=False, bootstrap_iters=0)
     assert results["results"]["crossget_tiny"]["exact_match,none"] == 0.5
+    assert results["results"]["crossget_tiny_mc"]["acc,none"] == 0.5
 
 
 def test_lmms_eval_cli(lmms_task, tmp_path):
     model_dir, task_dir = lmms_task
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "crossget.tools.cli", "lmms-eval", "--model", "crossget",
-           "--model_args", f"pretrained={model_dir},method=crossget,keep={KEEP}", "--tasks", "crossget_tiny",
+           "--model_args", f"pretrained={model_dir},method=crossget,keep={KEEP}", "--tasks", "crossget_tiny,crossget_tiny_mc",
            "--include_path", str(task_dir), "--batch_size", "2", "--device", "cpu", "--output_path", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in out.rglob("*results*.json")]
-    assert [r["results"]["crossget_tiny"]["exact_match,none"] for r in results] == [0.5]
+    assert [(r["results"]["crossget_tiny"]["exact_match,none"], r["results"]["crossget_tiny_mc"]["acc,none"])
+            for r in results] == [(0.5, 0.5)]

@@ -32,9 +32,10 @@ from crossget.config import METHODS
 from crossget.families.visual_site import LM_METHODS
 
 try:  # the base class only where lmms-eval is installed: the rest runs without it
+    from lmms_eval.api.instance import GenerationResult
     from lmms_eval.api.model import lmms as LMMS_BASE
 except ImportError:
-    LMMS_BASE = object
+    LMMS_BASE, GenerationResult = object, None
 
 MODEL_NAME = "crossget"  # --model crossget
 CLASS_PATH = "crossget.tools.lmms_eval.CrossgetLMM"
@@ -417,7 +418,18 @@ class CrossgetLMM(LMMS_BASE):
         texts = self.tokenizer.batch_decode(out[:, x["input_ids"].shape[1]:], skip_special_tokens=True)
         return [cut_at(t, until) for t in texts]
 
-    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: Sequence[Any]) -> list[Any]:
+        """lmms-eval's loglikelihood: :meth:`score_continuations`, each pair wrapped where
+        lmms-eval is installed. lmms-eval 0.7.3 passes every model output through
+        ``unwrap_generation_output``, which turns a ``(float, bool)`` pair into its ``str`` (and
+        breaks its own multiple-choice scoring) but hands a ``GenerationResult``'s ``text`` on
+        as it is: the pair goes in there."""
+        scores = self.score_continuations(requests)
+        if GenerationResult is None:
+            return scores
+        return [GenerationResult(text=pair) for pair in scores]
+
+    def score_continuations(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """``(log p(continuation | context, images), continuation is the greedy one)`` per request
         (``Instance.args``: ``(context, continuation or doc_to_target, doc_to_visual, doc_id,
         task, split)``), one forward each. The continuation's tokens are those the full prompt

@@ -204,6 +204,18 @@ def test_bad_settings(files, tmp_path):
         run(files, load(files, keep=20), tmp_path / "c", batch_size=8)
 
 
+def test_other_families_are_refused_before_loading(files, tmp_path):
+    """The eval harness loads every multimodal family; training is LLaVA-1.5's, so a LLaVA-NeXT
+    folder is a TypeError (only its config.json is there: nothing else is read)."""
+    from test_llava_next import make_next
+
+    from crossget.tools.train.jobs import train_llava_on
+
+    make_next().config.save_pretrained(tmp_path / "next")
+    with pytest.raises(TypeError, match="'llava_next' model; train-llava trains LLaVA-1.5"):
+        train_llava_on(tmp_path / "next", files / "conv.json", files / "images", tmp_path / "out", keep=4)
+
+
 def test_cli_end_to_end(files, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["train-llava", "--model", str(files / "model"), "--data", str(files / "conv.json"), "--images",

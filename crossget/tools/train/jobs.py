@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from torch import nn
-from transformers import CLIPConfig, CLIPProcessor
+from transformers import AutoConfig, CLIPConfig, CLIPProcessor
 
 from crossget.api import patch
 from crossget.families.llava import CROSS_LOSS_WEIGHT
@@ -76,6 +76,10 @@ def train_llava_on(
     ``method`` at one budget; ``settings`` go to :func:`crossget.tools.train.llava.train_llava`.
     The data is read first, so that its errors come before loading a large model."""
     conversations = LlavaConversations(data, images)
+    kind = AutoConfig.from_pretrained(model_dir).model_type if os.path.isfile(os.path.join(model_dir, "config.json")) \
+        else None  # no folder: load_llava says so
+    if kind not in (None, "llava"):  # the harness loads every multimodal family; training is LLaVA-1.5's
+        raise TypeError(f"{model_dir} holds a {kind!r} model; train-llava trains LLaVA-1.5 (model_type 'llava') only")
     model, processor = load_llava(model_dir, dtype=dtype)
     patch_llava(model, processor, method, keep=keep, r=r, flops=flops)
     weight = CROSS_LOSS_WEIGHT if cross_weight is None else cross_weight

@@ -21,6 +21,7 @@ def test_flops_table_has_every_method_and_keep_and_ratios_fall_with_keep(name):
     spec = bench_mllm.SPECS[name]
     rows = bench_mllm.flops_rows(bench_mllm.meta_model(name), spec, spec.flops_image, keeps=KEEPS, text_len=5)
     assert rows[0]["name"] == "baseline" and rows[0]["ratio"] == 1.0
+    # the tower-site rows of the tiny NeXT / OneVision: tiles too small for these budgets (left out)
     assert {(r["method"], r["keep"]) for r in rows[1:]} == {(m, k) for m in bench_mllm.METHODS for k in KEEPS}
     for m in bench_mllm.METHODS:
         ratios = [r["ratio"] for k in KEEPS for r in rows if r["method"] == m and r["keep"] == k]
@@ -58,25 +59,28 @@ def test_vision_side_counted_on_meta_is_the_analytic_one(name):
 
 def test_timing_loop_runs_a_round_and_writes_the_three_files(tmp_path):
     out = tmp_path / "bench"
-    bench_mllm.run_mllm_benchmark("llava-next-tiny", keeps=KEEPS, time_keeps=(4, 8), text_len=5, new_tokens=3,
-                                  rounds=1, threads=1, out_dir=out, progress=False)
+    bench_mllm.run_mllm_benchmark("llava-next-tiny", keeps=KEEPS, time_keeps=(40, 60), text_len=5, new_tokens=3,
+                                  rounds=1, threads=1, out_dir=out, progress=False, time_image=(112, 112))
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "tradeoff.png"]
     saved = json.loads((out / "results.json").read_text())
     t = saved["timing"]
-    assert [r["name"] for r in t["rows"]] == ["baseline"] + [f"{m} keep={k}" for k in (4, 8) for m in bench_mllm.METHODS]
+    takes = bench_mllm.methods_of(bench_mllm.SPECS["llava-next-tiny"])
+    assert takes[-3:] == ("tome@tower", "crossget@tower", "visionzip")
+    assert [r["name"] for r in t["rows"]] == ["baseline"] + [f"{m} keep={k}" for k in (40, 60) for m in bench_mllm.METHODS] \
+        + [f"{m} keep={k}" for k in (40, 60) for m in takes[-3:]]
     for r in t["rows"]:
         assert len(r["times"]) == 1 and r["ttft_ms"] > 0 and r["decode_tok_s"] > 0 and r["ttft_speedup"] > 0
         assert 0 < r["flops_ratio"] <= 1
     assert t["rows"][0]["ttft_speedup"] == 1.0
     md = (out / "results.md").read_text()
-    assert "fastv keep=8" in md and "1st token ms" in md
+    assert "fastv keep=60" in md and "1st token ms" in md and "tome@tower keep=40" in md
 
 
 @pytest.mark.parametrize("name", ["llava-onevision-tiny", "qwen2.5-vl-tiny", "qwen3-vl-tiny"])
 def test_timing_runs_the_other_families(name, tmp_path):
     res = bench_mllm.run_mllm_benchmark(name, keeps=(4,), time_keeps=(4,), text_len=5, new_tokens=2, rounds=1,
                                         threads=1, out_dir=tmp_path, progress=False)
-    assert len(res["timing"]["rows"]) == 1 + len(bench_mllm.METHODS)
+    assert len(res["timing"]["rows"]) == 1 + len(bench_mllm.METHODS)  # keep 4: too few per tile for the tower site
 
 
 def test_cli_flops_only_for_a_real_size_model(tmp_path, capsys):
@@ -87,6 +91,24 @@ def test_cli_flops_only_for_a_real_size_model(tmp_path, capsys):
     assert [r["name"] for r in saved["flops"]] == ["baseline"] + [f"{m} keep=64" for m in bench_mllm.METHODS]
     assert bench_mllm.METHODS == ("tome", "crossget", "divprune", "fastv", "dart")
     assert (out / "tradeoff.png").exists()
+
+
+@pytest.mark.parametrize("name", ["llava-next-7b", "llava-onevision-7b"])
+def test_tower_site_rows_keep_per_tile_and_save_the_tower(name):
+    """``@tower`` / VisionZip rows: every tile keeps ``keep // tiles`` tokens, the LM gets tiles x that
+    (counted LM = analytic), and merging in the tower costs less than the same image budget at the
+    projector site, whose tower runs unreduced."""
+    spec = bench_mllm.SPECS[name]
+    model = bench_mllm.meta_model(name)
+    rows = bench_mllm.flops_rows(model, spec, spec.flops_image, keeps=(128,), text_len=8)
+    tiles = spec.family.FAMILY.tiles(model, spec.flops_image)
+    by = {r["method"]: r for r in rows}
+    assert ("visionzip" in by) == (name == "llava-next-7b")  # SigLIP has no CLS for VisionZip
+    for m in ("tome", "crossget"):
+        tower = by[f"{m}@tower"]
+        assert tower["tile_keep"] == 128 // tiles and tower["lm_visual_tokens"] == tiles * (128 // tiles)
+        assert tower["lm_rel_diff"] == pytest.approx(0, abs=FLOPS_TOL)
+        assert tower["vision_gflops"] < by[m]["vision_gflops"] and tower["ratio"] < by[m]["ratio"]
 
 
 def test_lm_pruning_rows_keep_the_stock_prompt_and_count_the_lm_after_k():
@@ -106,7 +128,7 @@ def test_lm_pruning_rows_keep_the_stock_prompt_and_count_the_lm_after_k():
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--methods", "visionzip"], "--methods among"),
+    (["--methods", "tome,visionzip", "--model", "qwen2.5-vl-7b"], "--methods among"),
     (["--r", "4"], "--keep"),
 ])
 def test_cli_refuses_what_these_families_do_not_take(args, match, tmp_path, capsys):

@@ -63,6 +63,9 @@ __all__ = [
 # every method the four families take, against the stock model: site merging / selection, then LM pruning
 METHODS = ("tome", "crossget", "divprune", "fastv", "dart")
 LM_PRUNING = ("fastv", "dart")  # pruned inside the LM before layer K: the prompt keeps the stock count
+# merged / selected inside the vision tower of LLaVA-NeXT and OneVision (site="tower"), every tile alike:
+# a row's keep is the image's budget, each of its tiles keeps keep // tiles (docs/mllm.md)
+TOWER_METHODS = ("tome@tower", "crossget@tower", "visionzip")
 DEFAULT_KEEPS = (64, 128, 192, 288)
 DEFAULT_TIME_KEEPS = (64, 128)
 TEXT_LEN = 64  # prompt tokens besides the visual ones (as for LLaVA-1.5)
@@ -107,6 +110,33 @@ SPECS: dict[str, Spec] = {
                           "qwen", fastv_layer=2),
 }
 MODELS = ("llava-next-7b", "llava-onevision-7b", "qwen2.5-vl-7b", "qwen3-vl-8b")  # what `crossget bench --model` takes
+
+
+def methods_of(spec: Spec) -> tuple[str, ...]:
+    """What ``spec``'s model is benchmarked with: :data:`METHODS`, and for the families with a
+    tower site the :data:`TOWER_METHODS` their tower takes (OneVision's SigLIP: no VisionZip)."""
+    tower = getattr(spec.family.FAMILY, "tower_methods", ())
+    return METHODS + tuple(m for m in TOWER_METHODS if m.removesuffix("@tower") in tower)
+
+
+def tower_configs(model: nn.Module, spec: Spec, methods: Sequence[str], keeps: Sequence[int],
+                  image: tuple[int, int]) -> list[dict]:
+    """The tower-site configs of ``methods`` at every image budget in ``keeps``: ``keep // tiles``
+    tokens per tile, named ``"<method> keep=<image budget>"``; a budget whose tiles would keep
+    fewer tokens than the layers before the feature layer can merge down to is left out."""
+    if not any(m in TOWER_METHODS for m in methods):
+        return []
+    fam = spec.family.FAMILY
+    tiles = fam.tiles(model, image)
+    configs = []
+    for k in keeps:
+        try:
+            fam.tower_schedule(model, k // tiles)
+        except ValueError:  # fewer than one token per tile, or out of the layers' reach
+            continue
+        configs += [{"name": f"{m} keep={k}", "method": m.removesuffix("@tower"), "label": m, "site": "tower",
+                     "image_keep": k, "keep": k // tiles, "tiles": tiles} for m in methods if m in TOWER_METHODS]
+    return configs
 
 
 def _spec(name: str) -> Spec:
@@ -231,20 +261,24 @@ def _lm_segments(method: str, n_lm: int, stock: int, keep: int, text_len: int, k
     return [(n_lm, (keep if method != "none" else stock) + text_len)]
 
 
-def flops_rows(model: nn.Module, spec: Spec, image: tuple[int, int], methods: Sequence[str] = METHODS,
+def flops_rows(model: nn.Module, spec: Spec, image: tuple[int, int], methods: Sequence[str] | None = None,
                keeps: Sequence[int] = DEFAULT_KEEPS, text_len: int = TEXT_LEN, counted: bool = True,
                fastv_layer: int | None = None) -> list[dict]:
     """Stock, then every method at every keep (no more than the image's stock count): analytic
-    prefill FLOPs and their parts, the LM part counted (``counted``), and the ratio to stock.
-    ``fastv_layer``: FastV's / DART's K (None: :attr:`Spec.fastv_layer`)."""
+    prefill FLOPs and their parts, the LM part counted (``counted``), and the ratio to stock;
+    then the tower-site methods (:func:`tower_configs`; their merging is in the vision column).
+    ``methods``: None, :func:`methods_of`. ``fastv_layer``: FastV's / DART's K (None:
+    :attr:`Spec.fastv_layer`)."""
     fam = spec.family
+    methods = methods_of(spec) if methods is None else methods
     fastv_layer = spec.fastv_layer if fastv_layer is None else fastv_layer
     tcfg = fam.base_model(model).config.text_config
     n_lm = tcfg.num_hidden_layers
     stock = fam.stock_image_tokens(model, image)
     base = fam.prefill_flops(model, "none", None, image, text_len)
     rows = []
-    for cfg in budget_configs(methods, [k for k in keeps if k < stock], ()):
+    keeps = [k for k in keeps if k < stock]
+    for cfg in budget_configs([m for m in methods if m in METHODS], keeps, ()):
         m, keep = cfg["method"], cfg.get("keep", stock)
         total = fam.prefill_flops(model, m, keep, image, text_len, fastv_layer)
         prunes = m in LM_PRUNING
@@ -262,13 +296,27 @@ def flops_rows(model: nn.Module, spec: Spec, image: tuple[int, int], methods: Se
             row["lm_counted_gflops"] = c / 1e9
             row["lm_rel_diff"] = (c - lm) / lm
         rows.append(row)
+    for cfg in tower_configs(model, spec, methods, keeps, image):
+        total = fam.prefill_flops(model, cfg["method"], cfg["keep"], image, text_len, fastv_layer, site="tower")
+        visual = cfg["tiles"] * cfg["keep"]
+        lm = site_and_lm_flops(tcfg, "none", visual, visual, text_len, fastv_layer)
+        row = {"name": cfg["name"], "method": cfg["label"], "keep": cfg["image_keep"], "tile_keep": cfg["keep"],
+               "visual_tokens": visual, "lm_visual_tokens": visual, "vision_gflops": (total - lm) / 1e9,
+               "matching_gflops": 0.0, "lm_gflops": lm / 1e9, "prefill_gflops": total / 1e9, "ratio": total / base}
+        if counted:
+            c = counted_lm_flops(tcfg, [(n_lm, visual + text_len)])
+            row["lm_counted_gflops"] = c / 1e9
+            row["lm_rel_diff"] = (c - lm) / lm
+        rows.append(row)
     return rows
 
 
 # --------------------------------------------------------------------------- the run
 def _patch(model: nn.Module, cfg: dict, fastv_layer: int) -> None:
     crossget.unpatch(model)
-    if cfg["method"] in LM_PRUNING:
+    if cfg.get("site") == "tower":
+        crossget.patch(model, keep=cfg["keep"], method=cfg["method"], site="tower")
+    elif cfg["method"] in LM_PRUNING:
         crossget.patch(model, keep=cfg["keep"], method=cfg["method"], fastv_layer=fastv_layer)
     elif cfg["method"] != "none":
         crossget.patch(model, keep=cfg["keep"], method=cfg["method"])
@@ -276,7 +324,7 @@ def _patch(model: nn.Module, cfg: dict, fastv_layer: int) -> None:
 
 def run_mllm_benchmark(
     name: str,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     keeps: Sequence[int] = DEFAULT_KEEPS,
     time_keeps: Sequence[int] = DEFAULT_TIME_KEEPS,
     text_len: int = TEXT_LEN,
@@ -293,11 +341,12 @@ def run_mllm_benchmark(
 ) -> dict:
     """FLOPs of the real ``name`` and (``timing``) timings of its scaled-down version (module
     docstring); writes the three files to ``out_dir`` (default ``benchmarks/<name>-bench``) and
-    returns what ``results.json`` holds."""
+    returns what ``results.json`` holds. ``methods``: None, every one :func:`methods_of` gives."""
     spec = _spec(name)
-    bad = [m for m in methods if m not in METHODS]
+    methods = methods_of(spec) if methods is None else tuple(methods)
+    bad = [m for m in methods if m not in methods_of(spec)]
     if bad:
-        raise ValueError(f"methods must be among {METHODS} for {name}, got {bad}")
+        raise ValueError(f"methods must be among {methods_of(spec)} for {name}, got {bad}")
     if new_tokens < 2 or rounds < 1 or text_len < 3:
         raise ValueError(f"need new_tokens >= 2, rounds >= 1, text_len >= 3; got {new_tokens}, {rounds}, {text_len}")
     torch.set_num_threads(threads)
@@ -341,14 +390,17 @@ def _timing(name: str, spec: Spec, methods: Sequence[str], keeps: Sequence[int],
     fam = spec.family
     cfg0 = fam.base_model(model).config
     stock = fam.stock_image_tokens(model, image)
-    configs = budget_configs(methods, [k for k in keeps if k < stock], ())
+    keeps = [k for k in keeps if k < stock]
+    configs = budget_configs([m for m in methods if m in METHODS], keeps, ())
+    configs += tower_configs(model, spec, methods, keeps, image)
     k = min(spec.fastv_layer, lm_layers - 1)
     base_flops = fam.prefill_flops(model, "none", None, image, text_len, k)
     rows = []
     for cfg in configs:
-        keep = cfg.get("keep", stock)
-        f = fam.prefill_flops(model, cfg["method"], keep, image, text_len, k)
-        rows.append({"name": cfg["name"], "method": cfg["method"], "keep": cfg.get("keep"), "prefill_gflops": f / 1e9,
+        site = {"site": cfg["site"]} if "site" in cfg else {}
+        f = fam.prefill_flops(model, cfg["method"], cfg.get("keep", stock), image, text_len, k, **site)
+        rows.append({"name": cfg["name"], "method": cfg.get("label", cfg["method"]),
+                     "keep": cfg.get("image_keep", cfg.get("keep")), "prefill_gflops": f / 1e9,
                      "flops_ratio": f / base_flops, "times": []})
     say(f"scaled model built ({len(configs)} configs, {stock} stock visual tokens at {image[0]}x{image[1]})")
     load = []
@@ -408,7 +460,9 @@ def results_markdown(results: dict) -> str:
         f"shapes, eager attention; FastV / DART: layers from K={meta['fastv_layer']} on the pruned sequence). "
         "keep = visual tokens per image in the LM (FastV / DART: after layer K; DART's `keep` counts its "
         "image pivots). Matching: ToMe's / CrossGET's rounds at the projector site, DivPrune's distance "
-        "matrix, DART's pivot similarities.",
+        "matrix, DART's pivot similarities. `@tower` and `visionzip` rows: inside the vision tower "
+        "(`site=\"tower\"`), every tile keeps `keep // tiles` tokens (tiles x per tile in the LM, flat "
+        "layout), the merging and the shorter tower in the vision column.",
         "",
         (f"Vision side counted by `FlopCounterMode` on the meta device (`get_image_features`, eager attention): "
          f"{meta['vision_counted_gflops']:.0f} GFLOPs, {meta['vision_rel_diff']:+.1e} relative to the analytic "
@@ -425,7 +479,8 @@ def results_markdown(results: dict) -> str:
     ]
     for r in rows:
         tokens = (f"{r['visual_tokens']} → {r['lm_visual_tokens']}" if r["method"] in LM_PRUNING
-                  else str(r["lm_visual_tokens"]))
+                  else f"{r['lm_visual_tokens']} ({r['lm_visual_tokens'] // r['tile_keep']} x {r['tile_keep']})"
+                  if "tile_keep" in r else str(r["lm_visual_tokens"]))
         counted = f"{r['lm_counted_gflops']:.0f} | {r['lm_rel_diff']:+.1e}" if "lm_counted_gflops" in r else "– | –"
         lines.append(f"| {r['name']} | {tokens} | {r['vision_gflops']:.0f} | {r['matching_gflops']:.2f} | "
                      f"{r['lm_gflops']:.0f} | {counted} | {r['prefill_gflops']:.0f} | {r['ratio']:.3f} |")

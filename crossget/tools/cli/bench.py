@@ -48,10 +48,12 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens each caption generates, exactly (--tower caption; default 10)")
     p.add_argument("--reduce", type=comma_list(choice(TOWER_KINDS), "towers"), default=None,
                    help="towers to reduce, e.g. vision,text (default: the benchmarked tower; vision for both)")
-    p.add_argument("--methods", type=comma_list(choice(ENCODER_METHODS + LLAVA_PEERS), "methods"), default=None,
+    p.add_argument("--methods", type=comma_list(choice(ENCODER_METHODS + LLAVA_PEERS + bench_mllm.TOWER_METHODS[:2]),
+                                                "methods"), default=None,
                    help="comma-separated: tome, crossget (default both; the stock model always runs); "
-                        "for the multimodal LLMs also fastv, divprune, dart, and for llava-1.5 visionzip "
-                        "(default every method the model takes)")
+                        "for the multimodal LLMs also fastv, divprune, dart, visionzip (llava-1.5, "
+                        "llava-next-7b) and tome@tower, crossget@tower (llava-next-7b, llava-onevision-7b: "
+                        "merged in the vision tower) (default every method the model takes)")
     p.add_argument("--r", type=comma_list(non_negative_int, "non-negative integers"), default=[],
                    help="tokens removed per layer; one config per value, e.g. 8,12,16")
     p.add_argument("--flops", type=comma_list(ratio, "ratios in (0, 1]"), default=[],
@@ -85,7 +87,7 @@ def bench(args: argparse.Namespace) -> int:
                          + ", ".join(bench_mllm.MODELS))
     if args.model.startswith("llava"):
         return bench_llava(args)
-    if set(args.methods or ()) & set(LLAVA_PEERS) or args.keep:
+    if set(args.methods or ()) & set(LLAVA_PEERS + bench_mllm.TOWER_METHODS) or args.keep:
         raise ValueError("--methods fastv/visionzip/divprune/dart and --keep are for the multimodal LLMs "
                          "(--model llava-1.5, " + ", ".join(bench_mllm.MODELS) + ")")
     if not args.r and not args.flops:
@@ -129,10 +131,11 @@ def bench_mllm_model(args: argparse.Namespace) -> int:
     crossget.tools.bench_mllm)."""
     if args.flops or args.r:
         raise ValueError(f"--model {args.model} takes visual-token budgets: give --keep (not --flops / --r)")
-    methods = args.methods or bench_mllm.METHODS
-    bad = [m for m in methods if m not in bench_mllm.METHODS]
+    takes = bench_mllm.methods_of(bench_mllm.SPECS[args.model])
+    methods = args.methods or takes
+    bad = [m for m in methods if m not in takes]
     if bad:
-        raise ValueError(f"--model {args.model} takes --methods among {', '.join(bench_mllm.METHODS)}, got {bad}")
+        raise ValueError(f"--model {args.model} takes --methods among {', '.join(takes)}, got {bad}")
     out = args.out or os.path.join("benchmarks", f"{args.model}-bench")
     bench_mllm.run_mllm_benchmark(
         args.model, methods=methods, keeps=args.keep or bench_mllm.DEFAULT_KEEPS,

@@ -241,3 +241,18 @@ def test_cli_errors(setup, capsys):
         with pytest.raises(SystemExit) as e:
             main(base + extra)
         assert e.value.code == 2 and message in capsys.readouterr().err, extra
+
+
+def test_standard_error_counts_the_questions_scored(tmp_path):
+    """Circular MMBench asks each question in every rotation (the row's n) but scores it once
+    (the score's n): the binomial SE is over the questions scored."""
+    spec = TaskSpec("mmb", "mc", tmp_path / "mmbench.tsv", options={"circular": True})
+    runs = [cmp.Run(spec, "none", None), cmp.Run(spec, "tome", 36)]
+    for run, accuracy in zip(runs, (50.0, 40.0)):
+        row = {"n": 400, "score": {"accuracy": accuracy, "n": 100, "circular_accuracy": accuracy / 2},
+               "gflops_prefill": 2.0, "gflops": 3.0, "samples_per_s": 1.0, "visual_tokens": 144}
+        path = run_path(tmp_path, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": {}, "result": row}))
+    cell = cmp.summarize(tmp_path, runs, 144, None)["rows"][1]["tasks"]["mmb"]
+    assert cell["n"] == 100 and cell["se"] == pytest.approx(100 * (0.4 * 0.6 / 100) ** 0.5)

@@ -489,7 +489,7 @@ def model_id(out: Path, run: Run) -> str:
 
 
 # --------------------------------------------------------------------------- summary
-def summarize(out: Path, runs: Sequence[Run], stock_tokens: int, meta: Mapping[str, Any] | None) -> dict[str, Any]:
+def summarize(out: Path, runs: Sequence[Run], stock_tokens: int | None, meta: Mapping[str, Any] | None) -> dict[str, Any]:
     """The summary of the run files: per method x budget row, per task the score, its share of
     stock, GFLOPs (prefill and whole answer) with ratios to stock, questions/s."""
     import torch
@@ -504,8 +504,10 @@ def summarize(out: Path, runs: Sequence[Run], stock_tokens: int, meta: Mapping[s
             res, base = stored[(t, method, keep)], stored[(t, "none", None)]
             metric, value = primary_score(kinds[t], res["score"])
             _, base_value = primary_score(kinds[t], base["score"])
+            # the questions scored (circular MMBench asks each in every rotation, scores it once)
+            n = (res["score"] or {}).get("n", res.get("n"))
             cells[t] = {
-                "metric": metric, "score": value, "se": _binomial_se(value, res.get("n"), metric), "n": res.get("n"),
+                "metric": metric, "score": value, "se": _binomial_se(value, n, metric), "n": n,
                 "share": None if value is None or not base_value else 100 * value / base_value,
                 "gflops_prefill": res["gflops_prefill"], "prefill_ratio": res["gflops_prefill"] / base["gflops_prefill"],
                 "gflops": res["gflops"], "gflops_ratio": res["gflops"] / base["gflops"],

@@ -256,3 +256,24 @@ def test_standard_error_counts_the_questions_scored(tmp_path):
         path.write_text(json.dumps({"settings": {}, "result": row}))
     cell = cmp.summarize(tmp_path, runs, 144, None)["rows"][1]["tasks"]["mmb"]
     assert cell["n"] == 100 and cell["se"] == pytest.approx(100 * (0.4 * 0.6 / 100) ** 0.5)
+
+
+def test_changed_mme_files_rerun(setup, tmp_path):
+    """MME's questions are a folder of subtask folders: a changed question file there is a changed
+    setting (the run is recomputed), an unchanged folder is skipped."""
+    root = tmp_path / "MME"
+    (root / "color").mkdir(parents=True)
+    Image.open(setup / "images" / "img0.png").save(root / "color" / "a.png")
+    qa = root / "color" / "a.txt"
+    qa.write_text("Is it red? Please answer yes or no.\tyes\nIs it blue? Please answer yes or no.\tno\n")
+    spec = parse_task(f"mme=mme:{root}:{root}")
+    spy, mp = counted()
+    try:
+        compare(setup / "model", [spec], [], [36], tmp_path / "out", log=lambda _: None, **FAST)
+        compare(setup / "model", [spec], [], [36], tmp_path / "out", log=lambda _: None, **FAST)
+        assert spy.calls == ["out/none"]
+        qa.write_text("Is it red? Please answer yes or no.\tno\nIs it blue? Please answer yes or no.\tno\n")
+        with pytest.raises(ValueError, match="task_files"):
+            compare(setup / "model", [spec], [], [36], tmp_path / "out", on_change="refuse", **FAST)
+    finally:
+        mp.undo()

@@ -26,6 +26,7 @@ so it is training-free, and the table names it so.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -286,6 +287,16 @@ def _fingerprint(path: Path | None) -> Any:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _tree_fingerprint(path: Path) -> Any:
+    """:func:`_fingerprint`, but a question folder (MME's: subtask folders of ``.txt`` question files)
+    by every text file under it, as one digest of their paths, sizes and modification times."""
+    if not path.is_dir():
+        return _fingerprint(path)
+    listing = sorted((p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".json", ".jsonl", ".tsv"))
+    return {"files": len(listing), "sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}
+
+
 def _settings(run: Run, model_dir: Path, evaluation: Mapping[str, Any]) -> dict[str, Any]:
     """Everything the run's result depends on: compared on resume."""
     spec = run.task
@@ -294,7 +305,7 @@ def _settings(run: Run, model_dir: Path, evaluation: Mapping[str, Any]) -> dict[
         "model": str(model_dir.resolve()),
         "model_files": _fingerprint(model_dir),
         "task": spec.to_dict() | {"name": None},  # renaming a task changes no result
-        "task_files": {"questions": _fingerprint(spec.questions), "annotations": _fingerprint(spec.annotations)},
+        "task_files": {"questions": _tree_fingerprint(spec.questions), "annotations": _fingerprint(spec.annotations)},
         "method": run.method,
         "keep": run.keep,
         **evaluation,
@@ -377,7 +388,8 @@ def compare(
     """Run the stock model and every method at every budget on every task; write the summary.
 
     Args:
-        model_dir: a local LLaVA folder (:func:`~crossget.tools.eval.llava.load_llava`).
+        model_dir: a local folder of any family :func:`~crossget.tools.eval.llava.load_llava` loads
+            (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL).
         tasks: :class:`TaskSpec` s (:func:`llava_layout_tasks`, :func:`parse_task`), distinct names.
         methods: ``"all"`` or names (:func:`parse_methods`); the stock model always runs.
         keeps: visual tokens per image (:func:`parse_keeps`).

@@ -13,9 +13,12 @@ from crossget.tools.eval.llava import TASKS
 
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="local LLaVA folder (LlavaForConditionalGeneration + LlavaProcessor)")
+    p.add_argument("--model", required=True,
+                   help="local model folder with its processor: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL or "
+                        "Qwen3-VL (config.json's model_type picks the class and the methods)")
     p.add_argument("--methods", default="all",
-                   help="'all' (tome, crossget, fastv, visionzip, divprune, dart) or a comma list; stock always runs")
+                   help="'all' (every method of the model's family; LLaVA-1.5: tome, crossget, fastv, visionzip, "
+                        "divprune, dart) or a comma list; stock always runs")
     p.add_argument("--keep", default="64,128,192", help="visual tokens per image, comma list (default 64,128,192)")
     p.add_argument("--data", default=None, metavar="ROOT",
                    help="LLaVA's eval folder (playground/data/eval) for --tasks")

@@ -222,6 +222,15 @@ def test_llava_takes_every_keyword_it_documents():
     assert crossget.config(model).contextual == 4
 
 
+@pytest.mark.parametrize("kw, match", [(dict(method="tome", keep=20, fastv_layer=1), "fastv_layer= is FastV's"),
+                                       (dict(method="crossget", keep=20, contextual=4), "contextual= is VisionZip's")])
+def test_llava_refuses_a_keyword_its_method_does_not_read(kw, match):
+    model = make_llava()
+    with pytest.raises(ValueError, match=match):
+        crossget.patch(model, **kw)
+    assert not crossget.is_patched(model)
+
+
 def test_config_is_frozen_and_unknown_keys_are_refused():
     cfg = PatchConfig(method="tome", r=[1, 2])
     assert cfg.r == (1, 2)

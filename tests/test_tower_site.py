@@ -217,6 +217,9 @@ def test_flops_target_at_the_tower_is_solved_into_r():
         (make_next, dict(method="visionzip", keep=17), "more than the 16"),
         (make_next, dict(keep=10, site="tower", towers=("text",)), "towers must be"),
         (make_next, dict(keep=10, site="tower", fastv_layer=1), "fastv_layer= is FastV's"),
+        (make_next, dict(keep=10, site="tower", contextual=2), "contextual= is VisionZip's"),
+        (make_next, dict(keep=10, fastv_layer=1), "fastv_layer= is FastV's"),  # the projector site too
+        (make_ov, dict(method="divprune", keep=10, fastv_layer=1), "fastv_layer= is FastV's"),
         (make_next, dict(flops=0.05, site="tower", text_len=8), "out of reach"),
         (make_ov, dict(keep=3, site="tower"), "out of reach at the tower site"),
         (make_ov, dict(method="visionzip", keep=6), "no CLS token"),

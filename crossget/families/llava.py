@@ -585,7 +585,8 @@ class LlavaFamily(Family):
 
         Raises:
             TypeError: not a LLaVA model with a CLIP vision tower.
-            ValueError: bad method, budget (more than exist, zero, negative), towers or metric.
+            ValueError: bad method, budget (more than exist, zero, negative), towers, metric, or
+                ``fastv_layer`` / ``contextual`` with a method that does not read them.
         """
         base = _base(model)
         _vision(model)
@@ -605,6 +606,11 @@ class LlavaFamily(Family):
             if set(r) - {"vision"}:
                 raise ValueError(f"LLaVA reduces its vision tower only; r names {sorted(set(r) - {'vision'})}")
             r = r.get("vision", 0)
+        if cfg.fastv_layer is not None and method not in LM_METHODS:  # read by FastV / DART only
+            raise ValueError(f"fastv_layer= is FastV's / DART's layer in the language model; method={method!r} "
+                             f"has no such setting")
+        if cfg.contextual is not None and method != "visionzip":
+            raise ValueError(f"contextual= is VisionZip's count of contextual tokens; method={method!r} has none")
         n_lm = len(base.language_model.layers)
         fastv_layer = FASTV_LAYER if cfg.fastv_layer is None else cfg.fastv_layer
         if method in LM_METHODS and (isinstance(fastv_layer, bool) or not isinstance(fastv_layer, int)

@@ -276,8 +276,8 @@ class TowerSiteFamily(PackedSiteFamily):
         Raises:
             TypeError: a vision tower the family cannot patch.
             ValueError: bad budgets (not an int, zero, more than a tile has, below what the
-                layers before the feature layer reach), towers, ``fastv_layer`` (FastV's), or
-                feature layers VisionZip cannot select at.
+                layers before the feature layer reach), towers, ``fastv_layer`` (FastV's),
+                ``contextual`` away from VisionZip, or feature layers VisionZip cannot select at.
         """
         base = self.base_model(model)
         vision = self.vision_record(model)
@@ -288,6 +288,8 @@ class TowerSiteFamily(PackedSiteFamily):
         if cfg.fastv_layer is not None:  # read by FastV / DART only: refused rather than ignored
             raise ValueError(f"fastv_layer= is FastV's / DART's layer in the language model; method={method!r} "
                              f"runs in {self.name}'s vision tower (site='tower'), which has no such setting")
+        if cfg.contextual is not None and method != "visionzip":  # read by VisionZip only
+            raise ValueError(f"contextual= is VisionZip's count of contextual tokens; method={method!r} has none")
         n0, per_tile, layers, reducible = self.tower_shape(model)
         strategy = base.config.vision_feature_select_strategy
         if cfg.towers not in (None, (), ("vision",)):

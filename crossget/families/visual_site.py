@@ -593,7 +593,8 @@ class SiteFamily(Family):
         Raises:
             TypeError: not one of the family's models.
             ValueError: bad method, budget (not an int, zero, negative, more than
-                :meth:`check_patch_keep` takes), towers, guidance or fastv_layer.
+                :meth:`check_patch_keep` takes), towers, guidance or fastv_layer (FastV's /
+                DART's only).
         """
         base = self.base_model(model)
         method = cfg.method
@@ -607,6 +608,9 @@ class SiteFamily(Family):
         if cfg.keep is not None and cfg.flops is not None:
             raise ValueError("give keep= or flops=, not both")
         n_lm = len(base.language_model.layers)
+        if cfg.fastv_layer is not None and method not in LM_METHODS:  # read by FastV / DART only
+            raise ValueError(f"fastv_layer= is FastV's / DART's layer in the language model; method={method!r} "
+                             f"runs at {self.name}'s projector site, which has no such setting")
         fastv_layer = fastv.DEFAULT_LAYER if cfg.fastv_layer is None else cfg.fastv_layer
         if method in LM_METHODS and (isinstance(fastv_layer, bool) or not isinstance(fastv_layer, int)
                                   or not 1 <= fastv_layer < n_lm):

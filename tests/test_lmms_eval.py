@@ -265,6 +265,17 @@ def test_stock_model_runs_unpatched():
     assert int((seen.ids[0] == LLAVA_IMG).sum()) == 64
 
 
+def test_stock_args_unpatch_a_patched_model():
+    """method=none over a model handed in patched runs the stock model (the args say so)."""
+    model, processor = make_llava(), llava_processor()
+    lmm(model, processor, method="tome", keep=KEEP)
+    m = lmm(model, processor)
+    assert not crossget.is_patched(model) or crossget.config(model).method == "none"
+    seen = FirstInputs(model)
+    m.generate_until(requests(GEN)[:1])
+    assert int((seen.ids[0] == LLAVA_IMG).sum()) == 64
+
+
 def test_loglikelihood():
     model, processor = make_llava(), llava_processor()
     m = lmm(model, processor, method="crossget", keep=KEEP)

@@ -312,6 +312,9 @@ class CrossgetLMM(LMMS_BASE):
         if self.args.patched:
             crossget.patch(model, **self.args.patch_kwargs())
             crossget.adapt_processor(processor, model)
+        elif crossget.is_patched(model):  # the args say stock: a model handed in patched is unpatched
+            crossget.apply(model, None)
+            crossget.adapt_processor(processor, model)
         self._model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer

@@ -91,8 +91,9 @@ class PatchConfig:
         contextual: VisionZip's contextual tokens (LLaVA); None: 10/64 of ``keep``.
         site: where a multimodal LLM reduces, one of :data:`SITES` (LLaVA-NeXT, LLaVA-OneVision:
             ``"tower"`` merges in the vision tower's layers, ``"projector"`` on the projected
-            tokens); None: the family's default for the method. :func:`crossget.config` reports
-            the site that runs (None where the method prunes inside the language model).
+            tokens; Qwen-VL: ``"projector"`` only); None: the family's default for the method.
+            :func:`crossget.config` reports the site that runs (None where the method prunes
+            inside the language model, and for families without ``site=``, e.g. LLaVA-1.5).
 
     Filled in by patching:
         flops_estimate: the analytic FLOPs ratio of the resolved schedule (with ``flops``).

@@ -395,10 +395,7 @@ class SiglipFamily(Family):
         glue = rec.glue if rec is not None else None
         if glue is None:
             return
-        for h in glue.handles:
-            h.remove()
-        if glue.head is not None:
-            unmark(glue.head)
+        uninstall_vision_glue(glue.handles, glue.head)  # the text tower's handles are hooks too
         unmark(model, ("glue",))
 
     def joint_projection(self, model: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -182,6 +182,7 @@ def test_multi_image_prompt(method):
 
 
 @pytest.mark.parametrize("method, budget", [("tome", dict(keep=KEEP)), ("crossget", dict(keep=KEEP)),
+                                            ("tome", dict(keep=6, site="tower")),
                                             ("crossget", dict(keep=6, site="tower"))])  # tower: 7 tiles x 6, 1 x 6
 def test_batch_mixing_a_single_and_a_multi_image_prompt(method, budget):
     model = make_ov()

@@ -120,11 +120,12 @@ def test_the_lm_receives_tiles_times_keep_the_vision_familys_merge(fam, method):
         torch.testing.assert_close(embeds[row][x["input_ids"][row] == IMG], projected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["tome", "crossget"])
 @pytest.mark.parametrize("fam", ["next", "ov"])
-def test_a_batch_of_sizes_generates_what_each_prompt_does_alone(fam):
+def test_a_batch_of_sizes_generates_what_each_prompt_does_alone(fam, method):
     m, sizes, keep = FAMILIES[fam]
     model = m.make()
-    crossget.patch(model, method="crossget", keep=keep, site="tower")
+    crossget.patch(model, method=method, keep=keep, site="tower")
     x = m.inputs(model, sizes, (4,) * len(sizes))
     both = generated(model, x, m.gen)
     for i, size in enumerate(sizes):
@@ -133,12 +134,13 @@ def test_a_batch_of_sizes_generates_what_each_prompt_does_alone(fam):
         assert torch.equal(generated(model, alone, m.gen)[0], both[i])
 
 
-def test_onevision_multi_image_prompts_give_keep_per_image_and_videos_stay_stock():
+@pytest.mark.parametrize("method", ["tome", "crossget"])
+def test_onevision_multi_image_prompts_give_keep_per_image_and_videos_stay_stock(method):
     model = make_ov()
     vx = video_inputs()
     with torch.no_grad():
         ref_video = model(**vx).logits
-    crossget.patch(model, method="crossget", keep=6, site="tower")
+    crossget.patch(model, method=method, keep=6, site="tower")
     assert crossget.image_tokens(model, ov.MULTI_IMAGE) == 6
     x = multi_inputs(model)  # one prompt, two images of a tile each
     assert lm_visual_tokens(model, x, IMG)[0] == [12]

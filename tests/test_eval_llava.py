@@ -324,6 +324,18 @@ def test_pope_labels_follow_question_order(tmp_path):
 
 
 # --------------------------------------------------------------------------- generation
+def test_square_padding_fill_is_llava_expand2square():
+    """A processor whose image processor does not pad (llava-hf's LLaVA-1.5 ships a
+    CLIPImageProcessor) is padded by the harness in LLaVA's colour: int(255 x mean), truncated."""
+    from types import SimpleNamespace
+
+    mean = (0.48145466, 0.4578275, 0.40821073)  # CLIP's: 122.8, 116.7, 104.1 of 255
+    processor = SimpleNamespace(image_processor=SimpleNamespace(image_mean=mean))
+    (padded,), kwargs = prepare_images(processor, [Image.new("RGB", (6, 2), (255, 255, 255))], True)
+    assert kwargs == {} and padded.size == (6, 6)
+    assert padded.getpixel((0, 0)) == (122, 116, 104) and padded.getpixel((0, 2)) == (255, 255, 255)
+
+
 def test_prompt_is_llava15_template(llava):
     _, processor = llava
     want = "USER: <image>\nwhat is it? ASSISTANT:"

@@ -101,7 +101,7 @@ def prepare_images(processor: Any, images: list[Any], pad_square: bool | None) -
     if not pad_square:
         return images, {}
     mean = getattr(processor.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-    fill = [int(round(255 * m)) for m in mean]
+    fill = [int(255 * m) for m in mean]  # truncated, as LLaVA's expand2square (and do_pad) take it
     return [pad_to_square(im, fill) for im in images], {}
 
 

@@ -316,3 +316,24 @@ def test_visionzip_keeps_its_budget_per_tile_and_matches_a_naive_reference():
             want = stock.model.multi_modal_projector(picked[:, 1:]).flatten(0, 1)  # "default": CLS dropped
         torch.testing.assert_close(embeds[row][x["input_ids"][row] == IMG], want, rtol=1e-4, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("method, rel", [("tome", 1e-9), ("crossget", 5e-3)])
+def test_tower_site_vision_flops_model_matches_a_measured_count(method, rel):
+    """The analytic vision side of ``prefill_flops(site="tower")`` against ``FlopCounterMode`` on the
+    patched tiny NeXT (eager). ToMe: exact. CrossGET (NeXT: attention-received importance, which
+    recomputes Q K^T in merging layers, counted): within 0.5% (the cross token's own small
+    products are not modelled)."""
+    from crossget.families.visual_site import site_and_lm_flops
+    from crossget.flops import count_flops
+
+    fam = llava_next.FAMILY
+    model = make_next("eager")
+    size = fam.reference_size(model)
+    crossget.patch(model, method=method, keep=10, site="tower")
+    px, image_sizes = next_pixels([size])
+    with torch.no_grad():
+        measured = count_flops(model.model.get_image_features, pixel_values=px, image_sizes=image_sizes)
+    visual = fam.tiles(model, size) * 10
+    lm = site_and_lm_flops(model.model.config.text_config, "none", visual, visual, 8, 2)
+    assert fam.prefill_flops(model, method, 10, size, 8, site="tower") - lm == pytest.approx(measured, rel=rel)

@@ -433,9 +433,12 @@ class TowerSiteFamily(PackedSiteFamily):
             sched = self.tower_schedule(model, keep) if method in MERGING else [0] * layers
             match = {"crossget": "complete", "tome": "bipartite"}.get(method)
             heads = vcfg.num_attention_heads
+            # attention-received importance (NeXT's CrossGET) recomputes Q K^T in merging layers:
+            # one more N x N product over the full width, as Family.flops_plan counts it
+            scores = c * (method == "crossget" and self.tower_importance == "attention")
             tower = EncoderCost(c, inter, layers, n0, self.tower_extra, fixed).flops(
                 sched, extra=int(method == "crossget"), match=match,
-                metric_dim=c // heads if method == "tome" else c)
+                metric_dim=(c // heads if method == "tome" else c) + scores)
         tiles = self.tiles(model, size)
         width_in = c * (1 if isinstance(cfg.vision_feature_layer, int) else len(cfg.vision_feature_layer))
         total = tiles * tower + 2 * tiles * keep * (width_in * tcfg.hidden_size + tcfg.hidden_size**2)

@@ -306,6 +306,9 @@ def test_refusals():
         lmm(model, processor, method="fastvv", keep=3)
     with pytest.raises(ValueError, match="needs its processor"):
         CrossgetLMM(model=model)
+    pruned = lmm(make_llava(), llava_processor(), method="fastv", keep=KEEP)
+    with pytest.raises(NotImplementedError, match="loglikelihood with method='fastv'"):
+        pruned.loglikelihood([Request(DOCS[0]["question"], " w40", lambda doc: [doc["image"]], 0, "t", "test")])
 
 
 # --------------------------------------------------------------------------- the command

@@ -436,7 +436,17 @@ class CrossgetLMM(LMMS_BASE):
         """``(log p(continuation | context, images), continuation is the greedy one)`` per request
         (``Instance.args``: ``(context, continuation or doc_to_target, doc_to_visual, doc_id,
         task, split)``), one forward each. The continuation's tokens are those the full prompt
-        adds to the context's prompt."""
+        adds to the context's prompt.
+
+        Raises:
+            NotImplementedError: FastV / DART, which rank the visual tokens by the prompt's last
+                token: in one forward over context + continuation that would be the
+                continuation's, not what generation with the same setting ranks by.
+        """
+        if self.args.method in ("fastv", "dart"):
+            raise NotImplementedError(f"loglikelihood with method={self.args.method!r}: its pruning ranks by the "
+                                      "prompt's last token, which a scoring forward over context + continuation "
+                                      "would change; use a generate_until task, or another method")
         out = []
         for r in requests:
             context, target, doc_to_visual, doc_id, task, split = r.args if hasattr(r, "args") else r

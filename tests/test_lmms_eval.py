@@ -295,6 +295,17 @@ def test_loglikelihood():
     assert scores[-1][0] == pytest.approx(want, abs=1e-4)
 
 
+def test_without_a_chat_template_one_image_takes_the_harness_family_template():
+    """The same prompt as the llava-* harnesses write (docs/protocol.md), not a bare ``<image>``."""
+    from crossget.tools.eval.llava.prompts import build_prompt
+
+    processor = llava_processor()
+    processor.chat_template = None
+    m = lmm(make_llava(), processor)
+    assert m.prompt("w10 w11", 1) == build_prompt(processor, "w10 w11") == "USER: <image>\nw10 w11 ASSISTANT:"
+    assert m.prompt("w10", 1, " w12") == build_prompt(processor, "w10") + " w12"
+
+
 def test_refusals():
     model, processor = make_llava(), llava_processor()
     m = lmm(model, processor)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 import crossget
 from crossget.config import METHODS
 from crossget.families.visual_site import LM_METHODS
+from crossget.tools.eval.llava.prompts import build_prompt
 
 try:  # the base class only where lmms-eval is installed: the rest runs without it
     from lmms_eval.api.instance import GenerationResult
@@ -353,10 +354,13 @@ class CrossgetLMM(LMMS_BASE):
     # ----------------------------------------------------------------------- prompts and inputs
     def prompt(self, context: str, n_images: int, answer: str | None = None) -> str:
         """The family's prompt for ``context`` with ``n_images`` images first: the processor's
-        chat template (user turn, generation prompt; ``answer`` appended for scoring), else
-        ``<image>`` placeholders and the context."""
+        chat template (user turn, generation prompt; ``answer`` appended for scoring), else for
+        one image the harnesses' family template (:func:`crossget.tools.eval.llava.prompts.build_prompt`,
+        docs/protocol.md), else ``<image>`` placeholders and the context."""
         text = context.replace(IMAGE_PLACEHOLDER, "").strip()
-        if getattr(self.processor, "chat_template", None):
+        if not getattr(self.processor, "chat_template", None) and n_images == 1:
+            prompt = build_prompt(self.processor, text)
+        elif getattr(self.processor, "chat_template", None):
             content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
             prompt = self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                         add_generation_prompt=True, tokenize=False)

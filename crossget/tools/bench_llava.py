@@ -41,7 +41,7 @@ from crossget.config import PatchConfig
 from crossget.families.llava import FASTV_LAYER, image_tokens
 from crossget.families.visual_site import LM_METHODS
 from crossget.io import apply
-from crossget.tools.common import write_benchmark
+from crossget.tools.common import save_figure, write_benchmark
 from crossget.tools.memory import PeakMemory
 from crossget.tools.zoo import llava15_config
 
@@ -394,9 +394,7 @@ def plot_results(results: dict, path: str | os.PathLike) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def write_results(results: dict, out_dir: str | os.PathLike) -> None:

@@ -52,7 +52,7 @@ from crossget.families import llava_next, llava_onevision, qwen3_vl, qwen_vl
 from crossget.families.visual_site import site_and_lm_flops
 from crossget.methods import fastv
 from crossget.tools.bench_llava import budget_configs, count_flops, generate_answer, lm_flops, timed_answer
-from crossget.tools.common import write_benchmark
+from crossget.tools.common import save_figure, write_benchmark
 from crossget.tools.zoo import MLLM_CONFIGS
 
 __all__ = [
@@ -537,9 +537,7 @@ def plot_results(results: dict, path: str | os.PathLike) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def write_results(results: dict, out_dir: str | os.PathLike) -> None:

@@ -78,6 +78,18 @@ class ModelClock:
         return count / self.seconds if self.seconds > 0 else 0.0
 
 
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Lay out a matplotlib figure, write it to ``path`` (its folder made) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def write_benchmark(results: dict, out_dir: str | os.PathLike, markdown: Callable[[dict], str],
                     plot: Callable[[dict, str], None]) -> None:
     """A benchmark's three outputs in ``out_dir``: ``results.json``, ``results.md``

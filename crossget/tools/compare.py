@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from crossget.api import config, is_patched
 from crossget.families.base import CROSS_PARAM, Family
 from crossget.families.llava import FAMILY as LLAVA
-from crossget.tools.common import read_json, write_benchmark
+from crossget.tools.common import read_json, save_figure, write_benchmark
 from crossget.tools.eval.llava import MLLM_FAMILIES, TASKS, evaluate_llava, load_llava, patch_llava
 
 __all__ = [
@@ -603,9 +603,7 @@ def plot_compare(results: Mapping[str, Any], path: str | os.PathLike) -> None:
         ax.set(xlabel="prefill GFLOPs per question", ylabel=metric, title=t)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def describe_tasks(tasks: Sequence[TaskSpec]) -> str:

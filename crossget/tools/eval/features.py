@@ -38,7 +38,7 @@ from crossget.api import states
 from crossget.flops import count_flops
 from crossget.io import apply
 from crossget.tools.calibration import calibrated_settings
-from crossget.tools.common import write_json
+from crossget.tools.common import save_figure, write_json
 from crossget.tools.data.karpathy import load_karpathy
 from crossget.tools.eval.retrieval import retrieval_metrics
 
@@ -340,12 +340,7 @@ def plot_features(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_sweep(result: Mapping[str, Any], out_dir: str | os.PathLike, stem: str = "features") -> list[Path]:

@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from crossget.tools.common import save_figure
+
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Mean Recall@1, fidelity and (generated data) twin accuracy against GFLOPs per image-caption
@@ -43,9 +45,5 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Pa
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return save_figure(fig, path, dpi=120)
     return path

@@ -228,7 +228,7 @@ def test_budgets_methods_and_tasks_are_checked(setup):
 
 def test_unsupported_model_folder_is_named(setup, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(TypeError, match="'bert' model; compare supports model_type llava"):
+    with pytest.raises(TypeError, match="'bert' model; these evaluations support model_type llava"):
         compare(tmp_path, [task(setup)], ["tome"], [36], tmp_path / "out", **FAST)
 
 

@@ -43,7 +43,8 @@ from crossget.api import config, is_patched
 from crossget.families.base import CROSS_PARAM, Family
 from crossget.families.llava import FAMILY as LLAVA
 from crossget.tools.common import read_json, save_figure, write_benchmark
-from crossget.tools.eval.llava import MLLM_FAMILIES, TASKS, evaluate_llava, load_llava, patch_llava
+from crossget.tools.eval.llava import TASKS, evaluate_llava, load_llava, patch_llava
+from crossget.tools.eval.llava.models import folder_family
 
 __all__ = [
     "LLAVA_LAYOUT",
@@ -53,7 +54,6 @@ __all__ = [
     "compare",
     "compare_markdown",
     "describe_tasks",
-    "family_of_folder",
     "llava_layout_tasks",
     "model_id",
     "parse_keeps",
@@ -205,21 +205,6 @@ def parse_methods(text: str | Sequence[str], family: Family = LLAVA) -> list[str
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; {family.name} has {', '.join(known)} (or 'all')")
     return list(dict.fromkeys(m for m in items if m != "none"))
-
-
-def family_of_folder(model_dir: str | os.PathLike) -> Family:
-    """The crossget family of the model in a local folder, from its ``config.json`` alone.
-
-    Raises:
-        FileNotFoundError: no ``config.json``.
-        TypeError: a model type the evaluations do not support (those supported listed).
-    """
-    cfg = read_json(Path(model_dir) / "config.json", "model config")
-    by_type = {fam.classes[0].config_class.model_type: fam for fam in MLLM_FAMILIES}
-    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
-    if kind not in by_type:
-        raise TypeError(f"{model_dir} holds a {kind!r} model; compare supports model_type {', '.join(by_type)}")
-    return by_type[kind]
 
 
 def parse_keeps(text: str | Sequence[int]) -> list[int]:
@@ -414,7 +399,7 @@ def compare(
         raise ValueError(f"task names must differ; repeated: {', '.join(repeated)}")
     if on_change not in ("rerun", "refuse"):
         raise ValueError(f"on_change must be 'rerun' or 'refuse', got {on_change!r}")
-    family = family_of_folder(model_dir)
+    family = folder_family(model_dir)
     methods = parse_methods(methods, family)
     keeps = parse_keeps(keeps)
     stock = _stock_tokens(model_dir, family)

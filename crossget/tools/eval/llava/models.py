@@ -25,7 +25,7 @@ from crossget.families.base import Family
 from crossget.families.registry import family_of
 from crossget.io import apply
 
-__all__ = ["DTYPES", "MLLM_FAMILIES", "family_methods", "load_mllm", "model_classes", "patch_mllm"]
+__all__ = ["DTYPES", "MLLM_FAMILIES", "family_methods", "folder_family", "load_mllm", "model_classes", "patch_mllm"]
 
 # the families whose visual tokens feed a language model, in the order errors list them
 MLLM_FAMILIES: tuple[Family, ...] = (llava.FAMILY, llava_next.FAMILY, llava_onevision.FAMILY, qwen_vl.FAMILY,
@@ -37,6 +37,28 @@ def model_classes() -> dict[str, type]:
     """``{config model_type: the HF class with the LM head}`` of every family in :data:`MLLM_FAMILIES`
     (``"llava"``, ``"llava_next"``, ``"llava_onevision"``, ``"qwen2_5_vl"``, ``"qwen3_vl"``)."""
     return {fam.classes[0].config_class.model_type: fam.classes[0] for fam in MLLM_FAMILIES}
+
+
+def folder_family(path: str | Path) -> Family:
+    """The family of the model in a local folder, from its ``config.json``'s ``model_type`` alone.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` at ``path``.
+        ValueError: ``config.json`` is not JSON.
+        TypeError: a model type these evaluations do not support (the message lists those supported).
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path} (expected config.json, weights and the processor files)")
+    try:
+        kind = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{path / 'config.json'} is not a JSON model config ({err})") from None
+    by_type = {fam.classes[0].config_class.model_type: fam for fam in MLLM_FAMILIES}
+    if kind not in by_type:
+        supported = ", ".join(f"{t} ({f.classes[0].__name__})" for t, f in by_type.items())
+        raise TypeError(f"{path} holds a {kind!r} model; these evaluations support model_type {supported}")
+    return by_type[kind]
 
 
 def family_methods(model: nn.Module) -> tuple[str, ...]:
@@ -94,19 +116,9 @@ def load_mllm(path: str | Path, device: str = "cpu", dtype: str = "float32") -> 
         ValueError: unknown ``dtype``.
     """
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {path} (expected config.json, weights and the processor files)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-    try:
-        kind = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path / 'config.json'} is not valid JSON ({err})") from None
-    classes = model_classes()
-    if kind not in classes:
-        supported = ", ".join(f"{t} ({c.__name__})" for t, c in classes.items())
-        raise TypeError(f"{path} holds a {kind!r} model; these evaluations support model_type {supported}")
-    model = classes[kind].from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    model = folder_family(path).classes[0].from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
     processor = _load_processor(path, family_of(model))
     return model, adapt_processor(processor, model) or processor
 

@@ -213,6 +213,14 @@ def uninstall(tower: Tower) -> nn.Parameter | None:
 
 
 # --------------------------------------------------------------------------- protocol
+def similarity_width(method: str, importance: str, metric: str, hidden: int, heads: int) -> int:
+    """The width of the ``N x N`` products one merging layer computes, for the cost model: the
+    metric's (``"keys"``: every head's keys, ``hidden``; ``"keys_mean"``: ``hidden // heads``),
+    plus ``hidden`` when CrossGET's attention-received importance recomputes ``Q K^T`` there."""
+    width = hidden // heads if metric == "keys_mean" else hidden
+    return width + hidden * (method == "crossget" and importance == "attention")
+
+
 class Family:
     """What a model family provides. Subclasses set the class attributes and either the three
     anatomy functions (``find_towers``, ``tower_record``, ``cost``) or override :meth:`towers` and
@@ -333,13 +341,9 @@ class Family:
         reduced = self.reduced_towers(found, cfg)
         costs = {k: self.encoder_cost(t.module, k, cfg.text_len, cfg.image_size) for k, t in found.items()}
         match = {"crossget": "complete", "tome": "bipartite"}.get(cfg.method)
-        metric = cfg.resolved_metric
-        # attention-received importance recomputes Q K^T in merging layers: one more
-        # N x N product over the full width, counted as a wider similarity product
-        scores = cfg.method == "crossget" and cfg.importance == "attention"
         added = {
             k: {"extra": int(cfg.uses_cross_token), "match": match,
-                "metric_dim": (t.hidden // t.heads if metric == "keys_mean" else t.hidden) + t.hidden * scores}
+                "metric_dim": similarity_width(cfg.method, cfg.importance, cfg.resolved_metric, t.hidden, t.heads)}
             for k, t in found.items()
         }
         return FlopsPlan(costs, reduced, added)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from crossget.config import MERGING, PatchConfig
-from crossget.families.base import Tower, install, uninstall
+from crossget.families.base import Tower, install, similarity_width, uninstall
 from crossget.families.llava import feature_schedule, hidden_state_indices, schedule_for_keep, tokens_at_layer
 from crossget.families.visual_site import (
     DEFAULT_TEXT_LEN,
@@ -432,13 +432,10 @@ class TowerSiteFamily(PackedSiteFamily):
         else:
             sched = self.tower_schedule(model, keep) if method in MERGING else [0] * layers
             match = {"crossget": "complete", "tome": "bipartite"}.get(method)
-            heads = vcfg.num_attention_heads
-            # attention-received importance (NeXT's CrossGET) recomputes Q K^T in merging layers:
-            # one more N x N product over the full width, as Family.flops_plan counts it
-            scores = c * (method == "crossget" and self.tower_importance == "attention")
+            width = similarity_width(method, self.tower_importance, PatchConfig(method=method).resolved_metric, c,
+                                     vcfg.num_attention_heads)
             tower = EncoderCost(c, inter, layers, n0, self.tower_extra, fixed).flops(
-                sched, extra=int(method == "crossget"), match=match,
-                metric_dim=(c // heads if method == "tome" else c) + scores)
+                sched, extra=int(method == "crossget"), match=match, metric_dim=width)
         tiles = self.tiles(model, size)
         width_in = c * (1 if isinstance(cfg.vision_feature_layer, int) else len(cfg.vision_feature_layer))
         total = tiles * tower + 2 * tiles * keep * (width_in * tcfg.hidden_size + tcfg.hidden_size**2)

@@ -60,10 +60,9 @@ from crossget.record import record, swap_class, unmark
 from crossget.schedule import EncoderCost, token_counts, vit_layer_flops
 from crossget.state import TowerSettings
 
-__all__ = ["TOWER_METHODS", "TiledImageTokens", "TowerSite", "TowerSiteFamily", "TowerSiteModel", "flat_layout",
+__all__ = ["TiledImageTokens", "TowerSite", "TowerSiteFamily", "TowerSiteModel", "flat_layout",
            "unmerged"]
 
-TOWER_METHODS = ("none", "tome", "crossget", "visionzip")  # what can run at the tower site
 TOWER_ONLY = ("r", "contextual", "metric")  # options that only the tower site reads
 
 

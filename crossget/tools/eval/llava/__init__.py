@@ -43,7 +43,7 @@ from crossget.tools.eval.llava.metrics import (
     textvqa_normalize,
     vqa_accuracy,
 )
-from crossget.tools.eval.llava.models import MLLM_FAMILIES, family_methods, load_mllm, model_classes, patch_mllm
+from crossget.tools.eval.llava.models import MLLM_FAMILIES, family_methods, folder_family, load_mllm, patch_mllm
 from crossget.tools.eval.llava.prompts import FALLBACK_TEMPLATES, template_name
 from crossget.tools.eval.llava.protocol import PROTOCOL_VERSION, protocol_block
 from crossget.tools.eval.llava.tasks import (
@@ -79,6 +79,7 @@ __all__ = [
     "build_prompt",
     "evaluate_llava",
     "family_methods",
+    "folder_family",
     "generate_answers",
     "gqa_normalize",
     "llava15_config",
@@ -95,7 +96,6 @@ __all__ = [
     "load_vqa_questions",
     "mme_scores",
     "mme_yes_no",
-    "model_classes",
     "normalize_answer",
     "parse_choice",
     "patch_llava",

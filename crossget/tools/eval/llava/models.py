@@ -25,18 +25,12 @@ from crossget.families.base import Family
 from crossget.families.registry import family_of
 from crossget.io import apply
 
-__all__ = ["DTYPES", "MLLM_FAMILIES", "family_methods", "folder_family", "load_mllm", "model_classes", "patch_mllm"]
+__all__ = ["DTYPES", "MLLM_FAMILIES", "family_methods", "folder_family", "load_mllm", "patch_mllm"]
 
 # the families whose visual tokens feed a language model, in the order errors list them
 MLLM_FAMILIES: tuple[Family, ...] = (llava.FAMILY, llava_next.FAMILY, llava_onevision.FAMILY, qwen_vl.FAMILY,
                                      qwen3_vl.FAMILY)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def model_classes() -> dict[str, type]:
-    """``{config model_type: the HF class with the LM head}`` of every family in :data:`MLLM_FAMILIES`
-    (``"llava"``, ``"llava_next"``, ``"llava_onevision"``, ``"qwen2_5_vl"``, ``"qwen3_vl"``)."""
-    return {fam.classes[0].config_class.model_type: fam.classes[0] for fam in MLLM_FAMILIES}
 
 
 def folder_family(path: str | Path) -> Family:
@@ -104,7 +98,7 @@ def _load_processor(path: Path, family: Family) -> Any:
 def load_mllm(path: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[nn.Module, Any]:
     """``(model with its LM head, processor)`` from a local folder, in eval mode.
 
-    The class is the family's for the folder's ``config.json`` ``model_type`` (:func:`model_classes`).
+    The class is the family's for the folder's ``config.json`` ``model_type`` (:func:`folder_family`).
     A processor with a video processor that cannot be built here (no torchvision) is loaded
     without it (images only). The processor comes adapted to the stock model
     (``crossget.adapt_processor``: its patch size and per-image counts are the model's).
